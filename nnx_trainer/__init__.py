@@ -1,0 +1,20 @@
+"""nnx_trainer: a Lightning-style training engine for JAX + Flax NNX, extended by pluggy plugins."""
+
+from nnx_trainer.data import MASK_KEY
+from nnx_trainer.hookspecs import hookimpl, hookspec
+from nnx_trainer.plugin_manager import ENTRY_POINT_GROUP, PluginError
+from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
+from nnx_trainer.task import Task
+from nnx_trainer.trainer import Trainer
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "MASK_KEY",
+    "PluginError",
+    "SingleDeviceStrategy",
+    "Strategy",
+    "Task",
+    "Trainer",
+    "hookimpl",
+    "hookspec",
+]

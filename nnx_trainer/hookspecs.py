@@ -1,0 +1,288 @@
+"""Every extension point of the engine, grouped by phase.
+
+Hooks are called with keyword arguments only; an implementation may accept any
+subset of a spec's arguments (pluggy's rule), so adding an argument to a spec
+never breaks existing plugins.
+
+Arguments that carry numbers (losses, metrics) are device arrays: the engine
+never forces a host sync for a hook. A plugin that needs a Python number
+fetches it (``float(x)``) at its own cadence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from nnx_trainer.strategy import Strategy
+    from nnx_trainer.task import Task
+    from nnx_trainer.trainer import Trainer
+
+PROJECT_NAME = "nnx_trainer"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def on_plugins_loaded(trainer: Trainer) -> None:
+    """Called once every plugin is registered, before any run starts.
+
+    Historic: a plugin registered later still receives it.
+
+    :param trainer: the trainer that owns the plugin manager.
+    """
+
+
+# --------------------------------------------------------------------------
+# Sharding
+# --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def select_strategy(trainer: Trainer, name: str) -> Strategy | None:
+    """Return the :class:`~nnx_trainer.strategy.Strategy` called ``name``, or None.
+
+    Stops at first non-None result. When no plugin answers for ``"single_device"``
+    the engine uses its own single-device strategy; any other unanswered name is
+    an error listing the names plugins offered through :func:`strategy_names`.
+
+    :param trainer: the trainer asking.
+    :param name: the strategy name the user chose (``Trainer(strategy=...)``).
+    """
+
+
+@hookspec
+def strategy_names() -> list[str]:
+    """Return the strategy names this plugin can provide (for error messages and ``--help``)."""
+
+
+# --------------------------------------------------------------------------
+# Fit lifecycle
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def on_fit_start(trainer: Trainer, task: Task) -> None:
+    """Called after the model, optimizer and data are built and placed, before the first step.
+
+    A resumed run has already restored its state when this is called.
+
+    :param trainer: the running trainer (``trainer.global_step`` is the first step to run).
+    :param task: the task being trained.
+    """
+
+
+@hookspec
+def on_fit_end(trainer: Trainer, task: Task) -> None:
+    """Called after the last training step, validation and checkpoint of a successful fit.
+
+    :param trainer: the running trainer.
+    :param task: the task being trained.
+    """
+
+
+@hookspec
+def on_train_epoch_start(trainer: Trainer, epoch: int) -> None:
+    """Called before the first batch of a training epoch.
+
+    :param trainer: the running trainer.
+    :param epoch: zero-based epoch index.
+    """
+
+
+@hookspec
+def on_train_epoch_end(trainer: Trainer, epoch: int) -> None:
+    """Called after the last batch of a training epoch, before end-of-epoch validation.
+
+    :param trainer: the running trainer.
+    :param epoch: zero-based epoch index.
+    """
+
+
+@hookspec
+def on_train_batch_start(trainer: Trainer, step: int, batch: Mapping[str, Any]) -> None:
+    """Called before a train step is dispatched.
+
+    :param trainer: the running trainer.
+    :param step: the global step about to run (zero-based).
+    :param batch: the batch, already on device.
+    """
+
+
+@hookspec
+def on_train_batch_end(trainer: Trainer, step: int, loss: Any) -> None:
+    """Called after a train step is dispatched (the step may still be running on device).
+
+    ``trainer.global_step`` already counts this step.
+
+    :param trainer: the running trainer.
+    :param step: the global step that just ran (zero-based).
+    :param loss: the step's loss, a device scalar; fetching it waits for the step.
+    """
+
+
+# --------------------------------------------------------------------------
+# Evaluation lifecycle (validation inside fit and standalone; test; predict)
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def on_validation_start(trainer: Trainer, stage: str) -> None:
+    """Called before the first evaluation batch.
+
+    :param trainer: the running trainer.
+    :param stage: ``"validate"`` or ``"test"``.
+    """
+
+
+@hookspec
+def on_validation_batch_end(trainer: Trainer, stage: str, batch_index: int) -> None:
+    """Called after each evaluation batch is dispatched.
+
+    :param trainer: the running trainer.
+    :param stage: ``"validate"`` or ``"test"``.
+    :param batch_index: zero-based index of the batch in this evaluation.
+    """
+
+
+@hookspec
+def on_validation_end(trainer: Trainer, stage: str, metrics: Mapping[str, Any]) -> None:
+    """Called with the computed metrics of a complete evaluation.
+
+    :param trainer: the running trainer.
+    :param stage: ``"validate"`` or ``"test"``.
+    :param metrics: metric name (prefixed ``val/`` or ``test/``) to device scalar.
+    """
+
+
+@hookspec
+def on_predict_start(trainer: Trainer) -> None:
+    """Called before the first prediction batch.
+
+    :param trainer: the running trainer.
+    """
+
+
+@hookspec
+def on_predict_end(trainer: Trainer, outputs: Any) -> None:
+    """Called with the gathered predictions (padding removed).
+
+    :param trainer: the running trainer.
+    :param outputs: the prediction pytree, host arrays with one row per example.
+    """
+
+
+@hookspec
+def on_exception(trainer: Trainer, exception: BaseException) -> None:
+    """Called when a run stops with an exception (including KeyboardInterrupt); it is re-raised after.
+
+    :param trainer: the running trainer.
+    :param exception: the exception that stopped the run.
+    """
+
+
+# --------------------------------------------------------------------------
+# Checkpointing
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def state_dict(trainer: Trainer) -> Mapping[str, Any] | None:
+    """Return plugin state to store in checkpoints, keyed by a name unique to the plugin.
+
+    The engine merges every plugin's mapping into one; values must be
+    JSON-serialisable (numbers, strings, lists, dicts).
+
+    :param trainer: the running trainer.
+    """
+
+
+@hookspec
+def load_state_dict(trainer: Trainer, state: Mapping[str, Any]) -> None:
+    """Restore plugin state from a checkpoint; pick your own key out of ``state``.
+
+    :param trainer: the running trainer.
+    :param state: the merged mapping every plugin's :func:`state_dict` produced.
+    """
+
+
+@hookspec(firstresult=True)
+def restore_checkpoint(
+    trainer: Trainer, ckpt_path: str, target: Mapping[str, Any]
+) -> Mapping[str, Any] | None:
+    """Return the checkpoint ``ckpt_path`` restored onto ``target``'s shapes and shardings.
+
+    Stops at first non-None result. ``ckpt_path`` is ``"last"``, ``"best"`` or a path.
+    Return ``{}`` for "nothing to restore, start fresh".
+
+    :param trainer: the running trainer.
+    :param ckpt_path: which checkpoint to restore.
+    :param target: the abstract checkpoint (see ``Trainer.checkpoint_target``).
+    """
+
+
+@hookspec
+def on_save_checkpoint(trainer: Trainer, step: int, reason: str) -> None:
+    """Asked to save now (``reason`` says why: ``"preemption"``, ``"end"``, ``"step"``).
+
+    A checkpoint plugin calls ``trainer.checkpoint_state()`` and writes it.
+
+    :param trainer: the running trainer.
+    :param step: the global step the state corresponds to (steps completed).
+    :param reason: why the engine asks.
+    """
+
+
+@hookspec
+def wait_for_checkpoints(trainer: Trainer) -> None:
+    """Block until every asynchronous save has committed (before exit or preemption)."""
+
+
+# --------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def log_hyperparams(trainer: Trainer, params: Mapping[str, Any]) -> None:
+    """Record the run's configuration once, at the start of fit.
+
+    :param trainer: the running trainer.
+    :param params: trainer options and the task's hyperparameters (JSON-serialisable).
+    """
+
+
+@hookspec
+def log_metrics(trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
+    """Record metrics at the log cadence (training) or after an evaluation.
+
+    :param trainer: the running trainer.
+    :param metrics: name (``train/...``, ``val/...``, ``test/...``) to value; device
+        scalars or Python numbers.
+    :param step: the global step the metrics belong to.
+    """
+
+
+# --------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def configure_gradient_transforms(trainer: Trainer) -> list[Any] | None:
+    """Return optax transformations to chain before the task's optimizer (e.g. noise, clipping).
+
+    Called once when the optimizer is built; the results of all plugins are chained
+    in plugin order, after the Trainer's own ``gradient_clip_norm``.
+
+    :param trainer: the trainer building the optimizer.
+    """

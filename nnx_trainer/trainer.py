@@ -1,0 +1,641 @@
+"""The Trainer: fit / validate / test / predict around a user's Task.
+
+Ordering invariants of the training loop (each one is relied on elsewhere):
+
+1. A step is dispatched before the next batch is read and copied to device, so
+   host data work overlaps device compute (``DevicePrefetcher.refill`` after dispatch).
+2. ``global_step`` counts completed steps; hooks called after a step see it
+   already incremented, so a checkpoint at ``global_step = k`` resumes at step k.
+3. The data state saved with a checkpoint is the one recorded right after the
+   last *consumed* batch was read, never the prefetcher's look-ahead position.
+4. Metrics stay on device between log steps; the host reads them only at the
+   log cadence, at evaluation end, or when a plugin asks.
+5. Preemption is checked after a step completes: the state is always whole.
+6. The train and eval steps are traced once each: shapes never change (train
+   drops the remainder, eval pads and masks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from nnx_trainer import data as data_lib
+from nnx_trainer.plugin_manager import create_plugin_manager
+from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
+from nnx_trainer.task import Task
+
+log = logging.getLogger("nnx_trainer")
+
+PRECISIONS = {"fp32": jnp.float32, "32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+class Trainer:
+    """Runs a :class:`Task`: owns batching, sharding, jit, prefetch, plugins and the loop.
+
+    :param max_epochs: stop after this many epochs (default 1, or unlimited when
+        ``max_steps`` is given); training stops at whichever limit comes first.
+    :param max_steps: stop after this many steps in total (``None``: epochs decide).
+    :param batch_size: global training batch size (all devices and processes).
+    :param eval_batch_size: global evaluation batch size (default: ``batch_size``).
+    :param check_val_every_n_epoch: validate after every N epochs (0: never at epoch end).
+    :param val_check_interval: also validate every N steps (``None``: off).
+    :param log_every_n_steps: how often training metrics are read and logged.
+    :param limit_train_batches: at most this many batches per epoch.
+    :param limit_val_batches: at most this many batches per evaluation.
+    :param fast_dev_run: run N (``True``: 1) train and eval batches, no checkpoints.
+    :param gradient_clip_norm: clip gradients by global norm before the optimizer.
+    :param accumulate_grad_batches: average gradients over N batches per update.
+    :param seed: seeds the model init and the data order (shuffle per epoch, augmentation).
+    :param run_dir: where plugins write (checkpoints, logs); default ``runs/<timestamp>``.
+    :param precision: ``"fp32"`` or ``"bf16"`` (compute dtype; parameters stay float32).
+    :param strategy: a strategy name provided by a plugin, or a :class:`Strategy`.
+    :param plugins: plugin objects, or entry-point names to load when autoload is off.
+    :param disable_plugins: entry-point names not to load.
+    :param plugin_autoload: load all installed plugins (default: unless
+        ``NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD`` is set).
+    :param worker_count: Grain worker processes for loading (0: in this process).
+    :param prefetch: batches kept on device ahead of the step.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        check_val_every_n_epoch: int = 1,
+        val_check_interval: int | None = None,
+        log_every_n_steps: int = 50,
+        limit_train_batches: int | None = None,
+        limit_val_batches: int | None = None,
+        fast_dev_run: bool | int = False,
+        gradient_clip_norm: float | None = None,
+        accumulate_grad_batches: int = 1,
+        seed: int = 0,
+        run_dir: str | os.PathLike | None = None,
+        precision: str = "fp32",
+        strategy: str | Strategy = "single_device",
+        plugins: Sequence[Any] = (),
+        disable_plugins: Sequence[str] = (),
+        plugin_autoload: bool | None = None,
+        worker_count: int = 0,
+        prefetch: int = 2,
+    ) -> None:
+        if max_epochs is None:
+            max_epochs = 1 if max_steps is None else math.ceil(max_steps)
+        _check_positive(
+            max_epochs=max_epochs, batch_size=batch_size, log_every_n_steps=log_every_n_steps,
+            accumulate_grad_batches=accumulate_grad_batches,
+        )
+        _check_positive_or_none(
+            max_steps=max_steps, eval_batch_size=eval_batch_size,
+            val_check_interval=val_check_interval, limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches, gradient_clip_norm=gradient_clip_norm,
+        )
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}"
+            )
+        if worker_count < 0:
+            raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+        if fast_dev_run:
+            n = 1 if fast_dev_run is True else int(fast_dev_run)
+            max_epochs, max_steps = 1, n
+            limit_train_batches = limit_val_batches = n
+            log_every_n_steps = 1
+        self.fast_dev_run = bool(fast_dev_run)
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.val_check_interval = val_check_interval
+        self.log_every_n_steps = log_every_n_steps
+        self.limit_train_batches = limit_train_batches
+        self.limit_val_batches = limit_val_batches
+        self.gradient_clip_norm = gradient_clip_norm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.seed = seed
+        self.precision = precision
+        self.compute_dtype = jnp.dtype(PRECISIONS[precision])
+        self.worker_count = worker_count
+        self.prefetch = prefetch
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"run-{stamp}"
+
+        self.plugin_manager = create_plugin_manager(
+            plugins=plugins, disable=disable_plugins, autoload=plugin_autoload
+        )
+        self.hook = self.plugin_manager.hook
+        self.strategy = self._resolve_strategy(strategy)
+        self.hook.on_plugins_loaded.call_historic(kwargs={"trainer": self})
+
+        # Run state, visible to plugins.
+        self.task: Task | None = None
+        self.global_step = 0
+        self.current_epoch = 0
+        self.batch_in_epoch = 0
+        self.steps_per_epoch = 0
+        self.total_steps = 0
+        self.should_stop = False
+        self.stop_reason: str | None = None
+        self.preempted = False
+        self.callback_metrics: dict[str, Any] = {}
+        self.data_wait_seconds = 0.0
+        self.fit_seconds = 0.0
+        self.compile_seconds: dict[str, float] = {}
+        self._state: Any = None
+        self._train_metrics_state: Any = None
+        self._data_state: Any = None
+        self._live: tuple[nnx.Module, nnx.Optimizer] | None = None
+        self._step_fns: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def _resolve_strategy(self, strategy: str | Strategy) -> Strategy:
+        if isinstance(strategy, Strategy):
+            return strategy
+        chosen = self.hook.select_strategy(trainer=self, name=strategy)
+        if chosen is not None:
+            return chosen
+        if strategy == SingleDeviceStrategy.name:
+            return SingleDeviceStrategy()
+        offered = sorted({SingleDeviceStrategy.name, *sum(self.hook.strategy_names(), [])})
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(offered)}")
+
+    @property
+    def is_main_process(self) -> bool:
+        """True in the process that logs and writes run files."""
+        return self.strategy.is_main_process
+
+    @property
+    def model(self) -> nnx.Module:
+        """The live model, synchronised with the training state (valid until the next step)."""
+        self._sync_live()
+        return self._live[0]
+
+    @property
+    def optimizer(self) -> nnx.Optimizer:
+        """The live optimizer, synchronised with the training state."""
+        self._sync_live()
+        return self._live[1]
+
+    @property
+    def state(self) -> Any:
+        """The training state pytree ``(model, optimizer)`` as an ``nnx.State`` of device arrays."""
+        return self._state
+
+    def _sync_live(self) -> None:
+        if self._live is None:
+            raise RuntimeError("no model yet: call fit, validate, test or predict first")
+        nnx.update(self._live, self._state)
+
+    def _pipeline_config(self, global_batch_size: int) -> data_lib.PipelineConfig:
+        return data_lib.PipelineConfig(
+            global_batch_size=global_batch_size,
+            process_index=self.strategy.process_index,
+            process_count=self.strategy.process_count,
+            worker_count=self.worker_count,
+        )
+
+    def _plan(self, task: Task) -> None:
+        """Count steps from the data before building anything, so bad sizes fail early."""
+        train = task.train_data()
+        if not isinstance(train, grain.MapDataset):
+            raise TypeError(
+                f"{type(task).__name__}.train_data() must return a grain.MapDataset, "
+                f"got {type(train).__name__}; wrap a sequence with grain.MapDataset.source(...)"
+            )
+        self.strategy.setup(self.batch_size)
+        steps = data_lib.train_steps_per_epoch(len(train), self.batch_size)
+        if self.limit_train_batches is not None:
+            steps = min(steps, self.limit_train_batches)
+        self.steps_per_epoch = steps
+        total = steps * self.max_epochs
+        if self.max_steps is not None and self.max_steps < total:
+            total = self.max_steps
+        self.total_steps = total
+        self._train_examples = train
+
+    def _build(self, task: Task) -> None:
+        """Model, optimizer, metrics, compiled steps; state placed by the strategy."""
+        task.trainer = self
+        self.task = task
+        rngs = nnx.Rngs(self.seed)
+        model = task.configure_model(rngs)
+        updates = max(1, math.ceil(max(self.total_steps, 1) / self.accumulate_grad_batches))
+        tx = task.configure_optimizer(updates)
+        pre = []
+        if self.gradient_clip_norm is not None:
+            pre.append(optax.clip_by_global_norm(self.gradient_clip_norm))
+        for extra in self.hook.configure_gradient_transforms(trainer=self):
+            pre.extend(extra or [])
+        if pre:
+            tx = optax.chain(*pre, tx)
+        if self.accumulate_grad_batches > 1:
+            tx = optax.MultiSteps(tx, every_k_schedule=self.accumulate_grad_batches)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        self._live = (model, optimizer)
+        self._train_graphdef, state = nnx.split((model, optimizer))
+        model.eval()
+        self._eval_graphdef = nnx.split(model)[0]
+        model.train()
+        train_metrics = task.configure_train_metrics()
+        self._train_metrics_graphdef, train_metrics_state = nnx.split(train_metrics)
+        self._eval_metrics_graphdef = nnx.split(task.configure_metrics())[0]
+
+        self._state_shardings = self.strategy.state_shardings(state)
+        self._state = self.strategy.place_state(state)
+        self._train_metrics_state = self.strategy.place_state(train_metrics_state)
+        self._step_fns = {}
+
+    def _compiled(self, kind: str):
+        """The jitted step functions, built once per Trainer and task."""
+        if kind in self._step_fns:
+            return self._step_fns[kind]
+        task = self.task
+        shardings = self._state_shardings
+        constrain = not isinstance(self.strategy, SingleDeviceStrategy)
+
+        if kind == "train":
+            graphdef, metrics_graphdef = self._train_graphdef, self._train_metrics_graphdef
+
+            def train_step(state, metrics_state, batch):
+                model, optimizer = nnx.merge(graphdef, state)
+                metrics = nnx.merge(metrics_graphdef, metrics_state)
+
+                def loss_fn(model):
+                    return task.training_step(model, batch)
+
+                (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+                optimizer.update(model, grads)
+                metrics.update(loss=loss, **aux)
+                new_state = nnx.state((model, optimizer))
+                if constrain:
+                    new_state = jax.lax.with_sharding_constraint(new_state, shardings)
+                return new_state, nnx.state(metrics), loss
+
+            fn = jax.jit(train_step, donate_argnums=(0, 1))
+        elif kind == "compute_train_metrics":
+            metrics_graphdef = self._train_metrics_graphdef
+
+            def compute_and_reset(metrics_state):
+                metrics = nnx.merge(metrics_graphdef, metrics_state)
+                values = metrics.compute()
+                metrics.reset()
+                return values, nnx.state(metrics)
+
+            fn = jax.jit(compute_and_reset, donate_argnums=0)
+        elif kind in ("validate", "test"):
+            eval_graphdef, metrics_graphdef = self._eval_graphdef, self._eval_metrics_graphdef
+            step = task.validation_step if kind == "validate" else task.test_step
+
+            def eval_step(state, metrics_state, batch):
+                model = nnx.merge(eval_graphdef, state[0])
+                metrics = nnx.merge(metrics_graphdef, metrics_state)
+                outputs = step(model, batch)
+                metrics.update(**outputs, mask=batch[data_lib.MASK_KEY])
+                return nnx.state(metrics)
+
+            fn = jax.jit(eval_step, donate_argnums=1)
+        elif kind == "compute_eval_metrics":
+            metrics_graphdef = self._eval_metrics_graphdef
+
+            def compute(metrics_state):
+                return nnx.merge(metrics_graphdef, metrics_state).compute()
+
+            fn = jax.jit(compute)
+        elif kind == "predict":
+            eval_graphdef = self._eval_graphdef
+
+            def predict_step(state, batch):
+                return task.predict_step(nnx.merge(eval_graphdef, state[0]), batch)
+
+            fn = jax.jit(predict_step)
+        else:  # pragma: no cover - internal names only
+            raise KeyError(kind)
+        self._step_fns[kind] = fn
+        return fn
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds: arrays under ``"state"``, JSON under ``"meta"``."""
+        plugin_state: dict[str, Any] = {}
+        for part in self.hook.state_dict(trainer=self):
+            plugin_state.update(part or {})
+        return {
+            "state": {"train": self._state, "train_metrics": self._train_metrics_state},
+            "meta": {
+                "global_step": self.global_step,
+                "epoch": self.current_epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "data_state": self._data_state,
+                "plugins": plugin_state,
+                "seed": self.seed,
+            },
+        }
+
+    def checkpoint_target(self) -> dict[str, Any]:
+        """The abstract checkpoint (shapes, dtypes, shardings) to restore onto."""
+        def abstract(x, sharding):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        metrics_shardings = self.strategy.state_shardings(self._train_metrics_state)
+        return {
+            "state": {
+                "train": jax.tree.map(abstract, self._state, self._state_shardings),
+                "train_metrics": jax.tree.map(
+                    abstract, self._train_metrics_state, metrics_shardings
+                ),
+            }
+        }
+
+    def _restore(self, ckpt_path: str | None) -> bool:
+        if ckpt_path is None:
+            return False
+        restored = self.hook.restore_checkpoint(
+            trainer=self, ckpt_path=str(ckpt_path), target=self.checkpoint_target()
+        )
+        if restored is None:
+            raise ValueError(
+                f"ckpt_path={ckpt_path!r} given but no checkpoint plugin is active; "
+                "enable the 'checkpoint' plugin or drop ckpt_path"
+            )
+        if not restored:
+            return False
+        self._state = restored["state"]["train"]
+        self._train_metrics_state = restored["state"]["train_metrics"]
+        meta = restored["meta"]
+        self.global_step = int(meta["global_step"])
+        self.current_epoch = int(meta["epoch"])
+        self.batch_in_epoch = int(meta["batch_in_epoch"])
+        self._data_state = meta.get("data_state")
+        self.hook.load_state_dict(trainer=self, state=meta.get("plugins", {}))
+        return True
+
+    # --------------------------------------------------------------------- fit
+
+    def fit(self, task: Task, ckpt_path: str | None = None) -> Trainer:
+        """Train ``task``; resume from ``ckpt_path`` (``"last"``, ``"best"`` or a path)."""
+        try:
+            self._plan(task)
+            self._build(task)
+            self._restore(ckpt_path)
+            self._val_examples = task.val_data()
+            self.hook.log_hyperparams(trainer=self, params=self.hyperparameters())
+            self.hook.on_fit_start(trainer=self, task=task)
+            with _preemption_signals(self):
+                start = time.perf_counter()
+                self._fit_loop()
+                self.fit_seconds = time.perf_counter() - start
+            if self.preempted:
+                self.hook.on_save_checkpoint(
+                    trainer=self, step=self.global_step, reason="preemption"
+                )
+            else:
+                self.hook.on_save_checkpoint(trainer=self, step=self.global_step, reason="end")
+            self.hook.wait_for_checkpoints(trainer=self)
+            if not self.preempted:
+                self.hook.on_fit_end(trainer=self, task=task)
+        except BaseException as exc:
+            self.hook.on_exception(trainer=self, exception=exc)
+            raise
+        return self
+
+    def _fit_loop(self) -> None:
+        train_step = self._compiled("train")
+        while self.current_epoch < self.max_epochs and not self._done():
+            epoch = self.current_epoch
+            self.hook.on_train_epoch_start(trainer=self, epoch=epoch)
+            iterator = iter(
+                data_lib.train_pipeline(
+                    self._train_examples, self.task.train_transforms(),
+                    self._pipeline_config(self.batch_size), seed=self.seed, epoch=epoch,
+                )
+            )
+            if self.batch_in_epoch and self._data_state is not None:
+                iterator.set_state(self._data_state)
+            prefetcher = data_lib.DevicePrefetcher(
+                iterator, self.strategy.shard_batch, size=self.prefetch,
+                limit=self.steps_per_epoch - self.batch_in_epoch,
+            )
+            for batch, data_state in prefetcher:
+                step = self.global_step
+                self.hook.on_train_batch_start(trainer=self, step=step, batch=batch)
+                t0 = time.perf_counter()
+                self._state, self._train_metrics_state, loss = train_step(
+                    self._state, self._train_metrics_state, batch
+                )
+                if "train" not in self.compile_seconds:  # the first call traces and compiles
+                    self.compile_seconds["train"] = time.perf_counter() - t0
+                prefetcher.refill()
+                self.global_step += 1
+                self.batch_in_epoch += 1
+                self._data_state = data_state
+                self.hook.on_train_batch_end(trainer=self, step=step, loss=loss)
+                if self.global_step % self.log_every_n_steps == 0:
+                    self._log_train_metrics()
+                if self.val_check_interval and self.global_step % self.val_check_interval == 0:
+                    self._run_eval("validate", in_fit=True)
+                if self._done():
+                    break
+            self.data_wait_seconds += prefetcher.wait_seconds
+            if self.batch_in_epoch < self.steps_per_epoch:
+                # Stopped inside the epoch (max_steps, should_stop, preemption): the
+                # counters and data state stay as they are so a resume continues it.
+                break
+            self.hook.on_train_epoch_end(trainer=self, epoch=epoch)
+            self.current_epoch += 1
+            self.batch_in_epoch = 0
+            self._data_state = None
+            if (
+                self.check_val_every_n_epoch
+                and self.current_epoch % self.check_val_every_n_epoch == 0
+                and not self.preempted
+            ):
+                self._run_eval("validate", in_fit=True)
+        if self.global_step % self.log_every_n_steps and not self.preempted:
+            self._log_train_metrics()
+
+    def _done(self) -> bool:
+        if self.preempted or self.should_stop:
+            return True
+        return self.max_steps is not None and self.global_step >= self.max_steps
+
+    def _log_train_metrics(self) -> None:
+        values, self._train_metrics_state = self._compiled("compute_train_metrics")(
+            self._train_metrics_state
+        )
+        metrics = {f"train/{k}": v for k, v in values.items()}
+        metrics["epoch"] = self.current_epoch
+        self.callback_metrics.update(metrics)
+        self.hook.log_metrics(trainer=self, metrics=metrics, step=self.global_step)
+
+    # -------------------------------------------------------------- evaluation
+
+    def _ensure_built(self, task: Task, ckpt_path: str | None) -> None:
+        if self.task is not task or self._state is None:
+            self._plan(task)
+            self._build(task)
+        if ckpt_path is not None:
+            self._restore(ckpt_path)
+
+    def validate(self, task: Task, ckpt_path: str | None = None) -> dict[str, float]:
+        """Evaluate on ``task.val_data()``; returns ``{"val/<metric>": value}``."""
+        return self._standalone_eval(task, "validate", ckpt_path)
+
+    def test(self, task: Task, ckpt_path: str | None = None) -> dict[str, float]:
+        """Evaluate on ``task.test_data()``; returns ``{"test/<metric>": value}``."""
+        return self._standalone_eval(task, "test", ckpt_path)
+
+    def _standalone_eval(self, task: Task, stage: str, ckpt_path: str | None) -> dict[str, float]:
+        try:
+            self._ensure_built(task, ckpt_path)
+            if stage == "validate":
+                self._val_examples = task.val_data()
+            metrics = self._run_eval(stage, in_fit=False)
+            self.hook.wait_for_checkpoints(trainer=self)
+            return {k: float(v) for k, v in metrics.items()}
+        except BaseException as exc:
+            self.hook.on_exception(trainer=self, exception=exc)
+            raise
+
+    def _run_eval(self, stage: str, in_fit: bool) -> dict[str, Any]:
+        examples = self._val_examples if stage == "validate" else self.task.test_data()
+        if examples is None:
+            return {}
+        iterator, num_batches = data_lib.eval_pipeline(
+            examples, self.task.eval_transforms(), self._pipeline_config(self.eval_batch_size),
+            limit_batches=self.limit_val_batches,
+        )
+        eval_step = self._compiled(stage)
+        # Fresh metric state each evaluation: the eval step donates (consumes) it.
+        metrics_state = self.strategy.place_state(nnx.state(self.task.configure_metrics()))
+        self.hook.on_validation_start(trainer=self, stage=stage)
+        prefetcher = data_lib.DevicePrefetcher(
+            iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
+        )
+        for index, (batch, _) in enumerate(prefetcher):
+            metrics_state = eval_step(self._state, metrics_state, batch)
+            prefetcher.refill()
+            self.hook.on_validation_batch_end(trainer=self, stage=stage, batch_index=index)
+        prefix = "val" if stage == "validate" else "test"
+        values = self._compiled("compute_eval_metrics")(metrics_state)
+        results = {f"{prefix}/{k}": v for k, v in values.items()}
+        self.callback_metrics.update(results)
+        self.hook.on_validation_end(trainer=self, stage=stage, metrics=results)
+        self.hook.log_metrics(trainer=self, metrics=results, step=self.global_step)
+        return results
+
+    def predict(self, task: Task, ckpt_path: str | None = None) -> Any:
+        """Run ``task.predict_step`` over ``task.predict_data()``; host arrays, one row per example."""
+        try:
+            self._ensure_built(task, ckpt_path)
+            examples = task.predict_data()
+            if examples is None:
+                raise ValueError(
+                    f"{type(task).__name__}.predict_data() returned None; "
+                    "override it (or test_data/val_data) to return examples"
+                )
+            iterator, num_batches = data_lib.eval_pipeline(
+                examples, task.eval_transforms(), self._pipeline_config(self.eval_batch_size)
+            )
+            predict_step = self._compiled("predict")
+            self.hook.on_predict_start(trainer=self)
+            chunks, masks = [], []
+            prefetcher = data_lib.DevicePrefetcher(
+                iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
+            )
+            for batch, _ in prefetcher:
+                chunks.append(predict_step(self._state, batch))
+                masks.append(batch[data_lib.MASK_KEY])
+                prefetcher.refill()
+            mask = np.concatenate([np.asarray(jax.device_get(m)) for m in masks])
+            outputs = jax.tree.map(
+                lambda *xs: np.concatenate([np.asarray(jax.device_get(x)) for x in xs])[mask],
+                *chunks,
+            )
+            self.hook.on_predict_end(trainer=self, outputs=outputs)
+            return outputs
+        except BaseException as exc:
+            self.hook.on_exception(trainer=self, exception=exc)
+            raise
+
+    # ------------------------------------------------------------------ misc
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Trainer options and the task's hyperparameters, as logged at fit start."""
+        return {
+            "trainer": {
+                "max_epochs": self.max_epochs, "max_steps": self.max_steps,
+                "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                "seed": self.seed, "precision": self.precision,
+                "strategy": self.strategy.name, "gradient_clip_norm": self.gradient_clip_norm,
+                "accumulate_grad_batches": self.accumulate_grad_batches,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "devices": self.strategy.num_devices, "processes": self.strategy.process_count,
+            },
+            "task": self.task.hparams() if self.task is not None else {},
+        }
+
+
+class _preemption_signals:
+    """SIGTERM/SIGINT during fit ask for a clean stop after the current step.
+
+    A second SIGINT falls through to the default handler, so Ctrl-C twice still
+    kills a stuck run. Handlers are only installed from the main thread.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+        self.trainer.preempted = True
+        self.trainer.stop_reason = signal.Signals(signum).name
+        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> _preemption_signals:
+        try:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread: leave signals to the host program
+            self.previous.clear()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_positive_or_none(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive or None, got {value!r}")
+

@@ -1,0 +1,1 @@
+"""ResNet image-classification task for nnx-trainer: data, transforms, model."""

@@ -1,0 +1,442 @@
+"""ResNet models in Flax NNX.
+
+Two families live here:
+
+* torchvision-style ResNets (``resnet18`` ... ``resnet152``) with either the ImageNet stem
+  (7x7 conv + max-pool) or a CIFAR stem (3x3 conv, no pool) for small images;
+* the CIFAR ResNet-(6n+2) of He et al. 2016, section 4.2 (``resnet20`` ... ``resnet110``).
+
+All models take NHWC input and return float32 logits. ``dtype`` is the compute dtype,
+``param_dtype`` the storage dtype of the parameters, so mixed precision is
+``dtype=jnp.bfloat16, param_dtype=jnp.float32``. BatchNorm running statistics are always float32
+(``nnx.BatchNorm`` allocates them as float32 whatever ``param_dtype`` is). Switch BatchNorm
+between batch and running statistics with ``model.train()`` / ``model.eval()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+STEMS = ("imagenet", "cifar")
+
+# Explicit symmetric padding (rather than "SAME") so strided convolutions see the same
+# windows as the torchvision reference models.
+_PAD_3X3 = ((1, 1), (1, 1))
+_PAD_7X7 = ((3, 3), (3, 3))
+
+
+def _conv(
+    in_features: int,
+    out_features: int,
+    kernel: int,
+    strides: int,
+    padding: Any,
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    # No bias: every convolution here is followed by BatchNorm, whose bias makes it redundant.
+    return nnx.Conv(
+        in_features,
+        out_features,
+        kernel_size=(kernel, kernel),
+        strides=(strides, strides),
+        padding=padding,
+        use_bias=False,
+        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def _batch_norm(
+    features: int, *, zero_scale: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+) -> nnx.BatchNorm:
+    # momentum/epsilon match PyTorch's BatchNorm2d defaults (its momentum 0.1 == ours 0.9).
+    return nnx.BatchNorm(
+        features,
+        momentum=0.9,
+        epsilon=1e-5,
+        scale_init=nnx.initializers.zeros_init() if zero_scale else nnx.initializers.ones_init(),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def _projection(
+    in_features: int,
+    out_features: int,
+    strides: int,
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Sequential | None:
+    """The 1x1 conv + BN shortcut, or None when the identity already has the right shape."""
+    if strides == 1 and in_features == out_features:
+        return None
+    return nnx.Sequential(
+        _conv(
+            in_features, out_features, 1, strides, "VALID",
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+        ),
+        _batch_norm(
+            out_features, zero_scale=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        ),
+    )
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34, CIFAR ResNets)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        strides: int = 1,
+        *,
+        zero_init_residual: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        """Build the block; ``strides`` applies to the first 3x3 conv and the shortcut.
+
+        ``zero_init_residual`` starts the last BatchNorm scale at zero so the block begins as
+        the identity (Goyal et al. 2017).
+        """
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        out_features = features * self.expansion
+        self.conv1 = _conv(in_features, features, 3, strides, _PAD_3X3, **kw)
+        self.bn1 = _batch_norm(features, zero_scale=False, **kw)
+        self.conv2 = _conv(features, out_features, 3, 1, _PAD_3X3, **kw)
+        self.bn2 = _batch_norm(out_features, zero_scale=zero_init_residual, **kw)
+        self.shortcut = _projection(in_features, out_features, strides, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the block to an NHWC batch."""
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return nnx.relu(y + identity)
+
+
+class BottleneckBlock(nnx.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (ResNet-50 and deeper).
+
+    The stride sits on the 3x3 convolution ("ResNet v1.5", as in torchvision).
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        strides: int = 1,
+        *,
+        zero_init_residual: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        """Build the block; the output has ``features * 4`` channels."""
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        out_features = features * self.expansion
+        self.conv1 = _conv(in_features, features, 1, 1, "VALID", **kw)
+        self.bn1 = _batch_norm(features, zero_scale=False, **kw)
+        self.conv2 = _conv(features, features, 3, strides, _PAD_3X3, **kw)
+        self.bn2 = _batch_norm(features, zero_scale=False, **kw)
+        self.conv3 = _conv(features, out_features, 1, 1, "VALID", **kw)
+        self.bn3 = _batch_norm(out_features, zero_scale=zero_init_residual, **kw)
+        self.shortcut = _projection(in_features, out_features, strides, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the block to an NHWC batch."""
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = nnx.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return nnx.relu(y + identity)
+
+
+Block = type[BasicBlock] | type[BottleneckBlock]
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+
+
+def _stage(
+    block: Block,
+    in_features: int,
+    features: int,
+    num_blocks: int,
+    strides: int,
+    **kw: Any,
+) -> tuple[nnx.Sequential, int]:
+    """A stage of ``num_blocks`` blocks; returns it with its output channel count."""
+    blocks = []
+    for i in range(num_blocks):
+        blocks.append(block(in_features, features, strides if i == 0 else 1, **kw))
+        in_features = features * block.expansion
+    return nnx.Sequential(*blocks), in_features
+
+
+class ResNet(nnx.Module):
+    """torchvision-style ResNet with an ImageNet or CIFAR stem."""
+
+    def __init__(
+        self,
+        stage_sizes: Sequence[int],
+        block: Block,
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+        width: int = 64,
+        zero_init_residual: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        """Build a ResNet whose stage ``i`` has ``width * 2**i`` block features.
+
+        ``stem="imagenet"``: 7x7/2 conv, BN, relu, 3x3/2 max-pool (for ~224 px images).
+        ``stem="cifar"``: 3x3/1 conv, BN, relu, no pooling (for ~32 px images).
+        """
+        _check_num_classes(num_classes)
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
+        if not stage_sizes or any(n < 1 for n in stage_sizes):
+            raise ValueError(f"stage_sizes must be non-empty and positive, got {stage_sizes}")
+        if width < 1:
+            raise ValueError(f"width must be at least 1, got {width}")
+
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+        self.stem = stem
+        if stem == "imagenet":
+            self.conv1 = _conv(in_channels, width, 7, 2, _PAD_7X7, **kw)
+        else:
+            self.conv1 = _conv(in_channels, width, 3, 1, _PAD_3X3, **kw)
+        self.bn1 = _batch_norm(width, zero_scale=False, **kw)
+
+        stages = []
+        features = width
+        for i, num_blocks in enumerate(stage_sizes):
+            stage, features = _stage(
+                block, features, width * 2**i, num_blocks, 1 if i == 0 else 2,
+                zero_init_residual=zero_init_residual, **kw,
+            )
+            stages.append(stage)
+        self.stages = nnx.List(stages)
+        self.head = nnx.Linear(features, num_classes, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Map an NHWC image batch to float32 logits of shape ``(batch, num_classes)``."""
+        x = nnx.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+        if self.stem == "imagenet":
+            # -inf padding (flax's max_pool default) so padded cells never win the max.
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD_3X3)
+        for stage in self.stages:
+            x = stage(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return self.head(x).astype(jnp.float32)
+
+
+class SimpleResNet(nnx.Module):
+    """The CIFAR ResNet-(6n+2) of He et al. 2016, section 4.2 (n = ``num_blocks``).
+
+    Three stages of ``num_blocks`` BasicBlocks with ``initial_features * (1, 2, 4)`` channels.
+    Shortcuts that change shape use a 1x1 projection (the paper's option B) rather than
+    zero-padding, so parameter counts are slightly above the paper's (e.g. ResNet-20 ~0.27M).
+    """
+
+    def __init__(
+        self,
+        num_blocks: int,
+        initial_features: int = 16,
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        zero_init_residual: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        """Build a ResNet with ``6 * num_blocks + 2`` weighted layers."""
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        if initial_features < 1:
+            raise ValueError(f"initial_features must be at least 1, got {initial_features}")
+        _check_num_classes(num_classes)
+
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+        self.conv1 = _conv(in_channels, initial_features, 3, 1, _PAD_3X3, **kw)
+        self.bn1 = _batch_norm(initial_features, zero_scale=False, **kw)
+        stages = []
+        features = initial_features
+        for i in range(3):
+            stage, features = _stage(
+                BasicBlock, features, initial_features * 2**i, num_blocks, 1 if i == 0 else 2,
+                zero_init_residual=zero_init_residual, **kw,
+            )
+            stages.append(stage)
+        self.stages = nnx.List(stages)
+        self.head = nnx.Linear(features, num_classes, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Map an NHWC image batch to float32 logits of shape ``(batch, num_classes)``."""
+        x = nnx.relu(self.bn1(self.conv1(x.astype(self.dtype))))
+        for stage in self.stages:
+            x = stage(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return self.head(x).astype(jnp.float32)
+
+
+def resnet18(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    stem: str = "imagenet",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+) -> ResNet:
+    """ResNet-18; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
+    return ResNet(
+        (2, 2, 2, 2), BasicBlock, num_classes=num_classes, in_channels=in_channels,
+        stem=stem, dtype=dtype, rngs=rngs, **kwargs,
+    )
+
+
+def resnet34(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    stem: str = "imagenet",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+) -> ResNet:
+    """ResNet-34; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
+    return ResNet(
+        (3, 4, 6, 3), BasicBlock, num_classes=num_classes, in_channels=in_channels,
+        stem=stem, dtype=dtype, rngs=rngs, **kwargs,
+    )
+
+
+def resnet50(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    stem: str = "imagenet",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+) -> ResNet:
+    """ResNet-50; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
+    return ResNet(
+        (3, 4, 6, 3), BottleneckBlock, num_classes=num_classes, in_channels=in_channels,
+        stem=stem, dtype=dtype, rngs=rngs, **kwargs,
+    )
+
+
+def resnet101(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    stem: str = "imagenet",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+) -> ResNet:
+    """ResNet-101; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
+    return ResNet(
+        (3, 4, 23, 3), BottleneckBlock, num_classes=num_classes, in_channels=in_channels,
+        stem=stem, dtype=dtype, rngs=rngs, **kwargs,
+    )
+
+
+def resnet152(
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    stem: str = "imagenet",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+) -> ResNet:
+    """ResNet-152; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
+    return ResNet(
+        (3, 8, 36, 3), BottleneckBlock, num_classes=num_classes, in_channels=in_channels,
+        stem=stem, dtype=dtype, rngs=rngs, **kwargs,
+    )
+
+
+_TORCHVISION_STYLE: dict[str, Callable[..., ResNet]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+}
+# CIFAR ResNet depth -> blocks per stage (depth = 6n + 2).
+_CIFAR_DEPTHS: dict[str, int] = {
+    "resnet20": 3,
+    "resnet32": 5,
+    "resnet44": 7,
+    "resnet56": 9,
+    "resnet110": 18,
+}
+
+MODEL_NAMES: tuple[str, ...] = (*_TORCHVISION_STYLE, *_CIFAR_DEPTHS, "simple")
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    stem: str = "cifar",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+    **kwargs: Any,
+) -> nnx.Module:
+    """Build the model called ``name`` (one of ``MODEL_NAMES``).
+
+    ``stem`` only selects between stems for the torchvision-style ResNets; the CIFAR family
+    ("resnet20" ... "resnet110", "simple") always has the CIFAR stem, so it accepts only
+    ``stem="cifar"``. "simple" needs ``num_blocks`` (and optionally ``initial_features``) in
+    ``kwargs``; other keyword arguments are passed to the model's constructor.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
+    _check_num_classes(num_classes)
+    common = dict(num_classes=num_classes, in_channels=in_channels, dtype=dtype, rngs=rngs)
+    if name in _TORCHVISION_STYLE:
+        return _TORCHVISION_STYLE[name](stem=stem, **common, **kwargs)
+    if stem != "cifar":
+        raise ValueError(f"model {name!r} only supports stem 'cifar', got {stem!r}")
+    if name == "simple":
+        if "num_blocks" not in kwargs:
+            raise ValueError("model 'simple' needs num_blocks=... (and optionally initial_features)")
+        return SimpleResNet(**common, **kwargs)
+    return SimpleResNet(_CIFAR_DEPTHS[name], **common, **kwargs)

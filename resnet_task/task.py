@@ -1,0 +1,181 @@
+"""ResNetTask: image classification with a ResNet on Grain data (the example's task)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import nnx_trainer
+from resnet_task.data import DatasetInfo, load_dataset
+from resnet_task.metrics import TopKAccuracy
+from resnet_task.models import create_model
+from resnet_task.transforms import Normalize, RandomCrop, RandomHorizontalFlip
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """Everything that defines the task: data, model, loss and optimizer."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    model: str = "resnet20"
+    stem: str = "cifar"
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.05
+    label_smoothing: float = 0.0
+    crop_padding: int = 4
+    horizontal_flip: bool | None = None  # None: on, except for digits (a flipped 2 is no 2)
+    seed: int = 0
+    dataset_kwargs: tuple[tuple[str, Any], ...] = ()
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for convolution and dense kernels; batch-norm scales and all biases are not decayed."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def classification_loss(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+    logits = logits.astype(jnp.float32)
+    targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+class ResNetTask(nnx_trainer.Task):
+    """A ResNet classifier. The data is loaded (and checked) when the task is built."""
+
+    def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
+        config = config or ResNetConfig()
+        if overrides:
+            config = ResNetConfig(**{**asdict(config), **overrides})
+        if config.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {config.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
+            )
+        if not 0.0 <= config.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+        if not 0.0 <= config.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {config.warmup_fraction}")
+        self.config = config
+        self._train, self._val, self.info = load_dataset(
+            config.dataset, config.data_dir, config.image_size, seed=config.seed,
+            **dict(config.dataset_kwargs),
+        )
+        # Build one model abstractly now so an unknown model name or bad kwargs fail
+        # before any training starts, without paying for the real initialisation.
+        nnx.eval_shape(lambda: self._create(nnx.Rngs(0), jnp.float32))
+
+    @property
+    def dataset_info(self) -> DatasetInfo:
+        """Number of classes, image shape and normalisation of the loaded dataset."""
+        return self.info
+
+    def _create(self, rngs: nnx.Rngs, dtype) -> nnx.Module:
+        return create_model(
+            self.config.model, num_classes=self.info.num_classes,
+            in_channels=self.info.image_shape[-1], stem=self.config.stem, dtype=dtype,
+            rngs=rngs, **dict(self.config.model_kwargs),
+        )
+
+    def configure_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The configured ResNet in the Trainer's compute dtype (parameters float32)."""
+        return self._create(rngs, self.compute_dtype)
+
+    def configure_optimizer(self, total_steps: int) -> optax.GradientTransformation:
+        """SGD (Nesterov momentum) or AdamW; linear warmup then cosine decay to zero."""
+        c = self.config
+        warmup = int(c.warmup_fraction * total_steps)
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=c.learning_rate, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=0.0,
+        )
+        self.learning_rate_schedule = schedule
+        if c.optimizer == "adamw":
+            return optax.adamw(schedule, weight_decay=c.weight_decay, mask=weight_decay_mask)
+        return optax.chain(
+            optax.add_decayed_weights(c.weight_decay, mask=weight_decay_mask),
+            optax.sgd(schedule, momentum=c.momentum, nesterov=c.nesterov),
+        )
+
+    def configure_train_metrics(self) -> nnx.MultiMetric:
+        """Training loss and top-1 accuracy, accumulated on device."""
+        return nnx.MultiMetric(loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy())
+
+    def configure_metrics(self) -> nnx.MultiMetric:
+        """Evaluation loss, top-1 and top-5 accuracy."""
+        return nnx.MultiMetric(
+            loss=nnx.metrics.Average("loss"),
+            accuracy=nnx.metrics.Accuracy(),
+            top5_accuracy=TopKAccuracy(5),
+        )
+
+    # ---- data -----------------------------------------------------------------
+
+    def train_data(self) -> grain.MapDataset:
+        """Training examples (uint8 images, int32 labels)."""
+        return self._train
+
+    def val_data(self) -> grain.MapDataset:
+        """The held-out split."""
+        return self._val
+
+    def train_transforms(self) -> list[Any]:
+        """Random crop with padding, horizontal flip (not for digits), normalisation."""
+        c = self.config
+        flip = c.horizontal_flip if c.horizontal_flip is not None else c.dataset != "digits"
+        transforms: list[Any] = []
+        if c.crop_padding:
+            transforms.append(RandomCrop(c.crop_padding))
+        if flip:
+            transforms.append(RandomHorizontalFlip())
+        transforms.append(Normalize(self.info.mean, self.info.std))
+        return transforms
+
+    def eval_transforms(self) -> list[Any]:
+        """Normalisation only."""
+        return [Normalize(self.info.mean, self.info.std)]
+
+    # ---- steps ------------------------------------------------------------------
+
+    def training_step(self, model: nnx.Module, batch) -> tuple[jax.Array, dict[str, Any]]:
+        """Mean (smoothed) cross-entropy; logits and labels feed the train accuracy."""
+        logits = model(batch["image"])
+        loss = classification_loss(logits, batch["label"], self.config.label_smoothing).mean()
+        return loss, {"logits": logits, "labels": batch["label"]}
+
+    def validation_step(self, model: nnx.Module, batch) -> dict[str, Any]:
+        """Per-example loss (unsmoothed) and logits for the masked metrics."""
+        logits = model(batch["image"])
+        return {
+            "loss": classification_loss(logits, batch["label"]),
+            "logits": logits,
+            "labels": batch["label"],
+        }
+
+    def predict_step(self, model: nnx.Module, batch) -> dict[str, jax.Array]:
+        """Class probabilities and the predicted class."""
+        logits = model(batch["image"])
+        return {"probabilities": jax.nn.softmax(logits), "prediction": logits.argmax(-1)}
+
+    def hparams(self) -> dict[str, Any]:
+        """The task configuration plus the dataset's facts."""
+        return {**asdict(self.config), "num_classes": self.info.num_classes,
+                "image_shape": list(self.info.image_shape)}

@@ -1,0 +1,120 @@
+"""Per-example Grain transforms for image classification.
+
+Elements are ``{"image": np.ndarray (H, W, C), "label": np.int32, ...}``. Each transform
+returns a new dict and never writes into its input: Grain (and the array-backed sources,
+whose images are read-only views) may hand the same arrays out again.
+
+They run once per example in Grain's worker processes, so they are NumPy-only, cheap, and
+module-level classes (picklable into spawned workers). Random ones draw only from the
+``rng`` Grain passes to ``random_map``; Grain seeds it from the pipeline seed and the
+element's index, so the output does not depend on which worker computes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+__all__ = ["RandomCrop", "RandomHorizontalFlip", "Normalize"]
+
+_PAD_MODES = ("constant", "reflect")
+
+
+class RandomCrop(grain.transforms.RandomMap):
+    """Pad the image by ``padding`` pixels on each side, then crop back to its original size
+    at a uniformly random offset (the standard CIFAR augmentation).
+
+    ``mode="constant"`` (default) pads with zeros, as in the ResNet paper (He et al., 2016)
+    and torchvision's default, so results are comparable with published CIFAR numbers.
+    ``mode="reflect"`` mirrors the border instead, which avoids black bands the model could
+    learn to ignore; it needs ``padding`` smaller than the image side.
+    """
+
+    def __init__(self, padding: int, mode: str = "constant"):
+        if int(padding) != padding or padding < 0:
+            raise ValueError(f"RandomCrop padding must be a non-negative integer, got {padding!r}")
+        if mode not in _PAD_MODES:
+            raise ValueError(f"RandomCrop mode must be one of {_PAD_MODES}, got {mode!r}")
+        self.padding = int(padding)
+        self.mode = mode
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = element["image"]
+        p = self.padding
+        # Always draw both offsets, so the rng stream is consumed the same way for any input.
+        dy, dx = rng.integers(0, 2 * p + 1, size=2)
+        if p == 0:
+            return {**element}
+        h, w = image.shape[:2]
+        pad = ((p, p), (p, p)) + ((0, 0),) * (image.ndim - 2)
+        padded = np.pad(image, pad, mode=self.mode)
+        return {**element, "image": np.ascontiguousarray(padded[dy : dy + h, dx : dx + w])}
+
+    def __repr__(self) -> str:
+        return f"RandomCrop(padding={self.padding}, mode={self.mode!r})"
+
+
+class RandomHorizontalFlip(grain.transforms.RandomMap):
+    """Mirror the image left-right with probability ``p``."""
+
+    def __init__(self, p: float = 0.5):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"RandomHorizontalFlip p must be in [0, 1], got {p}")
+        self.p = float(p)
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        image = element["image"]
+        if rng.random() < self.p:
+            # Contiguous copy rather than a negative-stride view: cheaper to batch and to
+            # hand to JAX later.
+            return {**element, "image": np.ascontiguousarray(image[:, ::-1])}
+        return {**element}
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class Normalize(grain.transforms.Map):
+    """uint8 image -> float32 ``(image / 255 - mean) / std`` per channel; other keys (the
+    int32 label) pass through unchanged.
+
+    ``mean`` and ``std`` are in [0, 1] pixel units, one value per channel (or one value
+    for all channels), e.g. ``DatasetInfo.mean`` / ``DatasetInfo.std``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        mean_a = np.asarray(mean, dtype=np.float64).reshape(-1)
+        std_a = np.asarray(std, dtype=np.float64).reshape(-1)
+        if mean_a.size == 0 or mean_a.shape != std_a.shape:
+            raise ValueError(
+                f"Normalize needs mean and std of the same non-zero length, got {mean} and {std}"
+            )
+        if np.any(std_a <= 0):
+            raise ValueError(f"Normalize std must be positive, got {std}")
+        self.mean = tuple(float(v) for v in mean_a)
+        self.std = tuple(float(v) for v in std_a)
+        # One multiply-add per pixel: x * scale - shift == (x / 255 - mean) / std.
+        self._scale = (1.0 / (255.0 * std_a)).astype(np.float32)
+        self._shift = (mean_a / std_a).astype(np.float32)
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        image = element["image"]
+        channels = image.shape[-1] if image.ndim == 3 else 1
+        if self._scale.size not in (1, channels):
+            # Without this check NumPy would silently broadcast a 1-channel image to 3.
+            raise ValueError(
+                f"Normalize has {self._scale.size} channel statistics but the image has shape "
+                f"{image.shape}; use the mean/std of this dataset (DatasetInfo.mean/std)"
+            )
+        scale = self._scale if image.ndim == 3 else self._scale[0]
+        shift = self._shift if image.ndim == 3 else self._shift[0]
+        out = image.astype(np.float32)
+        out *= scale
+        out -= shift
+        return {**element, "image": out}
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"

@@ -1,0 +1,210 @@
+"""RichProgress: live bar on terminals, plain lines elsewhere, clean stops, lazy loss reads."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import pytest
+from rich.console import Console
+from tiny_task import TinyTask
+
+import nnx_trainer
+from plugins.rich_progress import RichProgress
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _console(terminal: bool) -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, force_terminal=terminal, width=120), buf
+
+
+def _trainer(plugins: list, tmp_path, **kwargs) -> nnx_trainer.Trainer:
+    kwargs.setdefault("batch_size", 8)
+    return nnx_trainer.Trainer(plugin_autoload=False, plugins=plugins, run_dir=tmp_path, **kwargs)
+
+
+class LastLoss:
+    """Keeps the last step's loss (a device scalar) to compare with what the bar shows."""
+
+    name = "last_loss"
+    loss = None
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, loss):
+        self.loss = loss
+
+
+class FailingTask(TinyTask):
+    """Raises while the train step is traced, i.e. inside the training loop."""
+
+    def training_step(self, model, batch):
+        raise ValueError("boom in training_step")
+
+
+class RaiseAtStep:
+    """A plugin that fails in the middle of an epoch, while the live bar is running."""
+
+    name = "raise_at_step"
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, step):
+        if step == 3:
+            raise RuntimeError("plugin failed at step 3")
+
+
+def test_terminal_fit_shows_bar_validation_tables_and_summary(tmp_path):
+    console, buf = _console(terminal=True)
+    plugin, last = RichProgress(console=console), LastLoss()
+    _trainer([plugin, last], tmp_path, max_epochs=2).fit(TinyTask())
+    text = ANSI.sub("", buf.getvalue())
+    assert "Epoch 1/2" in text and "Epoch 2/2" in text
+    assert "Validate metrics, step 8" in text and "Validate metrics, step 16" in text
+    assert "val/accuracy" in text and "val/loss" in text
+    assert "Fit summary" in text
+    for row in ("steps/s", "images/s", "data wait", "compile", "last train loss"):
+        assert row in text
+    assert not plugin.progress.live.is_started
+    # The loss shown is a real host float: the last step's loss, read from the device.
+    assert isinstance(plugin.loss, float)
+    assert plugin.loss == float(last.loss)
+    assert f"loss {plugin.loss:.4f}" in text
+
+
+def test_plain_output_has_no_control_codes_and_one_line_per_epoch(tmp_path):
+    console, buf = _console(terminal=False)
+    plugin = RichProgress(console=console)
+    _trainer([plugin], tmp_path, max_epochs=3).fit(TinyTask(n_train=32))
+    out = buf.getvalue()
+    assert "\x1b" not in out and "\r" not in out
+    assert plugin.progress is None  # no live display was ever created
+    lines = out.splitlines()
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3
+    for n, line in enumerate(epoch_lines, start=1):
+        pattern = rf"epoch {n}/3  step {4 * n}/12  loss \d+\.\d{{4}}  [\d.]+ steps/s"
+        assert re.fullmatch(pattern, line)
+    val_lines = [line for line in lines if line.startswith("validate  step ")]
+    assert [line.split()[2] for line in val_lines] == ["4", "8", "12"]
+    assert all("val/accuracy" in line and "val/loss" in line for line in val_lines)
+    assert "fit summary" in lines
+    assert any(re.fullmatch(r"  images/s\s+[\d.]+", line) for line in lines)
+    assert len(lines) < 25  # short CI logs
+
+
+@pytest.mark.parametrize(
+    ("task", "extra", "error"),
+    [
+        (FailingTask(), [], "boom in training_step"),
+        (TinyTask(), [RaiseAtStep()], "plugin failed at step 3"),
+    ],
+    ids=["training_step_raises", "plugin_raises_mid_epoch"],
+)
+def test_exception_stops_live_display_and_propagates(tmp_path, task, extra, error):
+    console, buf = _console(terminal=True)
+    plugin = RichProgress(console=console)
+    stdout, stderr = sys.stdout, sys.stderr
+    with pytest.raises((ValueError, RuntimeError), match=error):
+        _trainer([plugin, *extra], tmp_path, max_epochs=2).fit(task)
+    assert plugin.progress is not None and not plugin.progress.live.is_started
+    # Live redirects stdout/stderr while running; both must be back for the traceback.
+    assert sys.stdout is stdout and sys.stderr is stderr
+    assert "stopped at step" in ANSI.sub("", buf.getvalue())
+
+
+def test_fit_does_not_read_the_loss_every_step(tmp_path, monkeypatch):
+    # Count every implicit device->host read of a JAX scalar during a 50-step fit.
+    array_type = type(jnp.zeros(()))
+    original = array_type.__float__
+    reads = []
+
+    def counting_float(self):
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(array_type, "__float__", counting_float)
+    console, _ = _console(terminal=True)
+    # A clock that never advances: the refresh interval never elapses during the epoch.
+    plugin = RichProgress(console=console, refresh_per_second=0.01, clock=lambda: 0.0)
+    trainer = _trainer([plugin], tmp_path, max_steps=50, log_every_n_steps=1000)
+    trainer.fit(TinyTask(n_train=400, n_val=0))
+    assert trainer.global_step == 50
+    assert 1 <= len(reads) <= 2  # the epoch-end read (and at most one more), not 50
+    assert isinstance(plugin.loss, float)
+
+
+def _stub_trainer(**overrides) -> SimpleNamespace:
+    values = dict(
+        is_main_process=True, global_step=0, batch_in_epoch=0, steps_per_epoch=50,
+        total_steps=50, max_epochs=1, current_epoch=0,
+    )
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def test_loss_fetch_cadence_follows_refresh_interval():
+    now = [0.0]
+
+    def clock() -> float:  # 0.25 s per call: exact in binary, so the count is exact
+        now[0] += 0.25
+        return now[0]
+
+    console, _ = _console(terminal=True)
+    plugin = RichProgress(console=console, refresh_per_second=1.0, clock=clock)
+    trainer = _stub_trainer()
+    fetched = []
+    original = plugin._fetch_loss
+    plugin._fetch_loss = lambda: fetched.append(trainer.global_step) or original()
+    plugin.on_fit_start(trainer=trainer)
+    plugin.on_train_epoch_start(trainer=trainer, epoch=0)
+    for step in range(50):
+        trainer.global_step += 1
+        trainer.batch_in_epoch += 1
+        plugin.on_train_batch_end(trainer=trainer, loss=jnp.asarray(float(step)))
+    plugin.on_exception(trainer=trainer, exception=KeyboardInterrupt())
+    # Interval 1 s = 4 calls: fetched after steps 4, 8, ..., 48 (12 of 50 steps).
+    assert fetched == list(range(4, 49, 4))
+    assert plugin.loss == 47.0
+    assert not plugin.progress.live.is_started
+
+
+def test_force_overrides_terminal_detection():
+    console, _ = _console(terminal=True)
+    plugin = RichProgress(console=console, force=False)
+    plugin.on_fit_start(trainer=_stub_trainer())
+    assert plugin.progress is None
+
+    console, _ = _console(terminal=False)
+    plugin = RichProgress(console=console, force=True)
+    plugin.on_fit_start(trainer=_stub_trainer())
+    assert plugin.progress.live.is_started
+    plugin.on_exception(trainer=_stub_trainer(), exception=RuntimeError())
+    assert not plugin.progress.live.is_started
+
+
+def test_only_the_main_process_displays():
+    console, buf = _console(terminal=True)
+    plugin = RichProgress(console=console)
+    trainer = _stub_trainer(is_main_process=False)
+    plugin.on_fit_start(trainer=trainer)
+    plugin.on_train_epoch_start(trainer=trainer, epoch=0)
+    plugin.on_train_batch_end(trainer=trainer, loss=jnp.asarray(1.0))
+    plugin.on_validation_end(trainer=trainer, stage="validate", metrics={"val/loss": 1.0})
+    plugin.on_train_epoch_end(trainer=trainer, epoch=0)
+    assert plugin.progress is None and buf.getvalue() == ""
+
+
+def test_defaults_entry_point_and_options(monkeypatch):
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert RichProgress().console.no_color  # Rich's own NO_COLOR handling applies
+    with pytest.raises(ValueError, match="refresh_per_second"):
+        RichProgress(refresh_per_second=0)
+    loaded = nnx_trainer.Trainer(plugin_autoload=False, plugins=["progress"])
+    assert isinstance(loaded.plugin_manager.get_plugin("progress"), RichProgress)
+    mine = RichProgress(refresh_per_second=2)
+    replaced = nnx_trainer.Trainer(plugin_autoload=False, plugins=[mine, "progress"])
+    assert replaced.plugin_manager.get_plugin("progress") is mine

@@ -1,0 +1,303 @@
+"""The Trainer's loop: learning, exact evaluation, parity with a hand loop, hook order, options."""
+
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from tiny_task import TinyModel, TinyTask, make_examples
+
+import nnx_trainer
+from nnx_trainer.data import epoch_seed
+
+
+class Recorder:
+    """Records every hook call (name and the arguments that identify it) and step losses."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.losses: list[float] = []
+        self.logged: list[tuple[int, dict]] = []
+
+    @nnx_trainer.hookimpl
+    def on_fit_start(self, trainer):
+        self.calls.append(("fit_start", trainer.global_step))
+
+    @nnx_trainer.hookimpl
+    def on_fit_end(self):
+        self.calls.append(("fit_end",))
+
+    @nnx_trainer.hookimpl
+    def on_train_epoch_start(self, epoch):
+        self.calls.append(("epoch_start", epoch))
+
+    @nnx_trainer.hookimpl
+    def on_train_epoch_end(self, epoch):
+        self.calls.append(("epoch_end", epoch))
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_start(self, step):
+        self.calls.append(("batch_start", step))
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer, step, loss):
+        assert trainer.global_step == step + 1
+        self.calls.append(("batch_end", step))
+        self.losses.append(float(loss))
+
+    @nnx_trainer.hookimpl
+    def on_validation_start(self, stage):
+        self.calls.append(("validation_start", stage))
+
+    @nnx_trainer.hookimpl
+    def on_validation_end(self, stage, metrics):
+        self.calls.append(("validation_end", stage))
+
+    @nnx_trainer.hookimpl
+    def log_hyperparams(self, params):
+        self.calls.append(("log_hyperparams",))
+
+    @nnx_trainer.hookimpl
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    @nnx_trainer.hookimpl
+    def on_save_checkpoint(self, step, reason):
+        self.calls.append(("save_checkpoint", step, reason))
+
+    @nnx_trainer.hookimpl
+    def on_exception(self, exception):
+        self.calls.append(("exception", type(exception).__name__))
+
+
+def make_trainer(tmp_path, recorder=None, **kwargs) -> nnx_trainer.Trainer:
+    kwargs.setdefault("batch_size", 16)
+    kwargs.setdefault("plugin_autoload", False)
+    plugins = [recorder] if recorder is not None else []
+    return nnx_trainer.Trainer(run_dir=tmp_path, plugins=plugins, **kwargs)
+
+
+def test_training_lowers_the_loss(tmp_path):
+    rec = Recorder()
+    make_trainer(tmp_path, rec, max_epochs=6, log_every_n_steps=4).fit(TinyTask())
+    train_losses = [m["train/loss"] for _, m in rec.logged if "train/loss" in m]
+    assert len(rec.losses) == 6 * 4
+    assert train_losses[-1] < 0.6 * train_losses[0]
+    val_acc = [m["val/accuracy"] for _, m in rec.logged if "val/accuracy" in m]
+    assert val_acc[-1] > 0.8
+
+
+def test_validation_metrics_equal_a_hand_computation_with_a_partial_last_batch(tmp_path):
+    task = TinyTask(n_val=21)  # 21 = 2 * 8 + 5: the last batch is padded with 3 masked rows
+    trainer = make_trainer(tmp_path, max_epochs=1, eval_batch_size=8)
+    trainer.fit(task)
+    metrics = trainer.validate(task)
+
+    model = trainer.model
+    model.eval()
+    examples = [task.val_data()[i] for i in range(21)]
+    x = np.stack([e["image"] for e in examples])
+    y = np.stack([e["label"] for e in examples])
+    logits = np.asarray(model(x))
+    losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+    assert metrics["val/loss"] == pytest.approx(losses.mean(), rel=1e-5)
+    assert metrics["val/accuracy"] == pytest.approx((logits.argmax(-1) == y).mean())
+
+
+def test_loss_trajectory_equals_a_hand_written_nnx_loop(tmp_path):
+    epochs, batch, seed = 3, 16, 7
+    rec = Recorder()
+    task = TinyTask(n_val=0)
+    make_trainer(tmp_path, rec, max_epochs=epochs, batch_size=batch, seed=seed).fit(task)
+
+    model = TinyModel(8, 3, rngs=nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def loss_fn(model):
+            logits = model(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    examples = make_examples(64, seed=0)
+    hand = []
+    for epoch in range(epochs):
+        order = examples.shuffle(seed=epoch_seed(seed, epoch))
+        for b in range(64 // batch):
+            items = [order[i] for i in range(b * batch, (b + 1) * batch)]
+            x = np.stack([e["image"] for e in items])
+            y = np.stack([e["label"] for e in items])
+            hand.append(float(step(model, optimizer, x, y)))
+    np.testing.assert_allclose(rec.losses, hand, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_fire_in_the_documented_order(tmp_path):
+    rec = Recorder()
+    make_trainer(tmp_path, rec, max_epochs=2, batch_size=32).fit(TinyTask())
+    assert rec.calls == [
+        ("log_hyperparams",),
+        ("fit_start", 0),
+        ("epoch_start", 0),
+        ("batch_start", 0), ("batch_end", 0), ("batch_start", 1), ("batch_end", 1),
+        ("epoch_end", 0),
+        ("validation_start", "validate"), ("validation_end", "validate"),
+        ("epoch_start", 1),
+        ("batch_start", 2), ("batch_end", 2), ("batch_start", 3), ("batch_end", 3),
+        ("epoch_end", 1),
+        ("validation_start", "validate"), ("validation_end", "validate"),
+        ("save_checkpoint", 4, "end"),
+        ("fit_end",),
+    ]
+
+
+def test_exception_hook_sees_the_error_and_it_propagates(tmp_path):
+    class Broken(TinyTask):
+        def training_step(self, model, batch):
+            raise RuntimeError("boom in the step")
+
+    rec = Recorder()
+    with pytest.raises(RuntimeError, match="boom in the step"):
+        make_trainer(tmp_path, rec).fit(Broken())
+    assert rec.calls[-1] == ("exception", "RuntimeError")
+
+
+def test_steps_compile_once_including_the_padded_last_eval_batch(tmp_path):
+    traces = {"train": 0, "val": 0}
+
+    class Counting(TinyTask):
+        def training_step(self, model, batch):
+            traces["train"] += 1  # runs at trace time only
+            return super().training_step(model, batch)
+
+        def validation_step(self, model, batch):
+            traces["val"] += 1
+            return super().validation_step(model, batch)
+
+    make_trainer(tmp_path, max_epochs=3, eval_batch_size=8, log_every_n_steps=1).fit(
+        Counting(n_val=21)
+    )
+    assert traces == {"train": 1, "val": 1}
+
+
+def test_max_steps_limit_batches_and_fast_dev_run(tmp_path):
+    rec = Recorder()
+    trainer = make_trainer(tmp_path, rec, max_steps=5)  # max_epochs unlimited when max_steps set
+    trainer.fit(TinyTask())
+    assert trainer.global_step == 5 and trainer.current_epoch == 1 and trainer.batch_in_epoch == 1
+
+    trainer = make_trainer(tmp_path, max_epochs=2, limit_train_batches=2)
+    trainer.fit(TinyTask())
+    assert trainer.global_step == 4
+
+    rec = Recorder()
+    make_trainer(tmp_path, rec, max_epochs=5, fast_dev_run=True).fit(TinyTask())
+    assert [c for c in rec.calls if c[0] == "batch_end"] == [("batch_end", 0)]
+
+
+def test_gradient_accumulation_updates_every_k_batches(tmp_path):
+    params_after = []
+
+    class Watch:
+        @nnx_trainer.hookimpl
+        def on_train_batch_end(self, trainer):
+            params_after.append(np.asarray(trainer.model.fc1.kernel[...]).copy())
+
+    trainer = nnx_trainer.Trainer(
+        run_dir=tmp_path, batch_size=16, max_steps=4, accumulate_grad_batches=2,
+        plugin_autoload=False, plugins=[Watch()],
+    )
+    initial = np.asarray(TinyModel(8, 3, rngs=nnx.Rngs(0)).fc1.kernel[...])
+    trainer.fit(TinyTask(n_val=0))
+    np.testing.assert_array_equal(params_after[0], initial)  # accumulating: no update yet
+    assert not np.array_equal(params_after[1], initial)  # update after the 2nd batch
+    np.testing.assert_array_equal(params_after[2], params_after[1])
+    assert not np.array_equal(params_after[3], params_after[2])
+
+
+def test_gradient_clipping_bounds_the_first_update(tmp_path):
+    class PlainSGD(TinyTask):
+        def configure_optimizer(self, total_steps):
+            return optax.sgd(1.0)
+
+    trainer = make_trainer(tmp_path, max_steps=1, gradient_clip_norm=1e-3)
+    trainer.fit(PlainSGD(n_val=0))
+    before = nnx.state(TinyModel(8, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    after = nnx.state(trainer.model, nnx.Param)
+    delta = jax.tree.map(lambda a, b: a - b, after, before)
+    assert float(optax.tree.norm(delta)) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_predict_returns_one_row_per_example_without_padding(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, eval_batch_size=8)
+    out = trainer.predict(TinyTask(n_val=21))
+    assert out.shape == (21, 3)
+
+
+def test_bf16_precision_keeps_float32_params(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=3, precision="bf16")
+    trainer.fit(TinyTask())
+    assert trainer.model.fc1.dtype == np.dtype("bfloat16")
+    for leaf in jax.tree.leaves(nnx.state(trainer.model, nnx.Param)):
+        assert leaf.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"precision": "fp8"}, "unknown precision 'fp8'; choose one of"),
+        ({"strategy": "tpu_pod"}, "unknown strategy 'tpu_pod'; choose one of"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"worker_count": -1}, "worker_count must be >= 0"),
+    ],
+)
+def test_bad_trainer_options_fail_with_the_fix(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, **kwargs)
+
+
+def test_batch_larger_than_the_dataset_fails_before_building(tmp_path):
+    built = []
+
+    class Watching(TinyTask):
+        def configure_model(self, rngs):
+            built.append(True)
+            return super().configure_model(rngs)
+
+    with pytest.raises(ValueError, match="batch size 128 is larger than the training set"):
+        make_trainer(tmp_path, batch_size=128).fit(Watching())
+    assert built == []
+
+
+def test_train_data_must_be_a_grain_map_dataset(tmp_path):
+    class ListData(TinyTask):
+        def train_data(self):
+            return [1, 2, 3]
+
+    with pytest.raises(TypeError, match="must return a grain.MapDataset"):
+        make_trainer(tmp_path).fit(ListData())
+
+
+def test_pipeline_slices_processes_into_the_same_global_batches():
+    from nnx_trainer.data import PipelineConfig, train_pipeline
+
+    examples = grain.MapDataset.source([{"x": np.int32(i)} for i in range(37)])
+    single = list(train_pipeline(examples, (), PipelineConfig(8), seed=3, epoch=1))
+    shards = [
+        list(train_pipeline(examples, (), PipelineConfig(8, p, 2), seed=3, epoch=1))
+        for p in range(2)
+    ]
+    assert len(single) == 4 and all(len(s) == 4 for s in shards)
+    for b, whole in enumerate(single):
+        joined = np.concatenate([shards[0][b]["x"], shards[1][b]["x"]])
+        assert sorted(joined.tolist()) == sorted(whole["x"].tolist())
+    epoch2 = list(train_pipeline(examples, (), PipelineConfig(8), seed=3, epoch=2))
+    assert not np.array_equal(epoch2[0]["x"], single[0]["x"])  # reshuffled per epoch

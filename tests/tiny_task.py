@@ -1,0 +1,69 @@
+"""A tiny, fast Task shared by the engine and plugin tests (also run in subprocesses)."""
+
+from __future__ import annotations
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import nnx_trainer
+
+
+def make_examples(n: int, seed: int = 0, dim: int = 8, classes: int = 3) -> grain.MapDataset:
+    """Linearly separable-ish vectors: class c has mean +3 on coordinate c."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n).astype(np.int32)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    x[np.arange(n), labels] += 3.0
+    return grain.MapDataset.source([{"image": x[i], "label": labels[i]} for i in range(n)])
+
+
+class TinyModel(nnx.Module):
+    """Linear -> BatchNorm -> relu -> Linear: has batch stats, so eval mode matters."""
+
+    def __init__(self, dim: int, classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> None:
+        self.fc1 = nnx.Linear(dim, 16, dtype=dtype, rngs=rngs)
+        self.bn = nnx.BatchNorm(16, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(16, classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.relu(self.bn(self.fc1(x)))).astype(jnp.float32)
+
+
+class TinyTask(nnx_trainer.Task):
+    """Three-class classification of 8-d vectors."""
+
+    def __init__(self, n_train: int = 64, n_val: int = 20, lr: float = 0.1, dim: int = 8) -> None:
+        self.n_train, self.n_val, self.lr, self.dim = n_train, n_val, lr, dim
+
+    def configure_model(self, rngs):
+        return TinyModel(self.dim, 3, rngs=rngs, dtype=self.compute_dtype)
+
+    def configure_optimizer(self, total_steps):
+        return optax.sgd(self.lr, momentum=0.9)
+
+    def configure_metrics(self):
+        return nnx.MultiMetric(
+            loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy()
+        )
+
+    def train_data(self):
+        return make_examples(self.n_train, seed=0, dim=self.dim)
+
+    def val_data(self):
+        return make_examples(self.n_val, seed=1, dim=self.dim) if self.n_val else None
+
+    def training_step(self, model, batch):
+        logits = model(batch["image"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, {}
+
+    def validation_step(self, model, batch):
+        logits = model(batch["image"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return {"loss": loss, "logits": logits, "labels": batch["label"]}
+
+    def hparams(self):
+        return {"lr": self.lr, "n_train": self.n_train}
