@@ -202,3 +202,16 @@ class DevicePrefetcher:
     def refill(self) -> None:
         """Read and place batches until ``size`` are queued; call right after dispatching a step."""
         self._fill()
+
+    def close(self) -> None:
+        """Stop the host pipeline (worker processes, threads) now, not at garbage collection."""
+        self._queue.clear()
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> DevicePrefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

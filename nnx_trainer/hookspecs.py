@@ -183,7 +183,7 @@ def on_predict_end(trainer: Trainer, outputs: Any) -> None:
 
 @hookspec
 def on_exception(trainer: Trainer, exception: BaseException) -> None:
-    """Called when a run stops with an exception (including KeyboardInterrupt); it is re-raised after.
+    """Called when a run stops with an exception (KeyboardInterrupt too); it is re-raised after.
 
     :param trainer: the running trainer.
     :param exception: the exception that stopped the run.

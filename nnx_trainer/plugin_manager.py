@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        pm = create_plugin_manager(disable=args.disable, autoload=False if args.no_autoload else None)
+        autoload = False if args.no_autoload else None
+        pm = create_plugin_manager(disable=args.disable, autoload=autoload)
     except (PluginError, pluggy.PluginValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

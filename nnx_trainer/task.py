@@ -43,7 +43,7 @@ class Task:
         )
 
     def configure_train_metrics(self) -> nnx.MultiMetric:
-        """Metrics accumulated on device during training, updated with ``loss=`` and the aux dict."""
+        """Metrics accumulated on device in training, updated with ``loss=`` and the aux dict."""
         return nnx.MultiMetric(loss=nnx.metrics.Average("loss"))
 
     def configure_metrics(self) -> nnx.MultiMetric:

@@ -23,7 +23,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,7 @@ class Trainer:
 
         # Run state, visible to plugins.
         self.task: Task | None = None
-        self.global_step = 0
+        self.global_step = 0  # steps completed (one batch each)
         self.current_epoch = 0
         self.batch_in_epoch = 0
         self.steps_per_epoch = 0
@@ -198,8 +198,19 @@ class Trainer:
 
     @property
     def state(self) -> Any:
-        """The training state pytree ``(model, optimizer)`` as an ``nnx.State`` of device arrays."""
+        """The training state ``(model, optimizer)``: an ``nnx.State`` of device arrays.
+
+        ``state[0]`` is the model's state. The arrays are donated to the next train
+        step: copy what must outlive it. Assigning a new state (same structure,
+        shapes and dtypes, e.g. swapped-in averaged weights) is allowed between steps.
+        """
         return self._state
+
+    @state.setter
+    def state(self, new_state: Any) -> None:
+        if jax.tree.structure(new_state) != jax.tree.structure(self._state):
+            raise ValueError("the new state must have the same structure as trainer.state")
+        self._state = self.strategy.place_state(new_state)
 
     def _sync_live(self) -> None:
         if self._live is None:
@@ -432,30 +443,11 @@ class Trainer:
             )
             if self.batch_in_epoch and self._data_state is not None:
                 iterator.set_state(self._data_state)
-            prefetcher = data_lib.DevicePrefetcher(
+            with data_lib.DevicePrefetcher(
                 iterator, self.strategy.shard_batch, size=self.prefetch,
                 limit=self.steps_per_epoch - self.batch_in_epoch,
-            )
-            for batch, data_state in prefetcher:
-                step = self.global_step
-                self.hook.on_train_batch_start(trainer=self, step=step, batch=batch)
-                t0 = time.perf_counter()
-                self._state, self._train_metrics_state, loss = train_step(
-                    self._state, self._train_metrics_state, batch
-                )
-                if "train" not in self.compile_seconds:  # the first call traces and compiles
-                    self.compile_seconds["train"] = time.perf_counter() - t0
-                prefetcher.refill()
-                self.global_step += 1
-                self.batch_in_epoch += 1
-                self._data_state = data_state
-                self.hook.on_train_batch_end(trainer=self, step=step, loss=loss)
-                if self.global_step % self.log_every_n_steps == 0:
-                    self._log_train_metrics()
-                if self.val_check_interval and self.global_step % self.val_check_interval == 0:
-                    self._run_eval("validate", in_fit=True)
-                if self._done():
-                    break
+            ) as prefetcher:
+                self._train_epoch(prefetcher, train_step)
             self.data_wait_seconds += prefetcher.wait_seconds
             if self.batch_in_epoch < self.steps_per_epoch:
                 # Stopped inside the epoch (max_steps, should_stop, preemption): the
@@ -473,6 +465,29 @@ class Trainer:
                 self._run_eval("validate", in_fit=True)
         if self.global_step % self.log_every_n_steps and not self.preempted:
             self._log_train_metrics()
+
+    def _train_epoch(self, prefetcher: data_lib.DevicePrefetcher, train_step) -> None:
+        """Steps over one epoch's batches until the epoch ends or a stop is asked for."""
+        for batch, data_state in prefetcher:
+            step = self.global_step
+            self.hook.on_train_batch_start(trainer=self, step=step, batch=batch)
+            t0 = time.perf_counter()
+            self._state, self._train_metrics_state, loss = train_step(
+                self._state, self._train_metrics_state, batch
+            )
+            if "train" not in self.compile_seconds:  # the first call traces and compiles
+                self.compile_seconds["train"] = time.perf_counter() - t0
+            prefetcher.refill()
+            self.global_step += 1
+            self.batch_in_epoch += 1
+            self._data_state = data_state
+            self.hook.on_train_batch_end(trainer=self, step=step, loss=loss)
+            if self.global_step % self.log_every_n_steps == 0:
+                self._log_train_metrics()
+            if self.val_check_interval and self.global_step % self.val_check_interval == 0:
+                self._run_eval("validate", in_fit=True)
+            if self._done():
+                break
 
     def _done(self) -> bool:
         if self.preempted or self.should_stop:
@@ -529,13 +544,13 @@ class Trainer:
         # Fresh metric state each evaluation: the eval step donates (consumes) it.
         metrics_state = self.strategy.place_state(nnx.state(self.task.configure_metrics()))
         self.hook.on_validation_start(trainer=self, stage=stage)
-        prefetcher = data_lib.DevicePrefetcher(
+        with data_lib.DevicePrefetcher(
             iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
-        )
-        for index, (batch, _) in enumerate(prefetcher):
-            metrics_state = eval_step(self._state, metrics_state, batch)
-            prefetcher.refill()
-            self.hook.on_validation_batch_end(trainer=self, stage=stage, batch_index=index)
+        ) as prefetcher:
+            for index, (batch, _) in enumerate(prefetcher):
+                metrics_state = eval_step(self._state, metrics_state, batch)
+                prefetcher.refill()
+                self.hook.on_validation_batch_end(trainer=self, stage=stage, batch_index=index)
         prefix = "val" if stage == "validate" else "test"
         values = self._compiled("compute_eval_metrics")(metrics_state)
         results = {f"{prefix}/{k}": v for k, v in values.items()}
@@ -545,7 +560,7 @@ class Trainer:
         return results
 
     def predict(self, task: Task, ckpt_path: str | None = None) -> Any:
-        """Run ``task.predict_step`` over ``task.predict_data()``; host arrays, one row per example."""
+        """Run ``task.predict_step`` on ``task.predict_data()``; host arrays, a row per example."""
         try:
             self._ensure_built(task, ckpt_path)
             examples = task.predict_data()
@@ -560,13 +575,13 @@ class Trainer:
             predict_step = self._compiled("predict")
             self.hook.on_predict_start(trainer=self)
             chunks, masks = [], []
-            prefetcher = data_lib.DevicePrefetcher(
+            with data_lib.DevicePrefetcher(
                 iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
-            )
-            for batch, _ in prefetcher:
-                chunks.append(predict_step(self._state, batch))
-                masks.append(batch[data_lib.MASK_KEY])
-                prefetcher.refill()
+            ) as prefetcher:
+                for batch, _ in prefetcher:
+                    chunks.append(predict_step(self._state, batch))
+                    masks.append(batch[data_lib.MASK_KEY])
+                    prefetcher.refill()
             mask = np.concatenate([np.asarray(jax.device_get(m)) for m in masks])
             outputs = jax.tree.map(
                 lambda *xs: np.concatenate([np.asarray(jax.device_get(x)) for x in xs])[mask],

@@ -170,7 +170,7 @@ class RichProgress:
             )
             self.progress.refresh()  # the finished bar is drawn at least once
             self.progress.remove_task(self._train_task)
-            self.progress.refresh()  # before printing, or the printed line re-draws the bar
+            self.progress.refresh()  # else printing the line re-draws the removed bar
             self._train_task = None
         self._print(
             f"epoch {epoch + 1}/{self._epochs_total(trainer)}  "
@@ -192,14 +192,12 @@ class RichProgress:
         rate = steps / seconds if seconds > 0 else 0.0
         wait_share = trainer.data_wait_seconds / seconds if seconds > 0 else 0.0
         compile_s = ", ".join(f"{k} {v:.2f} s" for k, v in trainer.compile_seconds.items())
-        step_text = str(trainer.global_step)
-        if self._fit_start_step:
-            step_text += f" ({steps} this run)"
+        resumed = f" ({steps} this run)" if self._fit_start_step else ""
         epochs = str(trainer.current_epoch)
         if trainer.batch_in_epoch:  # stopped inside an epoch (max_steps, should_stop)
             epochs += f" + {trainer.batch_in_epoch}/{trainer.steps_per_epoch} batches"
         rows = [
-            ("steps", step_text),
+            ("steps", f"{trainer.global_step}{resumed}"),
             ("epochs", epochs),
             ("wall time", f"{seconds:.1f} s"),
             ("steps/s", f"{rate:.2f}"),
@@ -300,6 +298,7 @@ class RichProgress:
         """Print the evaluation's metrics: a table on a terminal, one line otherwise."""
         if self._val_task is not None:
             self.progress.remove_task(self._val_task)
+            self.progress.refresh()  # else printing the table re-draws the removed bar
             self._val_task = None
         if not trainer.is_main_process:
             return

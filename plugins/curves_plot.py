@@ -1,0 +1,7 @@
+"""Placeholder: being written."""
+
+
+class CurvesPlot:
+    """Not implemented yet."""
+
+    name = "curves_plot"

@@ -1,0 +1,7 @@
+"""Placeholder: being written."""
+
+
+class EarlyStopping:
+    """Not implemented yet."""
+
+    name = "early_stopping"

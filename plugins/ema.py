@@ -1,0 +1,7 @@
+"""Placeholder: being written."""
+
+
+class EMA:
+    """Not implemented yet."""
+
+    name = "ema"

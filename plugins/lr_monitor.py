@@ -1,0 +1,7 @@
+"""Placeholder: being written."""
+
+
+class LearningRateMonitor:
+    """Not implemented yet."""
+
+    name = "lr_monitor"

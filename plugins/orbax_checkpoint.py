@@ -1,0 +1,7 @@
+"""Placeholder: being written."""
+
+
+class OrbaxCheckpoint:
+    """Not implemented yet."""
+
+    name = "checkpoint"

@@ -1,0 +1,169 @@
+"""Sharding strategies over ``jax.sharding`` meshes: data parallel and FSDP, one or many processes.
+
+Chosen by name through the ``select_strategy`` hook (``Trainer(strategy="fsdp")``,
+``--strategy fsdp`` in the example). Both strategies build a one-axis mesh named
+``"data"`` over every device of every process; XLA inserts the collectives.
+
+Multi-process runs call :func:`initialize_distributed` (done by the strategies
+themselves) which wraps ``jax.distributed.initialize``: it reads the usual
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables
+(or cluster auto-detection on SLURM/TPU/MPI) and must run before JAX touches a device.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nnx_trainer import Strategy, hookimpl
+
+DATA_AXIS = "data"
+_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Join a multi-process run if one is configured; return True when running distributed.
+
+    Arguments override the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID`` environment variables. With neither, nothing happens (one process).
+    On CPU the collectives go through gloo, the implementation that works across processes.
+    """
+    from jax._src import distributed  # the public API has no "already initialised?" query
+
+    if distributed.global_state.client is not None:
+        return True
+    env = {k: os.environ.get(k) for k in _DISTRIBUTED_ENV}
+    address = coordinator_address or env["JAX_COORDINATOR_ADDRESS"]
+    if address is None:
+        return False
+    count = num_processes if num_processes is not None else env["JAX_NUM_PROCESSES"]
+    index = process_id if process_id is not None else env["JAX_PROCESS_ID"]
+    if count is None or index is None:
+        raise ValueError(
+            "a coordinator address is set but not the process count and id; set "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID (or pass num_processes/process_id)"
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(address, num_processes=int(count), process_id=int(index))
+    return True
+
+
+class MeshStrategy(Strategy):
+    """A one-axis ``"data"`` mesh over ``num_devices`` devices (default: all of them)."""
+
+    def __init__(self, num_devices: int | None = None) -> None:
+        initialize_distributed()
+        available = jax.devices()
+        if num_devices is None:
+            num_devices = len(available)
+        if num_devices < 1 or num_devices > len(available):
+            raise ValueError(
+                f"{self.name} asked for {num_devices} devices but {len(available)} are "
+                f"available; use num_devices <= {len(available)} (on CPU, "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N devices)"
+            )
+        if num_devices % jax.process_count():
+            raise ValueError(
+                f"{num_devices} devices cannot be split evenly over {jax.process_count()} "
+                "processes; use a multiple of the process count"
+            )
+        per_process = num_devices // jax.process_count()
+        # Devices ordered process by process, so each process's rows of a global batch
+        # land on its own devices (make_array_from_process_local_data relies on it).
+        devices = [
+            d for p in range(jax.process_count())
+            for d in [d for d in available if d.process_index == p][:per_process]
+        ]
+        self.mesh = Mesh(np.array(devices), (DATA_AXIS,))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._batch = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+
+    @property
+    def num_devices(self) -> int:  # noqa: D102 - see base class
+        return self.mesh.size
+
+    def setup(self, global_batch_size: int) -> None:
+        """Check the global batch splits evenly over the devices."""
+        super().setup(global_batch_size)
+        if global_batch_size % self.mesh.size:
+            raise ValueError(
+                f"batch size {global_batch_size} is not divisible by the {self.mesh.size} "
+                f"devices of the {self.name} mesh; use a multiple of {self.mesh.size} "
+                f"(e.g. {self.mesh.size * max(1, round(global_batch_size / self.mesh.size))})"
+            )
+
+    def batch_sharding(self) -> NamedSharding:
+        """Examples split along the ``data`` axis."""
+        return self._batch
+
+
+class DataParallel(MeshStrategy):
+    """Batch sharded over all devices; parameters and optimizer state replicated."""
+
+    name = "data_parallel"
+
+    def state_shardings(self, abstract_state: Any) -> Any:
+        """Every state leaf replicated on every device."""
+        return jax.tree.map(lambda _: self._replicated, abstract_state)
+
+
+class FullyShardedDataParallel(MeshStrategy):
+    """Batch sharded; each parameter and optimizer leaf sharded along its largest divisible axis.
+
+    Leaves smaller than ``min_shard_size`` elements (biases, norms, scalars) stay
+    replicated: sharding them costs more in collectives than it saves in memory.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, num_devices: int | None = None, min_shard_size: int = 2**10) -> None:
+        super().__init__(num_devices)
+        if min_shard_size < 1:
+            raise ValueError(f"min_shard_size must be >= 1, got {min_shard_size}")
+        self.min_shard_size = min_shard_size
+
+    def leaf_spec(self, shape: tuple[int, ...]) -> PartitionSpec:
+        """The partition of one array: its largest axis divisible by the mesh size."""
+        if int(np.prod(shape, dtype=np.int64)) < self.min_shard_size:
+            return PartitionSpec()
+        candidates = [i for i, n in enumerate(shape) if n % self.mesh.size == 0]
+        if not candidates:
+            return PartitionSpec()
+        axis = max(candidates, key=lambda i: shape[i])
+        spec: list[str | None] = [None] * len(shape)
+        spec[axis] = DATA_AXIS
+        return PartitionSpec(*spec)
+
+    def state_shardings(self, abstract_state: Any) -> Any:
+        """Large leaves sharded, small ones replicated."""
+        return jax.tree.map(
+            lambda x: NamedSharding(self.mesh, self.leaf_spec(tuple(np.shape(x)))), abstract_state
+        )
+
+
+STRATEGIES: Mapping[str, type[Strategy]] = {
+    DataParallel.name: DataParallel,
+    FullyShardedDataParallel.name: FullyShardedDataParallel,
+}
+
+
+@hookimpl
+def strategy_names() -> list[str]:
+    """The strategies this plugin provides."""
+    return sorted(STRATEGIES)
+
+
+@hookimpl
+def select_strategy(name: str) -> Strategy | None:
+    """Build the named strategy over all devices, or None for names it does not know."""
+    cls = STRATEGIES.get(name)
+    return cls() if cls is not None else None

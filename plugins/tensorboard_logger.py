@@ -1,0 +1,7 @@
+"""Placeholder: being written."""
+
+
+class TensorBoardLogger:
+    """Not implemented yet."""
+
+    name = "tensorboard"

@@ -1,0 +1,7 @@
+"""Placeholder: being written."""
+
+
+class Timer:
+    """Not implemented yet."""
+
+    name = "timer"

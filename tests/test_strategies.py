@@ -1,0 +1,123 @@
+"""Sharding strategies on 8 simulated CPU devices and across 2 real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nnx_trainer
+from plugins.strategies import DataParallel
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def _env(devices: int | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.pop("XLA_FLAGS", None)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "sharding_run.py")], env=_env(8),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):])
+
+
+def _flat(params) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(p, dtype=np.float64)) for p in params])
+
+
+@pytest.mark.parametrize("name", ["data_parallel", "fsdp"])
+def test_sharded_training_equals_one_device(report, name):
+    assert report["devices"] == 8
+    single, sharded = report["single_device"], report[name]
+    assert len(sharded["losses"]) == 12
+    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_flat(sharded["params"]), _flat(single["params"]), atol=1e-5)
+    assert sharded["batch_spec"] == "P('data',)"
+
+
+def test_data_parallel_replicates_and_fsdp_shards_the_parameters(report):
+    assert report["data_parallel"]["kernel_shard_shapes"] == [[64, 16]] * 8
+    # fc1's 64x16 kernel split along its largest axis: each device holds 1/8.
+    assert report["fsdp"]["kernel_shard_shapes"] == [[8, 16]] * 8
+
+
+def test_fsdp_picks_the_largest_divisible_axis_and_replicates_small_leaves(report):
+    assert report["fsdp_specs"] == {
+        "(3, 3, 64, 128)": "P(None, None, None, 'data')",
+        "(100,)": "P()",  # below the size threshold
+        "(4096,)": "P('data',)",
+        "(1000, 24)": "P('data', None)",
+        "(7, 9, 33)": "P()",  # no axis divisible by 8
+    }
+
+
+def test_bf16_trains_comparably_with_float32_parameters(report):
+    bf16, fp32 = report["data_parallel_bf16"], report["single_device"]
+    assert bf16["param_dtypes"] == ["float32"]
+    np.testing.assert_allclose(bf16["losses"], fp32["losses"], rtol=0.02, atol=0.02)
+    assert bf16["val_accuracy"] >= fp32["val_accuracy"] - 0.1
+
+
+def test_bad_configurations_fail_before_compiling_with_the_fix(report):
+    errors = report["errors"]
+    assert "batch size 12 is not divisible by the 8 devices" in errors["indivisible_batch"]
+    assert "use a multiple of 8" in errors["indivisible_batch"]
+    assert "asked for 16 devices but 8 are available" in errors["too_many_devices"]
+    assert "unknown strategy 'ddp'; choose one of: data_parallel, fsdp" in errors["unknown"]
+
+
+def test_too_many_devices_in_this_process():
+    with pytest.raises(ValueError, match="asked for 64 devices"):
+        DataParallel(num_devices=64)
+
+
+def test_strategy_names_are_offered_through_the_plugin(tmp_path):
+    trainer = nnx_trainer.Trainer(
+        strategy="data_parallel", plugin_autoload=False, run_dir=tmp_path
+    )  # "strategies" is essential: loaded even with autoload off
+    assert trainer.strategy.name == "data_parallel"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(report, tmp_path):
+    port = _free_port()
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "multiprocess_run.py"), str(port), "2", str(i),
+             str(outs[i])],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    results = [json.loads(o.read_text()) for o in outs]
+    for r in results:
+        assert r["process_count"] == 2 and r["devices"] == 2
+        # The same global batches as one process: the first 8 single-device steps.
+        np.testing.assert_allclose(
+            r["losses"], report["single_device"]["losses"][:8], rtol=1e-5, atol=1e-6
+        )
+    assert results[0]["val_accuracy"] == results[1]["val_accuracy"]

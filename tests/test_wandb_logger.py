@@ -1,0 +1,351 @@
+"""WandbLogger: activation rules, no prompt, and what an offline run actually recorded.
+
+W&B runs offline here (no network, no account). An offline run writes everything
+into ``offline-run-*/run-<id>.wandb`` (wandb 0.31 writes no config.yaml or
+wandb-summary.json offline), a LevelDB-style log of ``wandb_internal_pb2.Record``
+protobufs; ``_records`` below reads it back so the tests assert what W&B stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from tiny_task import TinyTask
+
+import nnx_trainer
+from plugins.jsonl_logger import JsonlLogger
+from plugins.wandb_logger import RUN_ID_FILE, STEP_METRIC, WandbLogger
+
+REPO = Path(__file__).resolve().parents[1]
+_WANDB_VARS = [k for k in os.environ if k.startswith("WANDB_")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_wandb(tmp_path_factory):
+    """Offline, silent, no git/code/stats capture, every wandb path inside tmp."""
+    root = tmp_path_factory.mktemp("wandb_env")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in _WANDB_VARS:
+            mp.delenv(key, raising=False)
+        env = {
+            "WANDB_MODE": "offline", "WANDB_DIR": root / "root", "WANDB_SILENT": "true",
+            "WANDB_DISABLE_GIT": "true", "WANDB_DISABLE_CODE": "true", "WANDB_CONSOLE": "off",
+            "WANDB_ERROR_REPORTING": "false", "WANDB__DISABLE_STATS": "true",
+            "WANDB__DISABLE_META": "true", "WANDB_CONFIG_DIR": root / "config",
+            "WANDB_CACHE_DIR": root / "cache", "WANDB_DATA_DIR": root / "data",
+            "WANDB_ARTIFACT_DIR": root / "artifacts", "NETRC": root / "no-netrc",
+        }
+        for key, value in env.items():
+            mp.setenv(key, str(value))
+        (root / "root").mkdir()
+        yield root / "root"
+        if "wandb" in sys.modules:  # forget settings read from this env
+            sys.modules["wandb"].teardown()
+
+
+# ---------------------------------------------------------------- read-back
+
+
+def _records(path: Path) -> list:
+    """Every Record in a ``.wandb`` file: 7-byte header, then 32 KiB blocks of chunks
+    (crc32 of type+data, uint16 length, uint8 type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<HB", data[4:7]) == (0xBEE1, 0)
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room left for a header: padding
+            pos += block - pos % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        assert zlib.crc32(bytes([kind]) + chunk) == crc, f"bad checksum at {pos}"
+        pending += chunk
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _offline_runs(wandb_dir: Path, run_id: str) -> list[Path]:
+    """The ``.wandb`` files of every offline session of run ``run_id``, oldest first.
+
+    Sessions are ``offline-run-<time>-<id>``; one started within the same second as
+    the previous one gets a ``-1``, ``-2``... suffix.
+    """
+
+    def order(path: Path) -> tuple[str, int]:
+        stamp, _, suffix = path.parent.name.removeprefix("offline-run-").partition(run_id)
+        return stamp, int(suffix.lstrip("-") or 0)
+
+    paths = Path(wandb_dir).glob(f"wandb/offline-run-*-{run_id}*/run-{run_id}.wandb")
+    return sorted(paths, key=order)
+
+
+def _parse(path: Path) -> SimpleNamespace:
+    records = _records(path)
+    kinds = [r.WhichOneof("record_type") for r in records]
+    (run,) = [r.run for r in records if r.HasField("run")]
+    rows = [
+        {i.nested_key[0] if i.nested_key else i.key: json.loads(i.value_json)
+         for i in r.history.item}
+        for r in records if r.HasField("history")
+    ]
+    summary: dict = {}
+    for r in records:
+        if r.HasField("summary"):
+            for u in r.summary.update:
+                if len(u.nested_key) <= 1:
+                    summary[u.nested_key[0] if u.nested_key else u.key] = json.loads(u.value_json)
+    exits = [r.exit for r in records if r.HasField("exit")]
+    metrics = [r.metric for r in records if r.HasField("metric")]
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    return SimpleNamespace(kinds=kinds, run=run, config=config, rows=rows, summary=summary,
+                           exits=exits, metrics=metrics)
+
+
+# ------------------------------------------------------------- full runs
+
+
+class _Raise:
+    """Raises after a given step (a stand-in for a crash mid-training)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, step: int) -> None:
+        if step + 1 == self.at:
+            raise RuntimeError("boom")
+
+
+class _Preempt:
+    """Asks for a preemption stop after a given step, as the SIGTERM handler would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer, step: int) -> None:
+        if step + 1 == self.at:
+            trainer.preempted, trainer.stop_reason = True, "SIGTERM"
+
+
+def _trainer(run_dir, *plugins, **options) -> nnx_trainer.Trainer:
+    options = {"max_epochs": 2, "batch_size": 8, "log_every_n_steps": 3, **options}
+    return nnx_trainer.Trainer(
+        plugin_autoload=False, plugins=list(plugins), run_dir=run_dir, **options
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(offline_wandb, tmp_path_factory):
+    """A 2-epoch fit, a standalone validate, then a second fit in the same run dir."""
+    run_dir = tmp_path_factory.mktemp("wandb_run") / "exp-1"
+    task = TinyTask()
+    trainer = _trainer(run_dir, WandbLogger(project="nnx-tests", tags=["tiny"]), JsonlLogger())
+    trainer.fit(task)  # 8 steps per epoch, val after each epoch
+    validated = trainer.validate(task)
+    first_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    _trainer(run_dir, WandbLogger(project="nnx-tests"), max_epochs=1).fit(TinyTask())
+    files = _offline_runs(offline_wandb, first_id)
+    jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return SimpleNamespace(run_dir=run_dir, run_id=first_id, files=files, jsonl=jsonl,
+                           validated=validated, sessions=[_parse(f) for f in files])
+
+
+def test_config_and_run_identity(runs):
+    fit = runs.sessions[0]
+    assert fit.run.project == "nnx-tests" and list(fit.run.tags) == ["tiny"]
+    assert fit.run.display_name == "exp-1"  # default name: the run directory's
+    assert fit.config["trainer"]["batch_size"] == 8
+    assert fit.config["trainer"]["max_epochs"] == 2
+    assert fit.config["trainer"]["total_steps"] == 16
+    assert fit.config["task"] == {"lr": 0.1, "n_train": 64}
+
+
+def test_metrics_rows_match_the_logged_values_and_steps(runs):
+    rows = runs.sessions[0].rows
+    train = [r for r in rows if "train/loss" in r]
+    val = [r for r in rows if "val/loss" in r]
+    assert [r[STEP_METRIC] for r in train] == [3, 6, 9, 12, 15, 16]
+    assert [r[STEP_METRIC] for r in val] == [8, 16]
+    # Same numbers as the JSONL logger saw in the same fit (first 8 lines: the fit).
+    expected = [{k: v for k, v in line.items() if k not in ("step", "time")}
+                for line in runs.jsonl[:8]]
+    got = [{k: v for k, v in r.items() if not k.startswith("_") and k != STEP_METRIC}
+           for r in rows]
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert g.keys() == e.keys()
+        assert all(math.isclose(g[k], e[k], rel_tol=1e-6) for k in g)
+
+
+def test_every_metric_is_plotted_against_the_global_step(runs):
+    defined = {(m.glob_name or m.name): m.step_metric for m in runs.sessions[0].metrics}
+    assert defined == {STEP_METRIC: "", "*": STEP_METRIC}
+
+
+def test_final_summary_and_clean_finish(runs):
+    fit = runs.sessions[0]
+    last_val = [r for r in fit.rows if "val/loss" in r][-1]
+    assert fit.summary["status"] == "finished"
+    assert fit.summary[STEP_METRIC] == 16 and fit.summary["total_steps"] == 16
+    assert fit.summary["fit_seconds"] > 0
+    assert math.isclose(fit.summary["val/loss"], last_val["val/loss"], rel_tol=1e-6)
+    assert math.isclose(fit.summary["val/accuracy"], last_val["val/accuracy"], rel_tol=1e-6)
+    assert [e.exit_code for e in fit.exits] == [0]
+
+
+def test_standalone_validate_reopens_the_run(runs):
+    validate = runs.sessions[1]
+    assert validate.run.run_id == runs.run_id
+    (row,) = validate.rows
+    assert row[STEP_METRIC] == 16
+    assert math.isclose(row["val/loss"], runs.validated["val/loss"], rel_tol=1e-6)
+    assert [e.exit_code for e in validate.exits] == [0]
+
+
+def test_second_fit_in_the_run_dir_resumes_the_same_run(runs):
+    assert len(runs.files) == 3  # fit, validate, second fit: one W&B run id
+    second = runs.sessions[2]
+    assert second.run.run_id == runs.run_id
+    assert [r[STEP_METRIC] for r in second.rows if "train/loss" in r] == [3, 6, 8]
+    assert (runs.run_dir / RUN_ID_FILE).read_text().strip() == runs.run_id
+
+
+def test_exception_finishes_the_run_with_exit_code_1(tmp_path):
+    wandb_dir = tmp_path / "explicit"
+    trainer = _trainer(tmp_path / "run", WandbLogger(dir=wandb_dir), _Raise(at=4))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(TinyTask())
+    run_id = (tmp_path / "run" / RUN_ID_FILE).read_text().strip()
+    (path,) = _offline_runs(wandb_dir, run_id)  # dir= wins over WANDB_DIR
+    failed = _parse(path)
+    assert [r[STEP_METRIC] for r in failed.rows] == [3]
+    assert failed.summary["status"] == "failed"
+    assert [e.exit_code for e in failed.exits] == [1]
+
+
+def test_preemption_marks_and_finishes_the_run(tmp_path):
+    logger = WandbLogger(dir=tmp_path)
+    _trainer(tmp_path / "run", logger, _Preempt(at=5)).fit(TinyTask())
+    assert logger.run is None
+    run_id = (tmp_path / "run" / RUN_ID_FILE).read_text().strip()
+    (path,) = _offline_runs(tmp_path, run_id)
+    preempted = _parse(path)
+    assert "preempting" in preempted.kinds
+    assert preempted.summary["status"] == "preempted"
+    assert preempted.summary["stop_reason"] == "SIGTERM"
+    assert preempted.summary[STEP_METRIC] == 5
+    assert [e.exit_code for e in preempted.exits] == [1]
+
+
+# ------------------------------------------------------------ activation
+
+
+@pytest.mark.parametrize(
+    ("env", "options", "active"),
+    [
+        ({}, {}, False),
+        ({"WANDB_MODE": "offline"}, {}, True),
+        ({"WANDB_MODE": "online"}, {}, True),
+        ({"WANDB_API_KEY": "k" * 40}, {}, True),
+        ({"WANDB_PROJECT": "p"}, {}, True),
+        ({"WANDB_MODE": "disabled", "WANDB_PROJECT": "p"}, {}, False),
+        ({"WANDB_MODE": "disabled"}, {"enabled": True}, False),
+        ({"WANDB_MODE": "disabled"}, {"mode": "offline"}, True),
+        ({}, {"enabled": True}, True),
+        ({"WANDB_MODE": "offline"}, {"enabled": False}, False),
+        ({}, {"project": "p"}, True),
+        ({}, {"mode": "offline"}, True),
+        ({}, {"mode": "disabled", "enabled": True}, False),
+    ],
+)
+def test_activation_rules(monkeypatch, env, options, active):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert WandbLogger(**options).is_active() is active
+
+
+def test_bad_mode_is_rejected():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        WandbLogger(mode="dryrun")
+
+
+def test_non_main_process_does_nothing(tmp_path):
+    stub = SimpleNamespace(run_dir=tmp_path / "run", is_main_process=False)
+    logger = WandbLogger(enabled=True)
+    logger.log_hyperparams(trainer=stub, params={"a": 1})
+    logger.on_fit_start(trainer=stub)
+    logger.log_metrics(trainer=stub, metrics={"train/loss": 1.0}, step=1)
+    assert logger.run is None and not (tmp_path / "run").exists()
+
+
+def _run_script(script: str, env: dict[str, str], timeout: float = 120):
+    """Run ``script`` in a fresh interpreter with a WANDB-free env plus ``env``; stdin closed."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    base["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO)])
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env={**base, **env}, cwd=REPO,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_default_instance_without_wandb_env_never_imports_wandb(tmp_path):
+    run_dir = tmp_path / "run"
+    done = _run_script(
+        f"""
+        import sys
+        import nnx_trainer
+        from tiny_task import TinyTask
+        trainer = nnx_trainer.Trainer(max_steps=2, batch_size=8, log_every_n_steps=1,
+            plugin_autoload=False, plugins=["wandb"], run_dir={str(run_dir)!r})
+        assert type(trainer.plugin_manager.get_plugin("wandb")).__name__ == "WandbLogger"
+        trainer.fit(TinyTask())
+        print("wandb imported:", "wandb" in sys.modules)
+        """,
+        env={"HOME": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "wandb imported: False" in done.stdout
+    assert not run_dir.exists() or not any(run_dir.iterdir())  # wrote nothing
+
+
+def test_online_without_credentials_fails_at_fit_start_without_prompting(tmp_path):
+    run_dir = tmp_path / "run"
+    done = _run_script(
+        f"""
+        import nnx_trainer
+        from tiny_task import TinyTask
+        from plugins.wandb_logger import WandbLogger
+        trainer = nnx_trainer.Trainer(max_steps=2, batch_size=8, plugin_autoload=False,
+            plugins=[WandbLogger()], run_dir={str(run_dir)!r})
+        trainer.fit(TinyTask())
+        """,
+        # WANDB_PROJECT activates the plugin; mode stays online; no key anywhere.
+        env={"WANDB_PROJECT": "p", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
+             "WANDB_CONFIG_DIR": str(tmp_path / "cfg"), "WANDB_CACHE_DIR": str(tmp_path),
+             "WANDB_ERROR_REPORTING": "false"},
+        timeout=90,
+    )
+    assert done.returncode != 0
+    assert "RuntimeError" in done.stderr and "WANDB_MODE=offline" in done.stderr
+    assert "wandb login" in done.stderr
+    assert not (run_dir / RUN_ID_FILE).exists() and not (run_dir / "wandb").exists()
