@@ -58,24 +58,14 @@ class Events:
         self.exceptions.append(exception)
 
 
-def fit(tmp_path, task, guard, events=None, **kwargs):
-    kwargs.setdefault("batch_size", 16)
-    plugins = [guard] + ([events] if events is not None else [])
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, plugin_autoload=False, plugins=plugins, **kwargs
-    )
-    return trainer, trainer.fit(task)
-
-
 def test_stops_within_the_cadence_and_names_the_first_bad_step(tmp_path):
     events = Events()
-    trainer = None
+    trainer = nnx_trainer.Trainer(
+        run_dir=tmp_path, batch_size=16, max_epochs=5, plugin_autoload=False,
+        plugins=[NonFiniteGuard(check_every_n_steps=10), events],
+    )
     with pytest.raises(NonFiniteLossError) as info:
         # 256 examples / 16 = 16 steps per epoch: no epoch end before step 30.
-        trainer = nnx_trainer.Trainer(
-            run_dir=tmp_path, batch_size=16, max_epochs=5, plugin_autoload=False,
-            plugins=[NonFiniteGuard(check_every_n_steps=10), events],
-        )
         trainer.fit(NaNFrom(23, n_train=256))
     message = str(info.value)
     assert "non-finite loss (nan) at step 23" in message

@@ -42,5 +42,6 @@ import jax  # noqa: E402
 
 Path(out).write_text(json.dumps({
     "losses": rec.losses, "process_count": jax.process_count(),
-    "devices": jax.device_count(), "val_accuracy": float(trainer.validate(trainer.task)["val/accuracy"]),
+    "devices": jax.device_count(),
+    "val_accuracy": float(trainer.validate(trainer.task)["val/accuracy"]),
 }))
