@@ -8,6 +8,7 @@ evaluated on a fixed held-out split.
     python examples/train_resnet.py --dataset cifar10 --data-dir ~/data --model resnet18 \
         --epochs 30 --batch-size 128 --lr 0.1 --label-smoothing 0.1
     python examples/train_resnet.py --dataset folder --data-dir ./flowers --image-size 64
+    python examples/train_resnet.py --run-dir runs/a --resume   # continue runs/a after a stop
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 
 import nnx_trainer
+from plugins.orbax_checkpoint import OrbaxCheckpoint
 from resnet_task.data import DATASET_NAMES
 from resnet_task.models import MODEL_NAMES, STEMS
 from resnet_task.task import OPTIMIZERS, ResNetConfig, ResNetTask
@@ -74,6 +76,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--log-every", type=int, default=20, help="log training metrics every N steps")
     run.add_argument("--limit-train-batches", type=int, default=None,
                      help="at most this many batches per epoch (quick checks)")
+    ckpt = p.add_argument_group("checkpoints (run dir/checkpoints)")
+    ckpt.add_argument("--resume", nargs="?", const="last", default=None, metavar="last|best|PATH",
+                      help="resume from the latest checkpoint of --run-dir (also the value "
+                           "when the flag is given alone), the best one by --ckpt-monitor, "
+                           "or a checkpoint directory such as runs/x/checkpoints/120")
+    ckpt.add_argument("--ckpt-every-steps", type=int, default=None, metavar="N",
+                      help="also save every N training steps")
+    ckpt.add_argument("--ckpt-every-epochs", type=int, default=1, metavar="N",
+                      help="save after every N-th epoch, after its validation (0: never)")
+    ckpt.add_argument("--keep", type=int, default=1, metavar="K",
+                      help="always keep the latest K checkpoints")
+    ckpt.add_argument("--keep-best", type=int, default=1, metavar="K",
+                      help="also keep the best K checkpoints by --ckpt-monitor")
+    ckpt.add_argument("--ckpt-monitor", default="val/accuracy",
+                      help="metric that ranks checkpoints (for --keep-best and --resume best)")
+    ckpt.add_argument("--ckpt-mode", choices=["min", "max"], default="max",
+                      help="whether a lower or a higher --ckpt-monitor is better")
+    ckpt.add_argument("--no-checkpoint", action="store_true",
+                      help="save nothing (same as --disable-plugin checkpoint)")
     return p.parse_args(argv)
 
 
@@ -93,12 +114,23 @@ def main(argv: list[str] | None = None) -> int:
             label_smoothing=args.label_smoothing, warmup_fraction=args.warmup_fraction,
             seed=args.seed,
         ))
+        disable = list(args.disable_plugin)
+        plugins = []
+        if args.no_checkpoint:
+            disable.append("checkpoint")
+        else:
+            plugins.append(OrbaxCheckpoint(
+                every_n_steps=args.ckpt_every_steps,
+                every_n_epochs=args.ckpt_every_epochs or None,
+                keep_last=args.keep, keep_best=args.keep_best or None,
+                monitor=args.ckpt_monitor if args.keep_best else None, mode=args.ckpt_mode,
+            ))
         trainer = nnx_trainer.Trainer(
             max_epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
             limit_train_batches=args.limit_train_batches, log_every_n_steps=args.log_every,
             gradient_clip_norm=args.grad_clip, seed=args.seed, run_dir=args.run_dir,
-            precision=args.precision, strategy=args.strategy,
-            disable_plugins=args.disable_plugin, worker_count=args.workers,
+            precision=args.precision, strategy=args.strategy, plugins=plugins,
+            disable_plugins=sorted(set(disable)), worker_count=args.workers,
         )
     except ValueError as exc:  # bad flags or data: the message says what to change
         print(f"error: {exc}", file=sys.stderr)
@@ -107,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{info.name}: {info.num_train} train / {info.num_val} held-out examples, "
           f"{info.num_classes} classes, images {info.image_shape}; model {args.model}; "
           f"run dir {trainer.run_dir}")
-    trainer.fit(task)
+    try:
+        trainer.fit(task, ckpt_path=args.resume)
+    except ValueError as exc:  # e.g. --resume best without a monitor, a bad path, a used run dir
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if trainer.preempted:
         print(f"stopped by {trainer.stop_reason} at step {trainer.global_step}")
         return 0

@@ -232,9 +232,12 @@ def restore_checkpoint(
 
 @hookspec
 def on_save_checkpoint(trainer: Trainer, step: int, reason: str) -> None:
-    """Asked to save now (``reason`` says why: ``"preemption"``, ``"end"``, ``"step"``).
+    """Asked to save now; ``reason``: ``"preemption"``, ``"end"``, ``"step"`` or ``"epoch"``.
 
-    A checkpoint plugin calls ``trainer.checkpoint_state()`` and writes it.
+    The engine asks at the end of fit and on preemption; the checkpoint plugin asks
+    through this hook for its periodic saves (``"step"``, ``"epoch"``), so every plugin
+    sees each save first. A checkpoint plugin calls ``trainer.checkpoint_state()`` and
+    writes it.
 
     :param trainer: the running trainer.
     :param step: the global step the state corresponds to (steps completed).

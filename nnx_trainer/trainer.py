@@ -156,6 +156,7 @@ class Trainer:
         self.should_stop = False
         self.stop_reason: str | None = None
         self.preempted = False
+        self.stage: str | None = None  # "fit", "validate", "test" or "predict": the latest call
         self.callback_metrics: dict[str, Any] = {}
         self.data_wait_seconds = 0.0
         self.fit_seconds = 0.0
@@ -405,6 +406,7 @@ class Trainer:
 
     def fit(self, task: Task, ckpt_path: str | None = None) -> Trainer:
         """Train ``task``; resume from ``ckpt_path`` (``"last"``, ``"best"`` or a path)."""
+        self.stage = "fit"
         try:
             self._plan(task)
             self._build(task)
@@ -521,6 +523,7 @@ class Trainer:
         return self._standalone_eval(task, "test", ckpt_path)
 
     def _standalone_eval(self, task: Task, stage: str, ckpt_path: str | None) -> dict[str, float]:
+        self.stage = stage
         try:
             self._ensure_built(task, ckpt_path)
             if stage == "validate":
@@ -561,6 +564,7 @@ class Trainer:
 
     def predict(self, task: Task, ckpt_path: str | None = None) -> Any:
         """Run ``task.predict_step`` on ``task.predict_data()``; host arrays, a row per example."""
+        self.stage = "predict"
         try:
             self._ensure_built(task, ckpt_path)
             examples = task.predict_data()

@@ -1,7 +1,211 @@
-"""Placeholder: being written."""
+"""Training curves as a PNG: ``run_dir/curves.png``, one panel per metric family.
+
+The plugin keeps the host floats it receives in ``log_metrics`` (train metrics at
+the log cadence, validation and test metrics after evaluations; it never reads a
+device value itself) and draws them:
+
+- at fit end, on preemption (fit then ends without ``on_fit_end``) and when fit
+  raises (the curves up to a divergence or crash are often what explains it);
+- after a standalone ``validate``/``test`` that logs outside fit, so its points
+  appear too.
+
+Panels group metrics by the part after the ``train/``, ``val/`` or ``test/``
+prefix: ``train/loss`` and ``val/loss`` share the "loss" panel, ``val/accuracy``
+gets an "accuracy" panel; a name without a known prefix is its own panel and
+``epoch`` (a counter, not a curve) is left out. Each panel plots value against
+global step, with a legend; the figure title is the run directory's name.
+
+The history is saved in checkpoints (``state_dict``), so the plot of a resumed run
+shows the whole run; at each fit start points after the starting step are
+dropped, since the fit logs those steps again. Nothing is drawn when nothing was
+logged. matplotlib is imported only when drawing, and through its object API with
+the Agg canvas: no pyplot, no display, no change to the user's backend.
+
+Only the main process draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nnx_trainer import hookimpl
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from nnx_trainer import Trainer
+
+PREFIXES = ("train", "val", "test")
+SKIP = frozenset({"epoch"})
+STATE_KEY = "curves_plot"
+
+log = logging.getLogger("nnx_trainer.curves_plot")
+
+
+def family_of(name: str) -> str:
+    """The panel a metric goes to: ``"val/loss"`` -> ``"loss"``; other names stay."""
+    prefix, sep, rest = name.partition("/")
+    return rest if sep and prefix in PREFIXES and rest else name
+
+
+def panels(history: Mapping[str, list[tuple[int, float]]]) -> dict[str, list[str]]:
+    """``{family: [metric names]}`` in drawing order: "loss" first, then by name;
+    inside a panel train, val, test."""
+    grouped: dict[str, list[str]] = {}
+    for name in history:
+        grouped.setdefault(family_of(name), []).append(name)
+
+    def series_order(name: str) -> tuple[int, str]:
+        prefix = name.partition("/")[0]
+        return (PREFIXES.index(prefix) if prefix in PREFIXES else len(PREFIXES), name)
+
+    families = sorted(grouped, key=lambda f: (f != "loss", f))
+    return {f: sorted(grouped[f], key=series_order) for f in families}
+
+
+def draw(history: Mapping[str, list[tuple[int, float]]], title: str, dpi: int = 100) -> Figure:
+    """The figure for ``history`` (``{metric: [(step, value), ...]}``), not yet saved."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layout = panels(history)
+    ncols = min(3, len(layout))
+    nrows = math.ceil(len(layout) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)  # render with Agg whatever the user's backend is
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (family, names) in zip(axes, layout.items(), strict=False):
+        for name in names:
+            steps = [s for s, _ in history[name]]
+            # inf would stretch the axis to nothing; NaN leaves a gap, as it should.
+            values = [v if math.isfinite(v) else math.nan for _, v in history[name]]
+            sparse = len(steps) <= 30  # few points (evaluations): show each one
+            ax.plot(steps, values, label=name, marker="o" if sparse else None,
+                    markersize=4, linewidth=1.5)
+        ax.set_title(family)
+        ax.set_xlabel("step")
+        ax.set_ylabel(family)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    for ax in axes[len(layout):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig
 
 
 class CurvesPlot:
-    """Not implemented yet."""
+    """Draws the logged metrics to ``run_dir/<filename>`` (see the module docstring).
+
+    :param enabled: draw at all (False makes the plugin a no-op).
+    :param filename: PNG file name inside ``trainer.run_dir``.
+    :param dpi: resolution; each panel is 5.2 x 3.8 inches.
+    :param title: figure title (default: the run directory's name).
+    """
 
     name = "curves_plot"
+
+    def __init__(self, enabled: bool = True, filename: str = "curves.png", dpi: int = 100,
+                 title: str | None = None) -> None:
+        if not filename or Path(filename).name != filename:
+            raise ValueError(f"filename must be a plain file name, got {filename!r}")
+        self.enabled = enabled
+        self.filename = filename
+        self.dpi = dpi
+        self.title = title
+        self.history: dict[str, list[tuple[int, float]]] = {}  # metric -> (step, value)s
+        self._in_fit = False
+
+    def path(self, trainer: Trainer) -> Path:
+        """Where this trainer's plot goes."""
+        return Path(trainer.run_dir) / self.filename
+
+    def save(self, trainer: Trainer) -> Path | None:
+        """Draw the history now; returns the file, or None when there is nothing to draw."""
+        if not self.history:
+            return None
+        target = self.path(trainer)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        last = max(s for points in self.history.values() for s, _ in points)
+        title = f"{self.title or Path(trainer.run_dir).name} (step {last})"
+        fig = draw(self.history, title, dpi=self.dpi)
+        tmp = target.with_name(target.name + ".tmp")
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, target)  # a reader never sees a half-written PNG
+        return target
+
+    def _should_draw(self, trainer: Trainer) -> bool:
+        return self.enabled and trainer.is_main_process
+
+    # --------------------------------------------------------------- hooks
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Drop points after the starting step: this fit logs those steps again."""
+        self._in_fit = True
+        start = int(trainer.global_step)
+        for name in list(self.history):
+            kept = [(s, v) for s, v in self.history[name] if s <= start]
+            if kept:
+                self.history[name] = kept
+            else:
+                del self.history[name]
+
+    @hookimpl
+    def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
+        """Keep every scalar metric (except ``epoch``) as ``(step, float)``."""
+        if not self._should_draw(trainer):
+            return
+        for name, value in metrics.items():
+            if name in SKIP:
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):  # vectors (per-class metrics): not a curve
+                continue
+            self.history.setdefault(str(name), []).append((int(step), number))
+        if not self._in_fit:  # standalone validate/test: no fit end will come
+            self.save(trainer)
+
+    @hookimpl
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """Draw the finished run."""
+        self._in_fit = False
+        if self._should_draw(trainer):
+            self.save(trainer)
+
+    @hookimpl(trylast=True)  # after the checkpoint plugin has started its save
+    def on_save_checkpoint(self, trainer: Trainer, reason: str) -> None:
+        """On preemption fit ends without ``on_fit_end``: draw now."""
+        if reason == "preemption":
+            self.on_fit_end(trainer=trainer)
+
+    @hookimpl
+    def on_exception(self, trainer: Trainer) -> None:
+        """Draw what was logged before the failure; never masks the exception."""
+        self._in_fit = False
+        if self._should_draw(trainer):
+            try:
+                self.save(trainer)
+            except Exception:
+                log.warning("curves_plot: could not draw the curves", exc_info=True)
+
+    @hookimpl
+    def state_dict(self) -> dict[str, Any]:
+        """The history, JSON-safe (non-finite values as None)."""
+        return {STATE_KEY: {name: [[s, v if math.isfinite(v) else None] for s, v in points]
+                            for name, points in self.history.items()}}
+
+    @hookimpl
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the history of the checkpointed run."""
+        saved = state.get(STATE_KEY)
+        if saved is not None:
+            self.history = {
+                str(name): [(int(s), math.nan if v is None else float(v)) for s, v in points]
+                for name, points in saved.items()
+            }

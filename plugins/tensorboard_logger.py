@@ -1,7 +1,198 @@
-"""Placeholder: being written."""
+"""TensorBoard event files (via tensorboardX): scalars at the log cadence, hparams, resume.
+
+On by default, like Lightning's TensorBoard logger: it writes only under
+``run_dir/<subdir>`` (default ``run_dir/tensorboard``) and only once something is
+logged, so an instance that never sees a fit writes nothing. ``tensorboardX`` is
+imported on the first write, not when the plugin loads.
+
+What is written (view with ``tensorboard --logdir <run_dir>``):
+
+- every scalar of every ``log_metrics`` call as ``add_scalar(name, float, step)``
+  (``train/...`` at the log cadence, ``val/...`` and ``test/...`` after evaluations,
+  ``epoch``); metrics that are not scalars (per-class vectors) are skipped.
+- the hyperparameters, twice: as a ``hparams`` text summary (the full nested JSON)
+  and in TensorBoard's HPARAMS plugin format (flattened ``trainer/batch_size``
+  keys) so runs can be compared there.
+
+Events are written synchronously with tensorboardX's ``EventsWriter`` and its
+summary builders, and the file is flushed after every ``log_metrics`` call (the log
+cadence), so after the call returns the data is in the operating system's hands.
+``SummaryWriter`` is not used: its ``flush()`` does not drain the queue its
+background thread reads from (tensorboardX 2.6.5), so events could sit in memory
+for ``flush_secs`` and be lost by a killed process.
+
+The file is closed at fit end, on preemption and on an exception. A later write (a
+standalone ``test`` after fit) opens a new event file in the same folder;
+TensorBoard reads them all. File names carry the process id and a counter, so two
+files opened within the same second never overwrite each other.
+
+Resume: when a fit starts from a restored step ``k > 0`` the writer is opened with
+``purge_step=k + 1``, so TensorBoard hides the events at steps ``> k`` that the
+crashed run wrote after its checkpoint (the resumed run writes those steps again) and
+curves do not fold back on themselves; what was logged at step ``k`` itself came
+before the checkpoint and stays.
+
+Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nnx_trainer import hookimpl
+
+if TYPE_CHECKING:
+    from nnx_trainer import Trainer
+
+log = logging.getLogger("nnx_trainer.tensorboard")
+
+# Event file names only carry the time in whole seconds: a per-process counter
+# keeps two files opened in the same second (fit end, then test) distinct.
+_FILE_NUMBERS = itertools.count()
+
+
+def _scalar(value: Any) -> float | None:
+    """``float(value)`` for scalars (device scalars included), None for anything else."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict to ``{"a/b": value}`` with values TensorBoard's HPARAMS can show.
+
+    Numbers, strings and booleans stay as they are; None is dropped (HPARAMS has no
+    null); anything else (lists, objects) becomes its JSON text.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_hparams(value, prefix=f"{name}/"))
+        elif value is None:
+            continue
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value, default=str)
+    return flat
 
 
 class TensorBoardLogger:
-    """Not implemented yet."""
+    """Writes TensorBoard event files under ``run_dir/<subdir>``.
+
+    :param enabled: write anything at all (False makes the plugin a no-op).
+    :param subdir: folder inside ``trainer.run_dir`` for the event files.
+    """
 
     name = "tensorboard"
+
+    def __init__(self, enabled: bool = True, subdir: str = "tensorboard") -> None:
+        if not subdir or Path(subdir).is_absolute() or ".." in Path(subdir).parts:
+            raise ValueError(f"subdir must be a relative folder inside run_dir, got {subdir!r}")
+        self.enabled = enabled
+        self.subdir = subdir
+        self.writer: Any = None  # the open tensorboardX EventsWriter, if any
+
+    def log_dir(self, trainer: Trainer) -> Path:
+        """Where this trainer's event files go."""
+        return Path(trainer.run_dir) / self.subdir
+
+    def _should_log(self, trainer: Trainer) -> bool:
+        return self.enabled and trainer.is_main_process
+
+    def _open(self, trainer: Trainer, purge_step: int | None = None) -> Any:
+        """The open event file, created (with its ``file_version`` event) if needed."""
+        if self.writer is None:
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+            log_dir = self.log_dir(trainer)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            suffix = f".{os.getpid()}.{next(_FILE_NUMBERS)}"
+            self.writer = EventsWriter(str(log_dir / "events"), filename_suffix=suffix)
+            if purge_step is not None:
+                # TensorBoard drops earlier events with step >= purge_step on reading this.
+                start = SessionLog(status=SessionLog.START)
+                self.writer.write_event(
+                    Event(wall_time=time.time(), step=purge_step, session_log=start)
+                )
+        return self.writer
+
+    def _write(self, summary: Any, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self.writer.write_event(Event(wall_time=time.time(), step=step, summary=summary))
+
+    def close(self) -> None:
+        """Flush and close the event file (safe to call twice)."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
+
+    # --------------------------------------------------------------- hooks
+
+    @hookimpl
+    def log_hyperparams(self, trainer: Trainer, params: Mapping[str, Any]) -> None:
+        """Open the writer for this fit (purging steps a resume will redo), write hparams."""
+        if not self._should_log(trainer):
+            return
+        # A fit starts a new event file: one left open by an earlier fit is closed.
+        self.close()
+        step = int(trainer.global_step)
+        writer = self._open(trainer, purge_step=step + 1 if step > 0 else None)
+        from tensorboardX.summary import hparams, text
+
+        dumped = json.dumps(dict(params), indent=2, default=str)
+        # Four-space indent: TensorBoard renders text summaries as Markdown.
+        self._write(text("hparams", "\n".join("    " + ln for ln in dumped.splitlines())), step)
+        # SummaryWriter.add_hparams would write into a new sub-folder (a separate
+        # "run"); these three summaries in this run's own file tie the HPARAMS table
+        # to this run's scalars instead, as Lightning does.
+        try:
+            for summary in hparams(flatten_hparams(params), {}):
+                self._write(summary, step)
+        except Exception:  # a value HPARAMS cannot take must not stop training
+            log.warning("tensorboard: could not write the HPARAMS summary", exc_info=True)
+        writer.flush()
+
+    @hookimpl
+    def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
+        """One scalar event per metric at ``step``, then flush."""
+        if not self._should_log(trainer):
+            return
+        from tensorboardX.summary import scalar
+
+        writer = self._open(trainer)
+        for name, value in metrics.items():
+            number = _scalar(value)
+            if number is not None:
+                self._write(scalar(str(name), number), int(step))
+        writer.flush()
+
+    @hookimpl
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """Close the event file."""
+        self.close()
+
+    @hookimpl
+    def on_save_checkpoint(self, reason: str) -> None:
+        """On preemption fit ends without ``on_fit_end``: close the event file now."""
+        if reason == "preemption":
+            self.close()
+
+    @hookimpl
+    def on_exception(self) -> None:
+        """Close the event file so everything logged so far is on disk."""
+        try:
+            self.close()
+        except Exception:  # never mask the exception being raised
+            log.warning("tensorboard: could not close the event file", exc_info=True)

@@ -152,12 +152,13 @@ class WandbLogger:
 
     # -------------------------------------------------------------- the run
 
-    def _check_credentials(self, wandb: Any) -> None:
+    def _check_credentials(self) -> None:
         """Fail before ``wandb.init`` could prompt for an API key."""
         from wandb.sdk import wandb_setup
 
+        # The mode wandb.init will use: ours, else WANDB_MODE or `wandb offline`'s file.
         settings = wandb_setup.singleton().settings
-        mode = self.mode or settings.mode
+        mode = self.init_kwargs.get("mode") or self.mode or settings.mode
         if mode in ("offline", "dryrun", "disabled"):
             return
         if _has_credentials(settings):
@@ -178,7 +179,7 @@ class WandbLogger:
             if config:
                 self.run.config.update(dict(config), allow_val_change=True)
         else:
-            self._check_credentials(wandb)
+            self._check_credentials()
             run_dir = Path(trainer.run_dir)
             root = Path(self.dir or os.environ.get("WANDB_DIR") or run_dir)
             root.mkdir(parents=True, exist_ok=True)

@@ -71,9 +71,7 @@ def _batch_norms(model: nnx.Module) -> list[nnx.BatchNorm]:
 # --- shapes and parameter counts ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("name", "expected"), [("resnet18", 11_689_512), ("resnet50", 25_557_032)]
-)
+@pytest.mark.parametrize(("name", "expected"), [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
 def test_parameter_count_matches_torchvision(name: str, expected: int) -> None:
     model = _abstract(name, "imagenet", 1000)
     assert _count(model, nnx.Param) == expected
@@ -81,24 +79,26 @@ def test_parameter_count_matches_torchvision(name: str, expected: int) -> None:
     assert _count(model, nnx.BatchStat) > 0
 
 
+# 1000 classes for resnet18/50 so the abstract models are shared with the parameter-count test.
 @pytest.mark.parametrize(
-    ("name", "stem", "size"),
+    ("name", "stem", "size", "num_classes"),
     [
-        ("resnet18", "imagenet", 64),
-        ("resnet34", "imagenet", 64),
-        ("resnet50", "imagenet", 64),
-        ("resnet101", "imagenet", 64),
-        ("resnet152", "imagenet", 64),
-        ("resnet34", "cifar", 32),
-        ("resnet20", "cifar", 32),
-        ("resnet32", "cifar", 32),
-        ("resnet44", "cifar", 32),
-        ("resnet56", "cifar", 32),
-        ("resnet110", "cifar", 32),
+        ("resnet18", "imagenet", 64, 1000),
+        ("resnet34", "imagenet", 64, 7),
+        ("resnet50", "imagenet", 64, 1000),
+        ("resnet101", "imagenet", 64, 7),
+        ("resnet152", "imagenet", 64, 7),
+        ("resnet34", "cifar", 32, 7),
+        ("resnet20", "cifar", 32, 7),
+        ("resnet32", "cifar", 32, 7),
+        ("resnet44", "cifar", 32, 7),
+        ("resnet56", "cifar", 32, 7),
+        ("resnet110", "cifar", 32, 7),
     ],
 )
-def test_every_variant_gives_float32_logits(name: str, stem: str, size: int) -> None:
-    num_classes = 1000 if stem == "imagenet" and name in ("resnet18", "resnet50") else 7
+def test_every_variant_gives_float32_logits(
+    name: str, stem: str, size: int, num_classes: int
+) -> None:
     logits = _abstract_logits(_abstract(name, stem, num_classes), size)
     assert logits.shape == (2, num_classes)
     assert logits.dtype == jnp.float32
@@ -133,12 +133,21 @@ def test_resnet18_runs_in_train_and_eval_mode() -> None:
         assert np.all(np.isfinite(logits))
 
 
-def test_simple_resnet_runs_and_trains() -> None:
-    model = create_model(
-        "simple", num_blocks=1, initial_features=4, num_classes=3, rngs=_rngs(1)
+def test_create_model_builds_simple_resnet() -> None:
+    model = nnx.eval_shape(
+        lambda: create_model(
+            "simple", num_blocks=2, initial_features=8, num_classes=3, rngs=_rngs()
+        )
     )
     assert isinstance(model, SimpleResNet)
-    x, labels = _images(1, batch=4, size=16), jnp.array([0, 1, 2, 0])
+    assert [len(stage.layers) for stage in model.stages] == [2, 2, 2]
+    assert [stage.layers[0].conv1.out_features for stage in model.stages] == [8, 16, 32]
+    assert model.head.in_features == 32
+
+
+def test_simple_resnet_runs_and_trains() -> None:
+    model = _init_tiny()
+    x, labels = _images(1, size=16), jnp.array([0, 2])
 
     @nnx.jit
     def loss_and_grads(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, nnx.State]:
@@ -153,7 +162,9 @@ def test_simple_resnet_runs_and_trains() -> None:
     assert _count(grads, nnx.Param) == _count(model, nnx.Param)
     assert all(np.any(g != 0) for g in jax.tree.leaves(grads))
     model.eval()
-    assert _forward(model, x).shape == (4, 3)
+    logits = _forward(model, x)
+    assert logits.shape == (2, 3)
+    assert logits.dtype == jnp.float32
 
 
 # --- residual blocks --------------------------------------------------------------------------
@@ -211,7 +222,9 @@ def test_projection_shortcut_only_when_shape_changes(
     assert y.shape == (2, 8 // strides, 8 // strides, out_features)
 
 
-@pytest.mark.parametrize(("name", "first_block_projects"), [("resnet18", False), ("resnet50", True)])
+@pytest.mark.parametrize(
+    ("name", "first_block_projects"), [("resnet18", False), ("resnet50", True)]
+)
 def test_stage_structure(name: str, first_block_projects: bool) -> None:
     model = _abstract(name, "imagenet", 1000)
     for i, stage in enumerate(model.stages):
@@ -299,7 +312,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics() -> None:
         dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(abstract16, kind))}
         assert dtypes == {jnp.dtype(jnp.float32)}, kind
     layers = [
-        m for _, m in nnx.iter_modules(abstract16)
+        m
+        for _, m in nnx.iter_modules(abstract16)
         if isinstance(m, nnx.Conv | nnx.Linear | nnx.BatchNorm)
     ]
     assert len(layers) == 1 + 1 + 8 * 4 + 3 * 2 + 1  # stem conv+bn, blocks, projections, head
@@ -321,8 +335,17 @@ def test_bfloat16_compute_keeps_float32_parameters_and_statistics() -> None:
 
 def test_model_names() -> None:
     assert MODEL_NAMES == (
-        "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-        "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "simple",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "simple",
     )
 
 

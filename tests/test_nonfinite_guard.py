@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 from tiny_task import TinyModel, TinyTask
 
 import nnx_trainer
+from nnx_trainer.plugin_manager import create_plugin_manager
 from plugins.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 
 
@@ -79,27 +82,37 @@ def test_stops_within_the_cadence_and_names_the_first_bad_step(tmp_path):
     assert events.exceptions == [info.value]
 
 
-def test_epoch_end_check_catches_a_bad_step_before_validation(tmp_path):
-    events = Events()
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_epochs=3, plugin_autoload=False,
-        plugins=[NonFiniteGuard(check_every_n_steps=100), events],
-    )
-    with pytest.raises(NonFiniteLossError, match=r"at step 2, found between step 0 and step 3"):
-        trainer.fit(NaNFrom(2))  # 4 steps per epoch
-    assert trainer.global_step == 4
+def drive_steps(hook, trainer, losses) -> None:
+    """Run the per-step hook as the engine does, one loss per step."""
+    for loss in losses:
+        trainer.global_step += 1
+        hook.on_train_batch_end(trainer=trainer, step=trainer.global_step - 1, loss=loss)
 
 
-def test_checks_before_the_checkpoint_plugin_saves(tmp_path):
-    events = Events()
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_steps=7, plugin_autoload=False,
-        plugins=[NonFiniteGuard(check_every_n_steps=100), events],
+def fake_trainer(pm) -> SimpleNamespace:
+    return SimpleNamespace(
+        global_step=0, log_every_n_steps=50, should_stop=False, stop_reason=None, hook=pm.hook
     )
-    with pytest.raises(NonFiniteLossError, match=r"at step 5, found between step 4 and step 6"):
-        trainer.fit(NaNFrom(5))
-    # tryfirst: the guard raised before the (later registered) saver ran.
-    assert events.saved == []
+
+
+def test_epoch_end_and_checkpoint_saves_check_between_cadence_steps():
+    events = Events()
+    # Registered after the guard, so pluggy would call the saver first without tryfirst.
+    pm = create_plugin_manager(plugins=[NonFiniteGuard(), events], autoload=False)
+    trainer = fake_trainer(pm)
+    pm.hook.on_fit_start(trainer=trainer, task=None)
+    drive_steps(pm.hook, trainer, [jnp.float32(1.0)] * 4)
+    pm.hook.on_train_epoch_end(trainer=trainer, epoch=0)  # passes
+    drive_steps(pm.hook, trainer, [jnp.float32(1.0), jnp.float32(jnp.inf), jnp.float32(2.0)])
+    with pytest.raises(NonFiniteLossError, match=r"\(inf\) at step 5, found between step 4 and "
+                       r"step 6 \(checked every 50 steps\)"):
+        pm.hook.on_save_checkpoint(trainer=trainer, step=7, reason="end")
+    assert events.saved == []  # the guard ran first and stopped the save
+
+    pm.hook.on_fit_start(trainer=trainer, task=None)  # a new fit forgets the old record
+    drive_steps(pm.hook, trainer, [jnp.float32(1.0), jnp.float32(jnp.nan)])
+    with pytest.raises(NonFiniteLossError, match=r"\(nan\) at step 8, found between step 7 "):
+        pm.hook.on_train_epoch_end(trainer=trainer, epoch=1)
 
 
 def test_default_cadence_reads_the_device_only_at_checks(tmp_path, monkeypatch):

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import pty
 import struct
 import subprocess
 import sys
-import textwrap
+import threading
+import time
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,6 +72,8 @@ def _records(path: Path) -> list:
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         chunk = data[pos + 7 : pos + 7 + length]
+        if len(chunk) < length:  # still being written
+            break
         assert zlib.crc32(bytes([kind]) + chunk) == crc, f"bad checksum at {pos}"
         pending += chunk
         pos += 7 + length
@@ -96,8 +100,15 @@ def _offline_runs(wandb_dir: Path, run_id: str) -> list[Path]:
     return sorted(paths, key=order)
 
 
-def _parse(path: Path) -> SimpleNamespace:
+def _parse(path: Path, timeout: float = 30.0) -> SimpleNamespace:
+    """The run's records, once complete: ``run.finish()`` returns before wandb-core
+    has flushed the file, so wait for the final ``exit`` record."""
+    deadline = time.monotonic() + timeout
     records = _records(path)
+    while not any(r.HasField("exit") for r in records):
+        assert time.monotonic() < deadline, f"{path} never got its exit record"
+        time.sleep(0.1)
+        records = _records(path)
     kinds = [r.WhichOneof("record_type") for r in records]
     (run,) = [r.run for r in records if r.HasField("run")]
     rows = [
@@ -154,14 +165,13 @@ def _trainer(run_dir, *plugins, **options) -> nnx_trainer.Trainer:
 
 @pytest.fixture(scope="module")
 def runs(offline_wandb, tmp_path_factory):
-    """A 2-epoch fit, a standalone validate, then a second fit in the same run dir."""
+    """A 2-epoch fit, then a standalone validate that re-opens the run (as a resume does)."""
     run_dir = tmp_path_factory.mktemp("wandb_run") / "exp-1"
     task = TinyTask()
     trainer = _trainer(run_dir, WandbLogger(project="nnx-tests", tags=["tiny"]), JsonlLogger())
     trainer.fit(task)  # 8 steps per epoch, val after each epoch
-    validated = trainer.validate(task)
     first_id = (run_dir / RUN_ID_FILE).read_text().strip()
-    _trainer(run_dir, WandbLogger(project="nnx-tests"), max_epochs=1).fit(TinyTask())
+    validated = trainer.validate(task)
     files = _offline_runs(offline_wandb, first_id)
     jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return SimpleNamespace(run_dir=run_dir, run_id=first_id, files=files, jsonl=jsonl,
@@ -211,26 +221,41 @@ def test_final_summary_and_clean_finish(runs):
     assert [e.exit_code for e in fit.exits] == [0]
 
 
-def test_standalone_validate_reopens_the_run(runs):
+def test_standalone_validate_resumes_the_same_run(runs):
+    # Same path as a resumed fit: the id in run_dir/wandb_run_id.txt, resume="allow".
+    assert len(runs.files) == 2  # two offline sessions of one W&B run id
     validate = runs.sessions[1]
     assert validate.run.run_id == runs.run_id
     (row,) = validate.rows
     assert row[STEP_METRIC] == 16
     assert math.isclose(row["val/loss"], runs.validated["val/loss"], rel_tol=1e-6)
     assert [e.exit_code for e in validate.exits] == [0]
-
-
-def test_second_fit_in_the_run_dir_resumes_the_same_run(runs):
-    assert len(runs.files) == 3  # fit, validate, second fit: one W&B run id
-    second = runs.sessions[2]
-    assert second.run.run_id == runs.run_id
-    assert [r[STEP_METRIC] for r in second.rows if "train/loss" in r] == [3, 6, 8]
     assert (runs.run_dir / RUN_ID_FILE).read_text().strip() == runs.run_id
+
+
+def test_resume_passes_the_stored_id(tmp_path, monkeypatch):
+    import wandb
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        return SimpleNamespace(id=kwargs["id"], define_metric=lambda *a, **k: None)
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    (tmp_path / RUN_ID_FILE).write_text("abc123\n")
+    stub = SimpleNamespace(run_dir=tmp_path, is_main_process=True)
+    logger = WandbLogger(project="p", mode="offline")
+    logger.log_hyperparams(trainer=stub, params={"trainer": {"seed": 0}})
+    logger.on_fit_start(trainer=stub)
+    assert seen["id"] == "abc123" and seen["resume"] == "allow"
+    assert seen["config"] == {"trainer": {"seed": 0}} and seen["mode"] == "offline"
+    assert seen["dir"] == os.environ["WANDB_DIR"]  # WANDB_DIR wins over run_dir
 
 
 def test_exception_finishes_the_run_with_exit_code_1(tmp_path):
     wandb_dir = tmp_path / "explicit"
-    trainer = _trainer(tmp_path / "run", WandbLogger(dir=wandb_dir), _Raise(at=4))
+    trainer = _trainer(tmp_path / "run", WandbLogger(dir=wandb_dir), _Raise(at=4), max_steps=6)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(TinyTask())
     run_id = (tmp_path / "run" / RUN_ID_FILE).read_text().strip()
@@ -243,7 +268,7 @@ def test_exception_finishes_the_run_with_exit_code_1(tmp_path):
 
 def test_preemption_marks_and_finishes_the_run(tmp_path):
     logger = WandbLogger(dir=tmp_path)
-    _trainer(tmp_path / "run", logger, _Preempt(at=5)).fit(TinyTask())
+    _trainer(tmp_path / "run", logger, _Preempt(at=5), max_steps=6).fit(TinyTask())
     assert logger.run is None
     run_id = (tmp_path / "run" / RUN_ID_FILE).read_text().strip()
     (path,) = _offline_runs(tmp_path, run_id)
@@ -298,54 +323,114 @@ def test_non_main_process_does_nothing(tmp_path):
     assert logger.run is None and not (tmp_path / "run").exists()
 
 
-def _run_script(script: str, env: dict[str, str], timeout: float = 120):
-    """Run ``script`` in a fresh interpreter with a WANDB-free env plus ``env``; stdin closed."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    base["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO)])
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], env={**base, **env}, cwd=REPO,
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+FRESH_PROCESS = """
+import json, os, sys
+import nnx_trainer
+from tiny_task import TinyTask
+from plugins.wandb_logger import WandbLogger
+
+run_dir = sys.argv[1]
+# 1. The entry point's default instance, no WANDB_* variable: every hook it implements,
+# called through the trainer's hook relay as fit calls them (no compile: fast).
+trainer = nnx_trainer.Trainer(plugin_autoload=False, plugins=["wandb"],
+                              run_dir=run_dir + "/default")
+plugin = trainer.plugin_manager.get_plugin("wandb")
+assert type(plugin) is WandbLogger
+hooks = sorted(c.name for c in trainer.plugin_manager.get_hookcallers(plugin))
+args = dict(trainer=trainer, task=TinyTask(), params={"a": 1}, metrics={"train/loss": 1.0},
+            step=1, reason="preemption", exception=RuntimeError("x"))
+for name in hooks:
+    caller = getattr(trainer.hook, name)
+    caller(**{k: args[k] for k in caller.spec.argnames})
+print(json.dumps({"default_hooks": hooks, "default_imported_wandb": "wandb" in sys.modules}),
+      flush=True)
+
+# 2. WANDB_PROJECT activates it; the mode stays online and no key exists anywhere.
+os.environ["WANDB_PROJECT"] = "p"
+trainer = nnx_trainer.Trainer(max_steps=2, batch_size=8, plugin_autoload=False,
+    plugins=[WandbLogger()], run_dir=run_dir + "/online")
+try:
+    trainer.fit(TinyTask())
+    error = None
+except RuntimeError as exc:
+    error = str(exc)
+print(json.dumps({"online_error": error, "global_step": trainer.global_step}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_process_started(tmp_path_factory):
+    """Starts FRESH_PROCESS when the module starts, so it runs alongside the fits here,
+    in a new interpreter whose stdin and stderr are a terminal (a pty): exactly where
+    wandb.init would show its interactive login prompt and wait for an answer."""
+    home = tmp_path_factory.mktemp("fresh_home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]), TERM="xterm",
+        HOME=str(home), NETRC=str(home / "no-netrc"), WANDB_CONFIG_DIR=str(home / "cfg"),
+        WANDB_CACHE_DIR=str(home / "cache"), WANDB_ERROR_REPORTING="false",
     )
-
-
-def test_default_instance_without_wandb_env_never_imports_wandb(tmp_path):
-    run_dir = tmp_path / "run"
-    done = _run_script(
-        f"""
-        import sys
-        import nnx_trainer
-        from tiny_task import TinyTask
-        trainer = nnx_trainer.Trainer(max_steps=2, batch_size=8, log_every_n_steps=1,
-            plugin_autoload=False, plugins=["wandb"], run_dir={str(run_dir)!r})
-        assert type(trainer.plugin_manager.get_plugin("wandb")).__name__ == "WandbLogger"
-        trainer.fit(TinyTask())
-        print("wandb imported:", "wandb" in sys.modules)
-        """,
-        env={"HOME": str(tmp_path)},
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FRESH_PROCESS, str(home / "runs")], env=env, cwd=REPO,
+        stdin=slave, stderr=slave, stdout=subprocess.PIPE, text=True,
     )
-    assert done.returncode == 0, done.stderr
-    assert "wandb imported: False" in done.stdout
-    assert not run_dir.exists() or not any(run_dir.iterdir())  # wrote nothing
+    os.close(slave)
+    terminal: list[bytes] = []
+
+    def drain() -> None:  # keep the pty from filling up; keep what was shown
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # the child closed its side
+                return
+            if not chunk:
+                return
+            terminal.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    yield SimpleNamespace(proc=proc, reader=reader, terminal=terminal, home=home)
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+    reader.join(timeout=5)
+    os.close(master)
 
 
-def test_online_without_credentials_fails_at_fit_start_without_prompting(tmp_path):
-    run_dir = tmp_path / "run"
-    done = _run_script(
-        f"""
-        import nnx_trainer
-        from tiny_task import TinyTask
-        from plugins.wandb_logger import WandbLogger
-        trainer = nnx_trainer.Trainer(max_steps=2, batch_size=8, plugin_autoload=False,
-            plugins=[WandbLogger()], run_dir={str(run_dir)!r})
-        trainer.fit(TinyTask())
-        """,
-        # WANDB_PROJECT activates the plugin; mode stays online; no key anywhere.
-        env={"WANDB_PROJECT": "p", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
-             "WANDB_CONFIG_DIR": str(tmp_path / "cfg"), "WANDB_CACHE_DIR": str(tmp_path),
-             "WANDB_ERROR_REPORTING": "false"},
-        timeout=90,
-    )
-    assert done.returncode != 0
-    assert "RuntimeError" in done.stderr and "WANDB_MODE=offline" in done.stderr
-    assert "wandb login" in done.stderr
-    assert not (run_dir / RUN_ID_FILE).exists() and not (run_dir / "wandb").exists()
+@pytest.fixture(scope="module")
+def fresh_process(_fresh_process_started):
+    """FRESH_PROCESS's results, once it has exited."""
+    started = _fresh_process_started
+    try:
+        stdout, _ = started.proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        started.proc.kill()
+        started.proc.communicate()
+        pytest.fail(f"the process hung: waiting at a prompt? {b''.join(started.terminal)!r}")
+    started.reader.join(timeout=5)
+    shown = b"".join(started.terminal).decode(errors="replace")
+    assert started.proc.returncode == 0, shown
+    results = {}
+    for line in stdout.splitlines():
+        results.update(json.loads(line))
+    return SimpleNamespace(results=results, shown=shown, runs=started.home / "runs")
+
+
+def test_default_instance_without_wandb_env_never_imports_wandb(fresh_process):
+    assert fresh_process.results["default_hooks"] == [
+        "log_hyperparams", "log_metrics", "on_exception", "on_fit_end", "on_fit_start",
+        "on_save_checkpoint",
+    ]
+    assert fresh_process.results["default_imported_wandb"] is False
+    assert not any((fresh_process.runs / "default").glob("*"))  # wrote nothing at all
+
+
+def test_online_without_credentials_fails_at_fit_start_without_prompting(fresh_process):
+    error = fresh_process.results["online_error"]
+    assert error is not None and "no W&B API key is configured" in error
+    assert "WANDB_MODE=offline" in error and "wandb login" in error
+    assert fresh_process.results["global_step"] == 0  # before the first step
+    assert "Enter your choice" not in fresh_process.shown
+    online = fresh_process.runs / "online"
+    assert not (online / RUN_ID_FILE).exists() and not (online / "wandb").exists()

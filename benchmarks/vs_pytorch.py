@@ -1,0 +1,383 @@
+"""ResNet-18 training throughput: plain PyTorch versus ours (``Trainer.fit``), on this CPU.
+
+The same network on both sides: ResNet-18 with the CIFAR stem (3x3 conv, no max-pool),
+BasicBlocks [2, 2, 2, 2] with 1x1-conv + BatchNorm projection shortcuts, 10 classes,
+synthetic 32x32x3 float32 images already in memory, batch 128, SGD with Nesterov
+momentum 0.9 and weight decay 5e-4 (``ResNetTask``'s optimizer; PyTorch decays the
+BatchNorm parameters too, which costs nothing measurable).
+
+Each side runs in its own child process (so thread pools never compete and each peak
+RSS is its own, read with ``wait4``):
+
+* ``torch``: a plain PyTorch loop (``zero_grad / forward / backward / step``);
+* ``jax-hand``: a hand ``jax.jit`` loop over device batches, the same math as ours,
+  which separates the runtime's share of the gap from the Trainer's;
+* ``jax-fit``: ours, ``Trainer.fit`` (default plugins) on an in-memory Grain dataset,
+  timed within epochs after a warm-up epoch.
+
+``--explore`` then measures what the runtimes allow without changing the model's
+math: XLA flags, NCHW vs NHWC convolutions, matmul precision, one core vs two, thread
+variables, batch sizes, and PyTorch's channels_last. It takes about 10-15 minutes.
+Besides wall time each child reports process CPU time per step (all threads), which
+other work on the machine disturbs much less than wall time.
+
+    python benchmarks/vs_pytorch.py                 # about 2-3 minutes
+    python benchmarks/vs_pytorch.py --explore
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import harness
+
+SCRIPT = Path(__file__).resolve()
+
+# (label, worker, XLA_FLAGS, extra environment, extra worker arguments)
+EXPLORE_VARIANTS: list[tuple[str, str, str, dict, list[str]]] = [
+    ("jax baseline", "jax-hand", "", {}, []),
+    ("jax --xla_cpu_use_thunk_runtime=false", "jax-hand",
+     "--xla_cpu_use_thunk_runtime=false", {}, []),
+    ("jax --xla_cpu_multi_thread_eigen=false", "jax-hand",
+     "--xla_cpu_multi_thread_eigen=false", {}, []),
+    ("jax --xla_cpu_use_onednn=true", "jax-hand", "--xla_cpu_use_onednn=true", {}, []),
+    ("jax --xla_cpu_experimental_onednn_custom_call=true", "jax-hand",
+     "--xla_cpu_experimental_onednn_custom_call=true", {}, []),
+    ("jax onednn fusion: individual_convolution", "jax-hand",
+     "--xla_cpu_experimental_onednn_fusion_type=individual_convolution", {}, []),
+    ("jax --xla_cpu_use_xnnpack=true", "jax-hand", "--xla_cpu_use_xnnpack=true", {}, []),
+    ("jax xnn fusion: individual_convolution", "jax-hand",
+     "--xla_cpu_experimental_xnn_fusion_type=individual_convolution", {}, []),
+    ("jax ynn fusion: individual_convolution", "jax-hand",
+     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}, []),
+    ("jax --xla_cpu_enable_fast_math=true", "jax-hand", "--xla_cpu_enable_fast_math=true", {}, []),
+    ("jax --xla_cpu_prefer_vector_width=512", "jax-hand",
+     "--xla_cpu_prefer_vector_width=512", {}, []),
+    ("jax --xla_cpu_enable_concurrency_optimized_scheduler=true", "jax-hand",
+     "--xla_cpu_enable_concurrency_optimized_scheduler=true", {}, []),
+    ("jax JAX_DEFAULT_MATMUL_PRECISION=float32", "jax-hand", "",
+     {"JAX_DEFAULT_MATMUL_PRECISION": "float32"}, []),
+    ("jax TF_NUM_INTRAOP_THREADS=2 TF_NUM_INTEROP_THREADS=1 OMP_NUM_THREADS=2", "jax-hand", "",
+     {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": "2"}, []),
+    ("jax input NCHW, transposed in the step", "jax-hand", "", {}, ["--layout", "nchw"]),
+    ("jax on 1 core (sched_setaffinity)", "jax-hand", "", {}, ["--cpus", "1"]),
+    ("torch on 1 core (sched_setaffinity)", "torch", "", {}, ["--cpus", "1"]),
+    ("torch channels_last", "torch", "", {}, ["--layout", "channels_last"]),
+    ("jax batch 32", "jax-hand", "", {}, ["--batch-size", "32", "--steps", "12"]),
+    ("torch batch 32", "torch", "", {}, ["--batch-size", "32", "--steps", "12"]),
+    ("jax batch 256", "jax-hand", "", {}, ["--batch-size", "256", "--steps", "3"]),
+    ("torch batch 256", "torch", "", {}, ["--batch-size", "256", "--steps", "3"]),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=6,
+                   help="timed steps per measurement (the fit times its second epoch of "
+                        "steps+1 batches)")
+    p.add_argument("--explore", action="store_true",
+                   help="also measure XLA flags, layouts, threads and batch sizes (~10-15 min)")
+    p.add_argument("--conv-only", action="store_true",
+                   help="with --explore: only the single-convolution measurements")
+    harness.add_common_arguments(p)
+    # Internal: the child-process side.
+    p.add_argument("--_worker", choices=["torch", "jax-hand", "jax-fit", "conv"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--layout", default="nhwc", help=argparse.SUPPRESS)
+    p.add_argument("--cpus", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def sizes(args: argparse.Namespace) -> dict:
+    """Image side and network width: the real ones, or tiny ones for ``--quick``."""
+    if args.quick:
+        return {"image_size": 8, "width": 4, "batch_size": min(args.batch_size, 8),
+                "steps": min(args.steps, 2)}
+    return {"image_size": 32, "width": 64, "batch_size": args.batch_size, "steps": args.steps}
+
+
+# ---------------------------------------------------------------------------- PyTorch side
+
+
+def torch_resnet18(width: int, num_classes: int = 10):
+    """ResNet-18, CIFAR stem, projection shortcuts: the same network as resnet_task's."""
+    import torch
+    from torch import nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.shortcut = nn.Sequential()
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
+            return torch.relu(y + self.shortcut(x))
+
+    class ResNet18(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            blocks, cin = [], width
+            for i, stride in enumerate((1, 2, 2, 2)):
+                cout = width * 2**i
+                blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+                cin = cout
+            self.blocks = nn.Sequential(*blocks)
+            self.fc = nn.Linear(cin, num_classes)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            x = self.blocks(x)
+            return self.fc(torch.flatten(torch.mean(x, dim=(2, 3)), 1))
+
+    return ResNet18()
+
+
+def torch_worker(args: argparse.Namespace) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    s = sizes(args)
+    torch.manual_seed(0)
+    model = torch_resnet18(s["width"])
+    fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    b, h = s["batch_size"], s["image_size"]
+    batches = [(torch.randn(b, 3, h, h, generator=g).contiguous(memory_format=fmt),
+                torch.randint(0, 10, (b,), generator=g)) for _ in range(4)]
+
+    def step(i: int) -> torch.Tensor:
+        x, y = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for i in range(2):  # warm-up: allocator, oneDNN primitive caches
+        step(i)
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(s["steps"]):
+        loss = step(i)
+    float(loss)
+    wall = time.perf_counter() - start
+    return {"images_per_second": s["steps"] * b / wall,
+            "cpu_ms_per_step": (time.process_time() - cpu) / s["steps"] * 1e3,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+# -------------------------------------------------------------------------------- JAX side
+
+
+def jax_task(args: argparse.Namespace, batches_per_epoch: int):
+    import workloads
+
+    s = sizes(args)
+    images, labels = workloads.synthetic_arrays(
+        batches_per_epoch * s["batch_size"], s["image_size"])
+    kwargs = () if s["width"] == 64 else (("width", s["width"]),)
+    return workloads.InMemoryResNetTask(images, labels, workloads.ModelSpec("resnet18",
+                                                                           kwargs=kwargs))
+
+
+def jax_hand_worker(args: argparse.Namespace) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import workloads
+
+    s = sizes(args)
+    task = jax_task(args, 4)
+    batches = workloads.device_batches(task.images, task.labels, s["batch_size"])
+    if args.layout == "nchw":
+        # Stored NCHW, transposed to the model's NHWC inside the step: the same math.
+        batches = [{**bt, "image": jnp.transpose(bt["image"], (0, 3, 1, 2))} for bt in batches]
+        inner = task.training_step
+
+        def training_step(model, batch):
+            return inner(model, {**batch, "image": jnp.transpose(batch["image"], (0, 2, 3, 1))})
+
+        task.training_step = training_step
+    loop = workloads.HandLoop(task, batches, 1000)
+    loop.run(1)
+    wall = loop.run(s["steps"])
+    return {"images_per_second": s["steps"] * s["batch_size"] / wall,
+            "cpu_ms_per_step": loop.cpu_seconds_per_step * 1e3,
+            "compile_seconds": loop.compile_seconds, "devices": str(jax.devices())}
+
+
+def jax_fit_worker(args: argparse.Namespace) -> dict:
+    import workloads
+
+    s = sizes(args)
+    per_epoch = s["steps"] + 1
+    task = jax_task(args, per_epoch)
+    fit = workloads.timed_fit(task, batch_size=s["batch_size"], epochs=2)
+    return {"images_per_second": fit.images_per_second,
+            "images_per_second_with_boundaries": fit.steps_per_second * s["batch_size"],
+            "cpu_ms_per_step": fit.cpu_seconds_per_step * 1e3,
+            "compile_seconds": fit.compile_seconds, "plugins": fit.plugins}
+
+
+def conv_worker(args: argparse.Namespace) -> dict:
+    """One 3x3 convolution's forward+backward at 32x32x64 (the note's hot spot), both layouts."""
+    import jax
+    import jax.numpy as jnp
+
+    b = sizes(args)["batch_size"]
+    out = {}
+    for layout, dn in (("NHWC", ("NHWC", "HWIO", "NHWC")), ("NCHW", ("NCHW", "OIHW", "NCHW"))):
+        x = jnp.ones((b, 32, 32, 64) if layout == "NHWC" else (b, 64, 32, 32))
+        w = jnp.ones((3, 3, 64, 64) if layout == "NHWC" else (64, 64, 3, 3)) * 0.01
+
+        def f(x, w, dn=dn):
+            return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                dimension_numbers=dn).sum()
+
+        grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+        jax.block_until_ready(grad(x, w))
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            jax.block_until_ready(grad(x, w))
+            times.append(time.perf_counter() - start)
+        out[layout] = min(times)
+    return {"nhwc_ms": out["NHWC"] * 1e3, "nchw_ms": out["NCHW"] * 1e3}
+
+
+WORKERS = {"torch": torch_worker, "jax-hand": jax_hand_worker, "jax-fit": jax_fit_worker,
+           "conv": conv_worker}
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    if args.cpus:
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cpus]))
+    if args._worker != "torch":
+        harness.prepare_runtime(quick=args.quick)
+    harness.emit_result(WORKERS[args._worker](args))
+    return 0
+
+
+# ------------------------------------------------------------------------------- parent
+
+
+def child(args: argparse.Namespace, worker: str, *extra: str, xla_flags: str = "",
+          env: dict | None = None) -> dict:
+    argv = [sys.executable, str(SCRIPT), "--_worker", worker,
+            "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+            *(["--quick"] if args.quick else []), *extra]
+    child_env = {**os.environ, **(env or {})}
+    if xla_flags:
+        child_env["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags]).strip()
+    return harness.child_result(argv, env=child_env)
+
+
+def torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def line(label: str, r: dict) -> str:
+    return (f"  {label:<66} {r['images_per_second']:8.1f} images/s  "
+            f"CPU {r['cpu_ms_per_step']:8.0f} ms/step  peak RSS {r['peak_rss_mib']:6.0f} MiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        return run_worker(args)
+    harness.prepare_runtime(quick=args.quick)
+    harness.print_header("ResNet-18 (CIFAR stem) training: PyTorch vs nnx-trainer", args,
+                         extra_packages=["torch"])
+    s = sizes(args)
+    print(f"model resnet18 (cifar stem, width {s['width']}), {s['image_size']}x"
+          f"{s['image_size']}x3 float32 in memory, batch {s['batch_size']}, "
+          f"{s['steps']} timed steps each", flush=True)
+    results = {}
+    if torch_available():
+        results["torch"] = child(args, "torch")
+        print(line(f"plain PyTorch step ({results['torch']['threads']} threads)",
+                   results["torch"]), flush=True)
+    else:
+        print("  PyTorch is not installed: pip install -e '.[bench]' (torch==2.13.0, CPU build)")
+    if not args.quick:  # the smoke run checks the two sides of the ratio only
+        results["jax-hand"] = child(args, "jax-hand")
+        print(line("JAX hand loop (jax.jit split/merge, donated)", results["jax-hand"]),
+              flush=True)
+    results["jax-fit"] = child(args, "jax-fit")
+    fit = results["jax-fit"]
+    print(line("ours: Trainer.fit, default plugins, in-epoch steady state", fit))
+    print(f"    (with its epoch boundary every {s['steps'] + 1} steps: "
+          f"{fit['images_per_second_with_boundaries']:.1f} images/s)")
+    if "torch" in results:
+        torch_rate = results["torch"]["images_per_second"]
+        print(f"  ratio ours/pytorch (images/s): {fit['images_per_second'] / torch_rate:.3f}")
+        if "jax-hand" in results:
+            print(f"  ratio jax-hand/pytorch (the runtime's share): "
+                  f"{results['jax-hand']['images_per_second'] / torch_rate:.3f}")
+        print(f"  ratio peak RSS ours/pytorch: "
+              f"{fit['peak_rss_mib'] / results['torch']['peak_rss_mib']:.2f}")
+    if "jax-hand" in results:
+        print(f"  ratio ours/jax-hand (the Trainer's share): "
+              f"{fit['images_per_second'] / results['jax-hand']['images_per_second']:.3f}")
+    if args.explore:
+        explore(args)
+    return 0
+
+
+def explore(args: argparse.Namespace) -> None:
+    print("\n[explore] one 3x3 convolution fwd+bwd, batch "
+          f"{sizes(args)['batch_size']}, 32x32x64->64 (ms, best of 3):", flush=True)
+    for label, flags in (("default flags", ""), ("--xla_cpu_use_onednn=true",
+                                                 "--xla_cpu_use_onednn=true"),
+                         ("onednn fusion individual_convolution",
+                          "--xla_cpu_experimental_onednn_fusion_type=individual_convolution"),
+                         ("xnn fusion individual_convolution",
+                          "--xla_cpu_experimental_xnn_fusion_type=individual_convolution"),
+                         ("ynn fusion individual_convolution",
+                          "--xla_cpu_experimental_ynn_fusion_type=individual_convolution")):
+        try:
+            r = child(args, "conv", xla_flags=flags)
+            print(f"  {label:<40} NHWC {r['nhwc_ms']:7.1f}   NCHW {r['nchw_ms']:7.1f}",
+                  flush=True)
+        except harness.ChildFailed as exc:
+            print(f"  {label:<40} failed: {str(exc).splitlines()[-1]}", flush=True)
+    if args.conv_only:
+        return
+    print("\n[explore] whole training step, one child process each:", flush=True)
+    have_torch = torch_available()
+    for label, worker, flags, env, extra in EXPLORE_VARIANTS:
+        if worker == "torch" and not have_torch:
+            continue
+        try:
+            print(line(label, child(args, worker, *extra, xla_flags=flags, env=env)), flush=True)
+        except harness.ChildFailed as exc:
+            print(f"  {label:<66} failed: {str(exc).splitlines()[-1]}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

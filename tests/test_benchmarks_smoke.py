@@ -1,0 +1,60 @@
+"""Every benchmark script runs end to end with ``--quick`` and prints its figures.
+
+Only that the scripts work is checked: exit status 0 and a result line. Never a
+figure: timings depend on the machine and on whatever else runs on it. The scripts
+run two at a time (each is mostly one process compiling on one core).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+# script -> a text its result lines contain
+SCRIPTS = {
+    "loop_overhead.py": "ratio small",
+    "data_throughput.py": "ratio digits pipeline/step",
+    "vs_pytorch.py": "images/s",
+    "memory.py": "ratio peak RSS example/hand",
+    "strategies_throughput.py": "ratio fsdp/single_device",
+    "resnet50_gpu.py": "images/s",
+}
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True,
+        timeout=timeout, env=env, stdin=subprocess.DEVNULL, cwd=BENCHMARKS.parent,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_runs() -> dict[str, subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_script, name, "--quick") for name in SCRIPTS}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_quick_run_exits_cleanly_and_prints_its_result(quick_runs, name):
+    proc = quick_runs[name]
+    assert proc.returncode == 0, (proc.stdout[-2000:] + proc.stderr[-4000:])
+    assert SCRIPTS[name] in proc.stdout, proc.stdout[-3000:]
+    # Every script says what it ran on and with which inputs.
+    assert "machine:" in proc.stdout and "inputs:" in proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_help_describes_the_script(name):
+    proc = run_script(name, "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--quick" in proc.stdout

@@ -1,0 +1,158 @@
+"""EMA: the average's math, evaluation on the average, and training left bit-for-bit unchanged."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from tiny_task import TinyTask
+
+import nnx_trainer
+from plugins.ema import EMA
+
+
+def params_of(state) -> list[np.ndarray]:
+    """Host copies of the Param arrays of a model state."""
+    return [np.asarray(x).copy() for x in jax.tree.leaves(nnx.state(state, nnx.Param))]
+
+
+class Snapshots:
+    """Host copies of the parameters at fit start and after every step."""
+
+    name = "snapshots"
+
+    def __init__(self) -> None:
+        self.params: list[list[np.ndarray]] = []
+        self.losses: list[float] = []
+        self.val_loss: list[float] = []
+
+    @nnx_trainer.hookimpl
+    def on_fit_start(self, trainer):
+        self.params.append(params_of(trainer.state[0]))
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer, loss):
+        self.params.append(params_of(trainer.state[0]))
+        self.losses.append(float(loss))
+
+    @nnx_trainer.hookimpl
+    def on_validation_end(self, stage, metrics):
+        if stage == "validate":
+            self.val_loss.append(float(metrics["val/loss"]))
+
+
+def make_trainer(tmp_path, plugins, **kwargs):
+    kwargs.setdefault("batch_size", 16)
+    return nnx_trainer.Trainer(run_dir=tmp_path, plugin_autoload=False, plugins=plugins, **kwargs)
+
+
+def test_average_over_three_steps_matches_a_hand_computation_and_apply_at_end(tmp_path):
+    class EveryTwo(EMA):
+        name = "ema_every_two"
+
+    class SGD(TinyTask):
+        def configure_optimizer(self, total_steps):
+            return optax.sgd(0.5)
+
+    d = 0.9
+    every_step = EMA(decay=d, apply_at_end=True)
+    every_two = EveryTwo(decay=0.75, update_every=2)
+    snaps = Snapshots()
+    trainer = make_trainer(tmp_path, [every_step, every_two, snaps], max_steps=3)
+    trainer.fit(SGD(n_val=0))
+
+    # ema_3 = d^3 p0 + d^2 (1-d) p1 + d (1-d) p2 + (1-d) p3, for every Param (BatchNorm
+    # scale/bias, kernels, biases); apply_at_end left it in the model.
+    model_params = params_of(nnx.state(trainer.model))
+    for i, averaged in enumerate(model_params):
+        p0, p1, p2, p3 = (s[i] for s in snaps.params)
+        expected = d**3 * p0 + d**2 * (1 - d) * p1 + d * (1 - d) * p2 + (1 - d) * p3
+        np.testing.assert_allclose(averaged, expected, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(model_params[3], snaps.params[3][3])  # fc1 kernel: not the last step
+
+    # update_every=2: only the parameters after step 2 were folded in.
+    for i, averaged in enumerate(params_of(every_two.averaged_model_state(trainer))):
+        expected = 0.75 * snaps.params[0][i] + 0.25 * snaps.params[2][i]
+        np.testing.assert_allclose(averaged, expected, rtol=1e-6, atol=1e-7)
+
+
+def evaluate_by_hand(trainer, task, model_state):
+    """Mean val loss of ``model_state`` in eval mode (the live model, then re-synced)."""
+    model = trainer.model
+    nnx.update(model, model_state)
+    model.eval()
+    examples = [task.val_data()[i] for i in range(task.n_val)]
+    x = np.stack([e["image"] for e in examples])
+    y = np.stack([e["label"] for e in examples])
+    loss = optax.softmax_cross_entropy_with_integer_labels(model(x), y)
+    model.train()
+    return float(np.mean(np.asarray(loss)))
+
+
+def test_evaluation_uses_the_average_and_training_is_unchanged(tmp_path):
+    task = TinyTask(n_val=20)
+    common = dict(max_epochs=2, val_check_interval=3, eval_batch_size=8)
+
+    plain = Snapshots()
+    plain_trainer = make_trainer(tmp_path / "plain", [plain], **common)
+    plain_trainer.fit(task)
+
+    ema, snaps = EMA(decay=0.8), Snapshots()
+    trainer = make_trainer(tmp_path / "ema", [ema, snaps], **common)
+    trainer.fit(task)
+
+    # Training: same losses and parameters, bit for bit, despite 4 swaps in and out
+    # (mid-epoch at steps 3 and 6, and at both epoch ends).
+    assert snaps.losses == plain.losses
+    for a, b in zip(snaps.params, plain.params, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(plain_trainer.state),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # Evaluation: the last validation (after the last step) ran on the average.
+    assert len(snaps.val_loss) == 4
+    averaged = evaluate_by_hand(trainer, task, ema.averaged_model_state(trainer))
+    raw = evaluate_by_hand(trainer, task, trainer.state[0])
+    assert snaps.val_loss[-1] == pytest.approx(averaged, rel=1e-5)
+    assert plain.val_loss[-1] == pytest.approx(raw, rel=1e-5)
+    assert abs(averaged - raw) > 1e-4  # the check can tell them apart
+
+    # After the fit, standalone evaluation still uses the average...
+    assert trainer.validate(task)["val/loss"] == pytest.approx(averaged, rel=1e-5)
+    assert trainer.validate(task)["val/loss"] == pytest.approx(averaged, rel=1e-5)
+    # ...until the training state is replaced (e.g. restored): then the average is stale.
+    trainer.state = jax.tree.map(lambda x: x.copy(), trainer.state)
+    assert trainer.validate(task)["val/loss"] == pytest.approx(raw, rel=1e-5)
+
+
+def test_default_instance_does_nothing():
+    ema = EMA()
+    trainer = SimpleNamespace(global_step=1)  # no state: any access would fail
+    ema.on_fit_start(trainer=trainer)
+    ema.on_train_batch_end(trainer=trainer)
+    ema.on_validation_start(trainer=trainer)
+    ema.on_validation_end(trainer=trainer)
+    ema.on_fit_end(trainer=trainer)
+    with pytest.raises(RuntimeError, match=r"configure EMA\(decay=...\)"):
+        ema.averaged_model_state(trainer)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"decay": 1.0}, r"decay must be a number in \(0, 1\)"),
+        ({"decay": 0}, r"decay must be a number in \(0, 1\)"),
+        ({"decay": "0.9"}, r"decay must be a number in \(0, 1\)"),
+        ({"decay": 0.9, "update_every": 0}, "update_every must be a positive integer"),
+        ({"decay": 0.9, "update_every": 1.5}, "update_every must be a positive integer"),
+    ],
+)
+def test_bad_options_say_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EMA(**kwargs)

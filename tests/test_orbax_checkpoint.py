@@ -1,0 +1,393 @@
+"""The Orbax checkpoint plugin in one process: options, cadence, retention, restore paths,
+weights-only, non-finite state, plugin state, and the data iterator position.
+
+Crash/kill/SIGTERM tests with real processes are in test_resume.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from tiny_task import TinyTask
+
+import nnx_trainer
+from nnx_trainer import data as data_lib
+from plugins.orbax_checkpoint import KeepLatestAndBest, OrbaxCheckpoint
+
+CKPT_LOG = "nnx_trainer.checkpoint"
+
+
+class Record:
+    """Per-step losses, logged metrics by step, and the hook calls that show epoch handling."""
+
+    name = "record"
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        self.losses: dict[int, float] = {}
+        self.logged: list[tuple[int, dict[str, float]]] = []
+        self.calls: list[tuple] = []
+        self.crash_at = crash_at
+
+    @nnx_trainer.hookimpl
+    def on_fit_start(self, trainer):
+        self.calls.append(("fit_start", trainer.global_step))
+
+    @nnx_trainer.hookimpl
+    def on_train_epoch_start(self, epoch):
+        self.calls.append(("epoch_start", epoch))
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer, step, loss):
+        self.losses[step] = float(loss)
+        if trainer.global_step == self.crash_at:
+            raise RuntimeError(f"simulated crash after step {trainer.global_step}")
+
+    @nnx_trainer.hookimpl
+    def log_metrics(self, metrics, step):
+        self.logged.append((step, {k: float(v) for k, v in metrics.items()}))
+
+
+def make_trainer(tmp_path, *plugins, run="run", **kwargs) -> nnx_trainer.Trainer:
+    kwargs.setdefault("batch_size", 16)  # TinyTask: 64 examples, 4 steps per epoch
+    return nnx_trainer.Trainer(
+        run_dir=tmp_path / run, plugin_autoload=False, plugins=list(plugins), **kwargs
+    )
+
+
+def committed(path) -> list[int]:
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def read_meta(step_dir) -> dict[str, Any]:
+    with ocp.CheckpointManager(
+        step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    ) as manager:
+        return manager.restore(
+            int(step_dir.name), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+
+
+def arrays(trainer) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.checkpoint_state()["state"])]
+
+
+# ---------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps must be a positive integer or None"),
+        ({"every_n_epochs": 1.5}, "every_n_epochs must be a positive integer or None"),
+        ({"keep_last": 0}, "keep_last must be a positive integer"),
+        ({"mode": "median"}, "mode must be 'min' or 'max'"),
+        ({"keep_best": 3}, r"keep_best=3 ranks checkpoints by a metric: also pass monitor="),
+        ({"monitor": ""}, "monitor must be a metric name such as 'val/loss'"),
+        ({"monitor": "val/loss", "keep_best": 0}, "keep_best must be a positive integer"),
+    ],
+)
+def test_bad_options_say_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        OrbaxCheckpoint(**kwargs)
+
+
+def test_default_instance_is_the_entry_point_and_monitor_implies_keep_best_one():
+    from nnx_trainer.plugin_manager import create_plugin_manager
+
+    pm = create_plugin_manager(plugins=["checkpoint"], autoload=False)
+    assert isinstance(pm.get_plugin("checkpoint"), OrbaxCheckpoint)
+    assert OrbaxCheckpoint(monitor="val/loss").keep_best == 1
+    assert OrbaxCheckpoint().keep_best is None
+
+
+@dataclass
+class Info:
+    step: int
+    metrics: Any
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_retention_keeps_the_best_k_plus_the_latest_k(mode):
+    sign = 1 if mode == "min" else -1
+    vals = {4: 0.9, 8: 0.3, 12: float("nan"), 16: 0.5, 20: 0.3, 24: 0.8}
+    infos = [Info(s, {"val/loss": sign * v}) for s, v in vals.items()]
+    infos[3:3] = [Info(14, {}), Info(15, None)]  # mid-epoch saves: no metric
+    infos.append(Info(26, {}))
+    policy = KeepLatestAndBest(keep_last=2, keep_best=2, monitor="val/loss", mode=mode)
+    kept = [i.step for i, k in zip(infos, policy.should_preserve(infos), strict=True) if k]
+    # Best two: 8 and 20 tie at 0.3 (both kept), NaN never counts; latest two: 24, 26.
+    assert kept == [8, 20, 24, 26]
+    policy = KeepLatestAndBest(keep_last=1, keep_best=1, monitor="val/loss", mode=mode)
+    kept = [i.step for i, k in zip(infos, policy.should_preserve(infos), strict=True) if k]
+    assert kept == [8, 26]  # a tie goes to the earlier step
+    assert KeepLatestAndBest(keep_last=3).should_preserve(infos[:2]) == [True, True]
+
+
+# --------------------------------------------------------- cadence, resume
+
+
+def test_epoch_end_checkpoint_starts_the_next_epoch_and_older_resume_drops_later_steps(
+    tmp_path, caplog
+):
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    full = Record()
+    make_trainer(tmp_path, full, OrbaxCheckpoint(keep_last=5), max_epochs=3).fit(TinyTask())
+    assert committed(ckpt_dir) == [4, 8, 12]  # every epoch, after its validation
+    meta = read_meta(ckpt_dir / "4")
+    assert (meta["global_step"], meta["epoch"], meta["batch_in_epoch"]) == (4, 1, 0)
+    assert meta["data_state"] is None and meta["checkpoint"]["weights_only"] is False
+
+    resumed = Record()
+    caplog.set_level(logging.WARNING, logger=CKPT_LOG)
+    trainer = make_trainer(tmp_path, resumed, OrbaxCheckpoint(keep_last=5), max_epochs=3)
+    trainer.fit(TinyTask(), ckpt_path=str(ckpt_dir / "4"))
+    assert resumed.calls[:2] == [("fit_start", 4), ("epoch_start", 1)]  # no epoch 0 again
+    assert resumed.losses == {s: full.losses[s] for s in range(4, 12)}
+    assert "deleting its later steps 8, 12" in caplog.text
+    assert committed(ckpt_dir) == [4, 8, 12]  # 8 and 12 written again by this run
+    assert read_meta(ckpt_dir / "12")["global_step"] == 12
+
+
+def test_crash_mid_epoch_resumes_losses_train_metrics_and_validation_exactly(tmp_path):
+    opts = {"max_steps": 14, "log_every_n_steps": 3, "val_check_interval": 5}
+    full = Record()
+    full_trainer = make_trainer(tmp_path, full, run="full", **opts)
+    full_trainer.fit(TinyTask())
+
+    crashed = Record(crash_at=8)
+    with pytest.raises(RuntimeError, match="simulated crash after step 8"):
+        make_trainer(tmp_path, crashed, OrbaxCheckpoint(every_n_steps=3), **opts).fit(
+            TinyTask()
+        )
+    assert committed(tmp_path / "run" / "checkpoints") == [6]  # 3 and 4 dropped (keep_last=1)
+
+    resumed = Record()
+    trainer = make_trainer(tmp_path, resumed, OrbaxCheckpoint(every_n_steps=3), **opts)
+    trainer.fit(TinyTask(), ckpt_path="last")
+    assert resumed.losses == {s: full.losses[s] for s in range(6, 14)}
+    # The train-metrics accumulator came back too: the logged window means match, and
+    # the val_check_interval validation at step 10 sees the same weights.
+    assert resumed.logged == [(s, m) for s, m in full.logged if s > 6]
+    for a, b in zip(arrays(trainer), arrays(full_trainer), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- restore
+
+
+def test_last_with_nothing_saved_starts_fresh_with_a_notice(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=CKPT_LOG)
+    trainer = make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=2)
+    trainer.fit(TinyTask(), ckpt_path="last")
+    assert "ckpt_path='last': no checkpoint in" in caplog.text and "starting fresh" in caplog.text
+    assert trainer.global_step == 2
+    assert committed(tmp_path / "run" / "checkpoints") == [2]
+
+
+def test_restore_errors_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match=r"ckpt_path='best' needs a metric.*monitor="):
+        make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=1).fit(TinyTask(), ckpt_path="best")
+    with pytest.raises(ValueError, match=r"'nope/120' is not 'last', 'best' or an existing"):
+        make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=1).fit(
+            TinyTask(), ckpt_path="nope/120"
+        )
+    with pytest.raises(ValueError, match="no checkpoint plugin is active"):
+        make_trainer(tmp_path, max_steps=1).fit(TinyTask(), ckpt_path="last")
+
+    make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=2).fit(TinyTask())  # saves step 2
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    partial = ckpt_dir / "7.orbax-checkpoint-tmp"
+    partial.mkdir()
+    with pytest.raises(ValueError, match="is an uncommitted checkpoint"):
+        make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=9).fit(
+            TinyTask(), ckpt_path=str(partial)
+        )
+    with pytest.raises(ValueError, match="no checkpoint in .* has a 'val/loss' value"):
+        make_trainer(tmp_path, OrbaxCheckpoint(monitor="val/loss"), max_steps=4).test(
+            TinyTask(), ckpt_path="best"
+        )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no committed checkpoint in"):
+        make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=4).validate(
+            TinyTask(), ckpt_path=str(empty)
+        )
+
+
+def test_a_fresh_fit_moves_an_earlier_runs_checkpoints_aside(tmp_path, caplog):
+    make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=6).fit(TinyTask())
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert committed(ckpt_dir) == [6]
+    caplog.set_level(logging.WARNING, logger=CKPT_LOG)
+    make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=2).fit(TinyTask())  # not resumed
+    assert "holds checkpoints (steps 6) of an earlier run" in caplog.text
+    assert committed(ckpt_dir) == [2]  # "last" is this run's, not the earlier step 6
+    (aside,) = ckpt_dir.glob("_earlier-*")
+    assert committed(aside) == [6] and read_meta(aside / "6")["global_step"] == 6
+
+
+def test_restore_from_another_run_reads_it_and_leaves_it_as_it_was(tmp_path, caplog):
+    make_trainer(tmp_path, OrbaxCheckpoint(keep_last=3), run="a", max_epochs=2).fit(TinyTask())
+    source = tmp_path / "a" / "checkpoints"
+    partial = source / "11.orbax-checkpoint-tmp"
+    partial.mkdir()
+    before = sorted(p.name for p in source.iterdir())
+
+    caplog.set_level(logging.WARNING, logger=CKPT_LOG)
+    trainer = make_trainer(tmp_path, OrbaxCheckpoint(), run="b", max_epochs=3)
+    trainer.fit(TinyTask(), ckpt_path=str(source))  # a checkpoints directory: its latest
+    assert str(partial) in caplog.text  # named, skipped, and not removed (not ours)
+    assert sorted(p.name for p in source.iterdir()) == before
+    assert committed(tmp_path / "b" / "checkpoints") == [12]
+
+    probe = make_trainer(tmp_path, OrbaxCheckpoint(), run="c", max_steps=1)
+    metrics = probe.validate(TinyTask(), ckpt_path=str(source / "4"))
+    assert probe.global_step == 4 and metrics["val/loss"] > 0
+
+
+def test_test_with_best_evaluates_the_best_checkpoint(tmp_path):
+    record = Record()
+    ckpt = OrbaxCheckpoint(monitor="val/loss", keep_best=1)
+    trainer = make_trainer(tmp_path, record, ckpt, max_epochs=4)
+
+    class HardTask(TinyTask):  # noisy validation loss, so the best epoch is not the last
+        def configure_optimizer(self, total_steps):
+            import optax
+
+            return optax.sgd(0.8, momentum=0.9)
+
+    task = HardTask()
+    trainer.fit(task)
+    vals = {s: m["val/loss"] for s, m in record.logged if "val/loss" in m}
+    best = min(vals, key=lambda s: (vals[s], s))
+    print("val/loss by step", vals)
+    assert committed(tmp_path / "run" / "checkpoints") == sorted({best, 16})
+    metrics = trainer.test(task, ckpt_path="best")
+    assert trainer.global_step == best
+    assert metrics["test/loss"] == pytest.approx(vals[best], rel=1e-6)
+
+
+def test_weights_only_loads_for_evaluation_and_refuses_to_resume(tmp_path):
+    task = TinyTask()
+    ckpt = OrbaxCheckpoint(weights_only=True, async_save=False)
+    trainer = make_trainer(tmp_path, ckpt, max_steps=6)
+    trainer.fit(task)
+    expected = trainer.test(task)
+    step_dir = tmp_path / "run" / "checkpoints" / "6"
+    with ocp.CheckpointManager(
+        step_dir.parent, options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    ) as manager:
+        saved = manager.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    assert set(saved["state"]) == {"model"}  # no optimizer, no metrics
+
+    fresh = make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=6)
+    assert fresh.test(task, ckpt_path=str(step_dir)) == expected
+    with pytest.raises(ValueError, match="weights_only=True.*fit cannot resume from it"):
+        make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=8).fit(task, ckpt_path="last")
+
+
+class NaNAfter(TinyTask):
+    """The loss (so the gradients and then the parameters) turns NaN at global step ``bad``."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.bad = bad
+
+    def configure_model(self, rngs):
+        model = super().configure_model(rngs)
+        model.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))  # not trained, but saved
+        return model
+
+    def training_step(self, model, batch):
+        loss, aux = super().training_step(model, batch)
+        step = model.calls[...]
+        model.calls[...] = step + 1
+        return jnp.where(step == self.bad, jnp.nan, 1.0) * loss, aux
+
+
+def test_non_finite_state_is_never_committed_and_the_last_good_one_restores(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=CKPT_LOG)
+    ckpt = OrbaxCheckpoint(every_n_steps=1, keep_last=10)
+    make_trainer(tmp_path, ckpt, max_steps=7).fit(NaNAfter(bad=4))
+    # Step index 4 is the fifth step: states after 5, 6, 7 steps hold NaN.
+    assert committed(tmp_path / "run" / "checkpoints") == [1, 2, 3, 4]
+    for step in (5, 6, 7):
+        assert f"not saving the checkpoint of step {step}: the training state has NaN" in (
+            caplog.text
+        )
+    trainer = make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=7)
+    trainer.validate(NaNAfter(bad=4), ckpt_path="last")
+    assert trainer.global_step == 4
+    assert all(np.isfinite(a).all() for a in arrays(trainer) if a.dtype.kind == "f")
+
+
+class Stateful:
+    """A plugin whose state_dict holds NumPy numbers (converted to JSON by the plugin)."""
+
+    name = "stateful"
+
+    def __init__(self, bad: bool = False) -> None:
+        self.seen = 0
+        self.bad = bad
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self):
+        self.seen += 1
+
+    @nnx_trainer.hookimpl
+    def state_dict(self):
+        return {"stateful": {"seen": np.int64(self.seen), "mean": np.float32(0.5),
+                             "obj": object() if self.bad else None}}
+
+    @nnx_trainer.hookimpl
+    def load_state_dict(self, state):
+        self.seen = state["stateful"]["seen"]
+
+
+def test_plugin_state_rides_along_and_bad_state_fails_clearly(tmp_path):
+    make_trainer(tmp_path, Stateful(), OrbaxCheckpoint(), max_steps=3).fit(TinyTask())
+    plugin = Stateful()
+    make_trainer(tmp_path, plugin, OrbaxCheckpoint(), max_steps=5).fit(
+        TinyTask(), ckpt_path="last"
+    )
+    assert plugin.seen == 5
+    with pytest.raises(TypeError, match="state_dict of plugin key 'stateful' cannot be written"):
+        make_trainer(tmp_path, Stateful(bad=True), OrbaxCheckpoint(), run="bad", max_steps=1).fit(
+            TinyTask()
+        )
+
+
+# ------------------------------------------------------------ data position
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_state_of_a_consumed_batch_resumes_a_fresh_loader_exactly(workers):
+    examples = grain.MapDataset.source([{"x": np.int32(i)} for i in range(48)])
+
+    def pipeline(workers=workers):
+        config = data_lib.PipelineConfig(4, worker_count=workers)
+        return iter(data_lib.train_pipeline(examples, (), config, seed=5, epoch=1))
+
+    expected = [b["x"].tolist() for b in pipeline(workers=0)]  # workers keep the order
+    assert len(expected) == 12
+    # Consume 5 batches through the prefetcher (it reads 2 ahead): the state recorded
+    # with the 5th is the resume point, not the look-ahead position.
+    with data_lib.DevicePrefetcher(pipeline(), lambda b: b, size=2) as prefetcher:
+        for _ in range(5):
+            _, state = next(prefetcher)
+            prefetcher.refill()
+    fresh = pipeline()
+    fresh.set_state(state)
+    rest = [b["x"].tolist() for b in fresh]
+    if hasattr(fresh, "close"):
+        fresh.close()
+    assert rest == expected[5:]

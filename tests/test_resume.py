@@ -1,0 +1,236 @@
+"""Exact resume through real processes: SIGKILL between saves, SIGKILL during an
+asynchronous save, SIGTERM from the parent, and Grain worker processes.
+
+Every run is ``tests/scripts/ckpt_train.py`` (TinyTask, 64 examples, batch 16: four
+steps per epoch, 20 steps, validation after each epoch). A run that was stopped and
+resumed must reproduce the uninterrupted run's per-step losses after the restored
+step and its final arrays bit for bit (CPU, same settings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "ckpt_train.py"
+MAX_STEPS = 20
+BEST_K = ("--every-n-steps", "3", "--monitor", "val/loss", "--keep-best", "2", "--keep-last", "1")
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    return env
+
+
+class Run:
+    """One invocation of the script and the files it leaves."""
+
+    def __init__(self, base: Path, name: str, run_dir: Path) -> None:
+        self.name, self.run_dir = name, run_dir
+        self.losses_file = base / f"{name}.losses"
+        self.vals_file = base / f"{name}.vals"
+        self.out_file = base / f"{name}.json"
+        self.params_file = base / f"{name}.npz"
+        self.proc: subprocess.CompletedProcess | None = None
+
+    def args(self, *extra: str) -> list[str]:
+        return [
+            sys.executable, str(SCRIPT), "--run-dir", str(self.run_dir),
+            "--max-steps", str(MAX_STEPS), "--losses", str(self.losses_file),
+            "--vals", str(self.vals_file), "--out", str(self.out_file),
+            "--params", str(self.params_file), *extra,
+        ]
+
+    def run(self, *extra: str, rc: int = 0) -> Run:
+        self.proc = subprocess.run(
+            self.args(*extra), env=_env(), capture_output=True, text=True, timeout=240
+        )
+        assert self.proc.returncode == rc, (
+            f"{self.name}: exit {self.proc.returncode}, expected {rc}\n"
+            f"{self.proc.stdout[-3000:]}\n{self.proc.stderr[-5000:]}"
+        )
+        return self
+
+    @property
+    def stderr(self) -> str:
+        return self.proc.stderr if self.proc is not None else ""
+
+    @property
+    def losses(self) -> dict[int, float]:
+        out = {}
+        for line in self.losses_file.read_text().splitlines():
+            step, loss = line.split()
+            out[int(step)] = float(loss)
+        return out
+
+    @property
+    def vals(self) -> dict[int, float]:
+        out = {}
+        for line in self.vals_file.read_text().splitlines():
+            step, loss = line.split()
+            out[int(step)] = float(loss)
+        return out
+
+    @property
+    def out(self) -> dict:
+        return json.loads(self.out_file.read_text())
+
+    @property
+    def params(self) -> list[np.ndarray]:
+        with np.load(self.params_file) as z:
+            return [z[f"arr_{i}"] for i in range(len(z.files))]
+
+    def committed_steps(self) -> list[int]:
+        ckpt = self.run_dir / "checkpoints"
+        return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+
+    def leftovers(self) -> list[str]:
+        return sorted(p.name for p in (self.run_dir / "checkpoints").iterdir()
+                      if "orbax-checkpoint-tmp" in p.name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Run:
+    """The uninterrupted run every resumed run is compared with (same checkpoint options)."""
+    base = tmp_path_factory.mktemp("reference")
+    return Run(base, "reference", base / "run").run(*BEST_K)
+
+
+def assert_same_continuation(resumed: Run, reference: Run, start: int) -> None:
+    ref, got = reference.losses, resumed.losses
+    assert sorted(got) == list(range(start, MAX_STEPS))
+    assert [got[s] for s in sorted(got)] == [ref[s] for s in sorted(got)]  # bit-identical
+    ref_params, got_params = reference.params, resumed.params
+    assert len(got_params) == len(ref_params) > 0
+    for a, b in zip(got_params, ref_params, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigkill_between_saves_resumes_exactly_with_best_k_and_plugin_state(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    killed = Run(tmp_path, "killed", run_dir).run(*BEST_K, "--kill-at-step", "10", rc=-9)
+    ref = reference.losses
+    assert killed.losses == {s: ref[s] for s in range(10)}
+    # Saves at 3, 4 (epoch end), 6, 8 (epoch end), 9; the kill came after 9 committed.
+    assert killed.committed_steps()[-1] == 9
+
+    resumed = Run(tmp_path, "resumed", run_dir).run(*BEST_K, "--resume", "last")
+    assert resumed.out["start_step"] == 9 and resumed.out["end_step"] == MAX_STEPS
+    assert_same_continuation(resumed, reference, start=9)
+    # The counter plugin's state came back from the checkpoint: 9 + 11 batches.
+    assert resumed.out["counter"] == reference.out["counter"] == MAX_STEPS
+
+    # Best-2 by val/loss among the epoch-end checkpoints, plus the latest: the same
+    # steps as the uninterrupted run kept, and the ones the rule names.
+    vals = reference.vals
+    assert sorted(vals) == [4, 8, 12, 16, 20]
+    best2 = sorted(sorted(vals, key=lambda s: (vals[s], s))[:2])
+    expected = sorted({*best2, MAX_STEPS})
+    assert reference.committed_steps() == expected
+    assert resumed.committed_steps() == expected
+    assert not resumed.leftovers()
+
+
+def test_sigkill_during_async_save_skips_the_partial_checkpoint(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    opts = ("--every-n-steps", "3", "--keep-last", "1")
+    # The commit (final rename) of checkpoint 6 never happens; the process is killed
+    # while that asynchronous save is in flight.
+    Run(tmp_path, "killed", run_dir).run(*opts, "--hang-save-at", "6", rc=-9)
+    partial = Path((run_dir / "commit_hanging").read_text())
+    assert partial.exists() and partial.name.startswith("6.orbax-checkpoint-tmp")
+    assert (partial / "state").exists()  # its data was written; only the commit is missing
+    killed = Run(tmp_path, "killed", run_dir)
+    # keep_last=1: 3 went once 4 committed, but 4 stays until its successor commits.
+    assert killed.committed_steps() == [4]
+
+    resumed = Run(tmp_path, "resumed", run_dir).run(*opts, "--resume", "last")
+    assert "uncommitted checkpoint" in resumed.stderr and str(partial) in resumed.stderr
+    assert resumed.out["start_step"] == 4
+    assert_same_continuation(resumed, reference, start=4)
+    # Step 6 was saved again (committed: the next save waits for it and would fail
+    # otherwise), later ones replaced it, and nothing partial or deleted is left.
+    assert resumed.out["saved_steps"][:2] == [6, 8]
+    assert resumed.committed_steps() == [MAX_STEPS]
+    assert not resumed.leftovers()
+    assert not (run_dir / "checkpoints" / "_deleted").exists()
+
+
+def test_sigterm_from_the_parent_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    first = Run(tmp_path, "terminated", run_dir)
+    proc = subprocess.Popen(
+        first.args("--step-sleep", "0.15"), env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if first.losses_file.exists() and len(first.losses_file.read_text().split()) >= 12:
+                break  # six steps done
+            if proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-4000:]
+    stopped = first.out
+    assert stopped["preempted"] is True and "SIGTERM" in stderr
+    step = stopped["end_step"]
+    assert 6 <= step < MAX_STEPS
+    assert first.committed_steps()[-1] == step  # the preemption save is committed
+
+    resumed = Run(tmp_path, "resumed", run_dir).run("--resume", "last")
+    assert resumed.out["start_step"] == step
+    assert_same_continuation(resumed, reference, start=step)
+
+
+def test_resume_with_grain_worker_processes_continues_the_epoch(tmp_path, reference):
+    # Grain spawns its worker processes per epoch pipeline (seconds each), so this run
+    # stays inside epoch 0: stop after step 2, resume with fresh workers, finish the epoch.
+    run_dir = tmp_path / "run"
+    first = Run(tmp_path, "first", run_dir).run("--workers", "2", "--max-steps", "2")
+    assert first.out["end_step"] == 2
+    resumed = Run(tmp_path, "resumed", run_dir).run(
+        "--workers", "2", "--max-steps", "4", "--resume", "last"
+    )
+    assert resumed.out["start_step"] == 2 and resumed.out["end_step"] == 4
+    ref = reference.losses
+    assert first.losses == {0: ref[0], 1: ref[1]}
+    assert resumed.losses == {2: ref[2], 3: ref[3]}  # the rest of epoch 0, bit-identical
+
+
+def test_checkpoint_restores_onto_another_device_count_and_strategy(tmp_path):
+    # One device -> FSDP over 4 (sharded leaves) and back: the arrays restore onto the
+    # trainer's target shardings, values unchanged.
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("ckpt_reshard.py")), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 4
+    assert report["single_to_fsdp_equal"] and report["single_to_fsdp_shardings"] == [
+        "NamedSharding"
+    ]
+    assert report["single_to_fsdp_step"] == 5
+    assert report["fsdp_to_single_equal"] and report["fsdp_to_single_shardings"] == [
+        "SingleDeviceSharding"
+    ]
+    assert report["fsdp_to_single_finite"]
