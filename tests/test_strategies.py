@@ -100,24 +100,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(report, tmp_path):
+def _run_processes(tmp_path: Path, count: int, tag: str, *extra: str) -> list[dict]:
+    """Start ``count`` cooperating processes; return each one's JSON report."""
     port = _free_port()
-    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    outs = [tmp_path / f"{tag}-{i}.json" for i in range(count)]
     procs = [
         subprocess.Popen(
-            [sys.executable, str(SCRIPTS / "multiprocess_run.py"), str(port), "2", str(i),
-             str(outs[i])],
+            [sys.executable, str(SCRIPTS / "multiprocess_run.py"), "--port", str(port),
+             "--count", str(count), "--index", str(i), "--out", str(outs[i]), *extra],
             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        for i in range(2)
+        for i in range(count)
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-    results = [json.loads(o.read_text()) for o in outs]
+    assert [p.returncode for p in procs] == [0] * count, "\n".join(x[-2000:] for x in logs)
+    return [json.loads(o.read_text()) for o in outs]
+
+
+def _losses(report: dict) -> list[float]:
+    return [report["losses"][k] for k in sorted(report["losses"], key=int)]
+
+
+def test_two_processes_train_like_one(report, tmp_path):
+    results = _run_processes(tmp_path, 2, "fresh")
     for r in results:
         assert r["process_count"] == 2 and r["devices"] == 2
         # The same global batches as one process: the first 8 single-device steps.
         np.testing.assert_allclose(
-            r["losses"], report["single_device"]["losses"][:8], rtol=1e-5, atol=1e-6
+            _losses(r), report["single_device"]["losses"][:8], rtol=1e-5, atol=1e-6
         )
     assert results[0]["val_accuracy"] == results[1]["val_accuracy"]
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_checkpoint_moves_between_two_processes_and_one(report, tmp_path, first, second):
+    run_dir = str(tmp_path / "run")
+    _run_processes(tmp_path, first, "a", "--run-dir", run_dir, "--max-steps", "4")
+    resumed = _run_processes(
+        tmp_path, second, "b", "--run-dir", run_dir, "--max-steps", "8", "--resume", "last"
+    )
+    for r in resumed:
+        assert sorted(int(k) for k in r["losses"]) == [4, 5, 6, 7]  # continued from step 4
+        np.testing.assert_allclose(
+            _losses(r), report["single_device"]["losses"][4:8], rtol=1e-5, atol=1e-6
+        )
