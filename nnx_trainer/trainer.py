@@ -158,9 +158,10 @@ class Trainer:
         self.preempted = False
         self.stage: str | None = None  # "fit", "validate", "test" or "predict": the latest call
         self.callback_metrics: dict[str, Any] = {}
-        self.data_wait_seconds = 0.0
         self.fit_seconds = 0.0
         self.compile_seconds: dict[str, float] = {}
+        self._data_wait_closed = 0.0  # host seconds blocked on data, finished epochs
+        self._prefetcher: data_lib.DevicePrefetcher | None = None
         self._state: Any = None
         self._train_metrics_state: Any = None
         self._data_state: Any = None
@@ -179,6 +180,12 @@ class Trainer:
             return SingleDeviceStrategy()
         offered = sorted({SingleDeviceStrategy.name, *sum(self.hook.strategy_names(), [])})
         raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(offered)}")
+
+    @property
+    def data_wait_seconds(self) -> float:
+        """Host seconds this fit spent blocked on the data pipeline (live, no device sync)."""
+        live = self._prefetcher.wait_seconds if self._prefetcher is not None else 0.0
+        return self._data_wait_closed + live
 
     @property
     def is_main_process(self) -> bool:
@@ -413,6 +420,8 @@ class Trainer:
         self.stage = "fit"
         # A Trainer can fit again (e.g. after early stopping): stop flags are per fit.
         self.should_stop, self.stop_reason, self.preempted = False, None, False
+        self.fit_seconds, self._data_wait_closed = 0.0, 0.0
+        self.compile_seconds = {}
         try:
             self._plan(task)
             self._build(task)
@@ -455,8 +464,12 @@ class Trainer:
                 iterator, self.strategy.shard_batch, size=self.prefetch,
                 limit=self.steps_per_epoch - self.batch_in_epoch,
             ) as prefetcher:
-                self._train_epoch(prefetcher, train_step)
-            self.data_wait_seconds += prefetcher.wait_seconds
+                self._prefetcher = prefetcher
+                try:
+                    self._train_epoch(prefetcher, train_step)
+                finally:
+                    self._prefetcher = None
+                    self._data_wait_closed += prefetcher.wait_seconds
             if self.batch_in_epoch < self.steps_per_epoch:
                 # Stopped inside the epoch (max_steps, should_stop, preemption): the
                 # counters and data state stay as they are so a resume continues it.
@@ -557,7 +570,10 @@ class Trainer:
             iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
         ) as prefetcher:
             for index, (batch, _) in enumerate(prefetcher):
+                t0 = time.perf_counter()
                 metrics_state = eval_step(self._state, metrics_state, batch)
+                if stage not in self.compile_seconds:  # the first call traces and compiles
+                    self.compile_seconds[stage] = time.perf_counter() - t0
                 prefetcher.refill()
                 self.hook.on_validation_batch_end(trainer=self, stage=stage, batch_index=index)
         prefix = "val" if stage == "validate" else "test"

@@ -304,3 +304,70 @@ def test_pipeline_slices_processes_into_the_same_global_batches():
         assert sorted(joined.tolist()) == sorted(whole["x"].tolist())
     epoch2 = list(train_pipeline(examples, (), PipelineConfig(8), seed=3, epoch=2))
     assert not np.array_equal(epoch2[0]["x"], single[0]["x"])  # reshuffled per epoch
+
+
+def _count_host_reads(monkeypatch, record: list) -> None:
+    """Every float()/int()/tolist()/device_get of a jax array goes through ``_value``."""
+    array_type = type(jax.numpy.zeros(()))
+    original = array_type._value
+
+    def counting_value(self):
+        record.append(True)
+        return original.fget(self)
+
+    monkeypatch.setattr(array_type, "_value", property(counting_value))
+
+
+def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch):
+    reads_per_step: list[int] = []
+    reads: list = []
+
+    class StepReads:
+        @nnx_trainer.hookimpl
+        def on_fit_start(self):
+            # From the first step on, implicit host->device copies are refused too:
+            # batches go up by explicit device_put, nothing else crosses.
+            jax.config.update("jax_transfer_guard_host_to_device", "disallow")
+
+        @nnx_trainer.hookimpl(trylast=True)
+        def on_train_batch_end(self):
+            reads_per_step.append(len(reads))
+
+        @nnx_trainer.hookimpl
+        def log_metrics(self, metrics):  # a logger: reads the values it is given
+            for value in metrics.values():
+                float(value)
+
+    _count_host_reads(monkeypatch, reads)
+    trainer = make_trainer(tmp_path, max_epochs=2, log_every_n_steps=3,
+                           check_val_every_n_epoch=0)
+    trainer.plugin_manager.register(StepReads())
+    try:
+        trainer.fit(TinyTask(n_val=0))
+    finally:
+        jax.config.update("jax_transfer_guard_host_to_device", "allow")
+    monkeypatch.undo()
+    assert len(reads_per_step) == 8
+    # One read (train/loss) each time the train metrics are logged, after steps 3 and 6
+    # (so counted with steps 4 and 7), and none anywhere else in the loop.
+    deltas = np.diff([0, *reads_per_step])
+    assert deltas.tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
+
+
+def test_prefetch_keeps_batches_on_device_ahead_of_the_step():
+    from nnx_trainer.data import DevicePrefetcher
+
+    pulled = []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield {"x": np.full((2,), i)}
+
+    prefetcher = DevicePrefetcher(source(), jax.device_put, size=2)
+    batch, _ = next(prefetcher)
+    assert int(batch["x"][0]) == 0 and pulled == [0, 1]  # batch 1 already on device
+    prefetcher.refill()  # what the trainer does right after dispatching the step
+    assert pulled == [0, 1, 2]
+    assert isinstance(next(prefetcher)[0]["x"], jax.Array)
+    prefetcher.close()

@@ -1,0 +1,69 @@
+"""Throughput: steps/s, images/s and the data-wait share, logged at the trainer's log cadence.
+
+Host clock only: the plugin reads ``time.perf_counter`` and the Trainer's own
+data-wait counter (time blocked on the Grain pipeline), never a device value, so it
+adds no synchronisation. Between two log points the loop is synchronised by the
+loggers reading the step's metrics, so a window's wall time is the device's time.
+The first window of a fit includes compilation and is reported as such
+(``perf/compile_seconds``) instead of as a throughput.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from nnx_trainer import hookimpl
+
+if TYPE_CHECKING:
+    from nnx_trainer import Trainer
+
+
+class Throughput:
+    """Logs ``perf/steps_per_sec``, ``perf/images_per_sec`` and ``perf/data_wait_share``."""
+
+    name = "throughput"
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._window_start: tuple[float, int, float] | None = None
+        self.last: dict[str, float] = {}
+
+    def _mark(self, trainer: Trainer) -> None:
+        self._window_start = (time.perf_counter(), trainer.global_step, trainer.data_wait_seconds)
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Start the first window (it will contain compilation)."""
+        self._window_start = None
+        self.last = {}
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        """At the log cadence, close the window and log its rates as a separate record."""
+        if not self.enabled or trainer.global_step % trainer.log_every_n_steps:
+            return
+        if self._window_start is None:  # first window: compile + first steps
+            self._mark(trainer)
+            return
+        start, first_step, first_wait = self._window_start
+        now, steps = time.perf_counter(), trainer.global_step - first_step
+        seconds = now - start
+        if steps <= 0 or seconds <= 0:
+            return
+        self.last = {
+            "perf/steps_per_sec": steps / seconds,
+            "perf/images_per_sec": steps * trainer.batch_size / seconds,
+            "perf/data_wait_share": (trainer.data_wait_seconds - first_wait) / seconds,
+        }
+        if "train" in trainer.compile_seconds:
+            self.last["perf/compile_seconds"] = trainer.compile_seconds["train"]
+        trainer.hook.log_metrics(trainer=trainer, metrics=dict(self.last),
+                                 step=trainer.global_step)
+        self._mark(trainer)
+
+    @hookimpl
+    def on_validation_end(self, trainer: Trainer) -> None:
+        """Evaluation time is not training time: restart the window after it."""
+        if self._window_start is not None:
+            self._mark(trainer)
