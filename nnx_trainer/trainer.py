@@ -422,6 +422,9 @@ class Trainer:
         self.should_stop, self.stop_reason, self.preempted = False, None, False
         self.fit_seconds, self._data_wait_closed = 0.0, 0.0
         self.compile_seconds = {}
+        # Counters start at zero unless a checkpoint restores them.
+        self.global_step = self.current_epoch = self.batch_in_epoch = 0
+        self._data_state = None
         try:
             self._plan(task)
             self._build(task)
@@ -433,12 +436,8 @@ class Trainer:
                 start = time.perf_counter()
                 self._fit_loop()
                 self.fit_seconds = time.perf_counter() - start
-            if self.preempted:
-                self.hook.on_save_checkpoint(
-                    trainer=self, step=self.global_step, reason="preemption"
-                )
-            else:
-                self.hook.on_save_checkpoint(trainer=self, step=self.global_step, reason="end")
+            reason = "preemption" if self.preempted else "end"
+            self.hook.on_save_checkpoint(trainer=self, step=self.global_step, reason=reason)
             self.hook.wait_for_checkpoints(trainer=self)
             if not self.preempted:
                 self.hook.on_fit_end(trainer=self, task=task)
