@@ -33,9 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from nnx_trainer import hookimpl
+from nnx_trainer.host_values import metric_value
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
@@ -54,19 +53,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
-
-
-def metric_value(value: Any) -> Any:
-    """A metric as a float (device scalars and NumPy numbers included), nested lists, or text."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        pass
-    try:
-        # A vector metric (e.g. per-class accuracy): keep it rather than crash the run.
-        return np.asarray(value, dtype=np.float64).tolist()
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def _dumps(obj: Any) -> str:

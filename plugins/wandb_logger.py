@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
+from nnx_trainer.host_values import metric_value
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
@@ -68,20 +69,6 @@ RUN_ID_FILE = "wandb_run_id.txt"
 def _env_mode() -> str | None:
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     return mode or None
-
-
-def _to_loggable(value: Any) -> Any:
-    """A float for scalars (device arrays included); a list for vectors; else the value."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        pass
-    try:
-        import numpy as np
-
-        return np.asarray(value, dtype=np.float64).tolist()
-    except (TypeError, ValueError):
-        return str(value)
 
 
 class WandbLogger:
@@ -226,7 +213,7 @@ class WandbLogger:
                 summary["stop_reason"] = str(trainer.stop_reason)
             if status != "failed":  # reading device values after a failure may fail again
                 for key, value in trainer.callback_metrics.items():
-                    value = _to_loggable(value)
+                    value = metric_value(value)
                     if isinstance(value, float) and math.isfinite(value):
                         summary[str(key)] = value
             self.run.summary.update(summary)
@@ -263,7 +250,7 @@ class WandbLogger:
         """One ``run.log`` row per call, with ``trainer/global_step`` as its x-axis."""
         if not self._should_log(trainer):
             return
-        row = {str(k): _to_loggable(v) for k, v in metrics.items()}
+        row = {str(k): metric_value(v) for k, v in metrics.items()}
         row[STEP_METRIC] = int(step)
         if self.run is not None:
             self.run.log(row)
