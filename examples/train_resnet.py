@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv + max-pool "
                             "(resnet18..152 only)")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=20, help="training epochs")
+    opt.add_argument("--epochs", type=int, default=30, help="training epochs")
     opt.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     opt.add_argument("--batch-size", type=int, default=32, help="global batch size")
     opt.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
