@@ -43,3 +43,17 @@ def test_missing_data_dir_fails_before_training_with_the_fix(tmp_path):
     assert proc.returncode == 2
     assert "not found" in proc.stderr and "--data-dir" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _accuracy(stdout: str) -> float:
+    line = next(x for x in stdout.splitlines() if x.startswith("held-out top-1 accuracy"))
+    return float(line.split()[3])
+
+
+def test_bf16_trains_the_example_to_comparable_accuracy(tmp_path):
+    common = ("--epochs", "3", "--disable-plugin", "progress", "--no-checkpoint")
+    fp32 = run(*common, "--run-dir", str(tmp_path / "fp32"))
+    bf16 = run(*common, "--precision", "bf16", "--run-dir", str(tmp_path / "bf16"))
+    assert fp32.returncode == 0 and bf16.returncode == 0, bf16.stderr[-2000:]
+    assert _accuracy(bf16.stdout) >= _accuracy(fp32.stdout) - 0.05
+    assert _accuracy(bf16.stdout) > 0.8
