@@ -63,6 +63,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def simd_flags() -> str:
+    """The vector extensions the kernel reports (XLA and oneDNN pick kernels by them)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                wanted = [f for f in flags if f.startswith(("avx", "amx")) or f == "fma"]
+                return " ".join(wanted) or "none of avx/fma/amx"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -78,7 +91,7 @@ def machine_lines(extra_packages: Sequence[str] = ()) -> list[str]:
     versions = " ".join(f"{p} {_version(p)}" for p in packages)
     return [
         f"machine: {cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
-        f"{_memory_gib():.0f} GiB, python {platform.python_version()}",
+        f"{_memory_gib():.0f} GiB, python {platform.python_version()}; SIMD: {simd_flags()}",
         f"versions: {versions}",
         f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '') or '(none)'}",
         f"load average (1, 5, 15 min): {load}"

@@ -85,8 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "steps+1 batches)")
     p.add_argument("--explore", action="store_true",
                    help="also measure XLA flags, layouts, threads and batch sizes (~10-15 min)")
+    p.add_argument("--explore-steps", type=int, default=3,
+                   help="timed steps per --explore measurement")
     p.add_argument("--conv-only", action="store_true",
                    help="with --explore: only the single-convolution measurements")
+    p.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
+                   help="with --explore: only the whole-step variants whose label contains "
+                        "one of these texts (default: all)")
     harness.add_common_arguments(p)
     # Internal: the child-process side.
     p.add_argument("--_worker", choices=["torch", "jax-hand", "jax-fit", "conv"],
@@ -284,9 +289,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def child(args: argparse.Namespace, worker: str, *extra: str, xla_flags: str = "",
-          env: dict | None = None) -> dict:
+          env: dict | None = None, steps: int | None = None) -> dict:
     argv = [sys.executable, str(SCRIPT), "--_worker", worker,
-            "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--steps", str(steps or args.steps),
             *(["--quick"] if args.quick else []), *extra]
     child_env = {**os.environ, **(env or {})}
     if xla_flags:
@@ -375,8 +380,11 @@ def explore(args: argparse.Namespace) -> None:
     for label, worker, flags, env, extra in EXPLORE_VARIANTS:
         if worker == "torch" and not have_torch:
             continue
+        if args.variants and not any(text in label for text in args.variants):
+            continue
         try:
-            print(line(label, child(args, worker, *extra, xla_flags=flags, env=env)), flush=True)
+            r = child(args, worker, *extra, xla_flags=flags, env=env, steps=args.explore_steps)
+            print(line(label, r), flush=True)
         except harness.ChildFailed as exc:
             print(f"  {label:<66} failed: {str(exc).splitlines()[-1]}", flush=True)
 
