@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Measure the checkout these scripts live in, whichever copy an editable install points at.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(1, str(REPO_ROOT))
 RESULT_PREFIX = "BENCH_RESULT "
 # Quick runs only prove a script works end to end: LLVM optimisation off makes
 # every compilation several times faster; their figures mean nothing.
@@ -159,9 +162,12 @@ def run_child(
     started one after another each get their own peak, unlike ``RUSAGE_CHILDREN``.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child_env = dict(env if env is not None else os.environ)
+        # Children (the example too) import this checkout's packages, like their parent.
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [child_env.get("PYTHONPATH")])])
         proc = subprocess.Popen(
-            list(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd,
-            env=dict(env) if env is not None else None,
+            list(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=child_env,
         )
         killer = threading.Timer(timeout, proc.kill) if timeout is not None else None
         if killer is not None:

@@ -16,7 +16,7 @@ cancels. Two configurations:
   a few milliseconds, where any per-step cost of the loop shows;
 * ``resnet18``: ResNet-18 (CIFAR stem) on 32x32x3, the loop's cost against a real step.
 
-    python benchmarks/loop_overhead.py              # both, about 2-3 minutes
+    python benchmarks/loop_overhead.py              # both: minutes (load-dependent)
     python benchmarks/loop_overhead.py --configs small --profile 25
 """
 
@@ -155,7 +155,7 @@ def measure(
                                   "in_epoch": fit.in_epoch_steps_per_second,
                                   "boundary": fit.boundary_seconds,
                                   "cpu": fit.cpu_seconds_per_step})
-            if default:
+            if name == FIT_DEFAULT:
                 plugins_seen = fit.plugins
     print(f"  default plugins active: {', '.join(plugins_seen)}")
     return results

@@ -17,11 +17,11 @@ RSS is its own, read with ``wait4``):
 
 ``--explore`` then measures what the runtimes allow without changing the model's
 math: XLA flags, NCHW vs NHWC convolutions, matmul precision, one core vs two, thread
-variables, batch sizes, and PyTorch's channels_last. It takes about 10-15 minutes.
+variables, batch sizes, and PyTorch's channels_last: ~25 more minutes here.
 Besides wall time each child reports process CPU time per step (all threads), which
 other work on the machine disturbs much less than wall time.
 
-    python benchmarks/vs_pytorch.py                 # about 2-3 minutes
+    python benchmarks/vs_pytorch.py                 # ~10 min on this 2-core VM
     python benchmarks/vs_pytorch.py --explore
 """
 
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed steps per measurement (the fit times its second epoch of "
                         "steps+1 batches)")
     p.add_argument("--explore", action="store_true",
-                   help="also measure XLA flags, layouts, threads and batch sizes (~10-15 min)")
+                   help="also measure XLA flags, layouts, threads and batch sizes (~25 min here)")
     p.add_argument("--explore-steps", type=int, default=3,
                    help="timed steps per --explore measurement")
     p.add_argument("--conv-only", action="store_true",
