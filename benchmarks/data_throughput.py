@@ -1,7 +1,8 @@
 """Data throughput: the Trainer's Grain pipeline against what the train step consumes.
 
 Two pipelines, built exactly as ``Trainer.fit`` builds them (``nnx_trainer.data.train_pipeline``
-over ``ResNetTask``'s examples and transforms):
+over ``ResNetTask``'s examples and transforms: each batch read with one batched read,
+its transforms applied once to the whole batch through their ``map_batch``):
 
 * ``digits``: the example's default (scikit-learn digits 16x16x1, RandomCrop + Normalize,
   batch 32), fed to the example's model (ResNet-8, 16/32/64 features);
@@ -110,9 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(0: skip)")
     p.add_argument("--resnet18-fit-steps", type=int, default=4,
                    help="steps of the ResNet-18 fit whose data-wait share is reported (0: skip)")
-    p.add_argument("--experiment", action="store_true",
-                   help="also measure an engine experiment on digits: whole batches read and "
-                        "augmented at once with NumPy (the same transforms, vectorised)")
     harness.add_common_arguments(p)
     return p.parse_args(argv)
 
@@ -138,60 +136,6 @@ def pipeline_rate(task, batch_size: int, workers: int, batches: int) -> float:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
-    return done * batch_size / seconds
-
-
-def batch_transform_rate(task, batch_size: int, batches: int) -> float:
-    """Engine experiment: images/s when whole batches are read and augmented at once.
-
-    The same work as ``RandomCrop(p) -> [RandomHorizontalFlip] -> Normalize`` per example,
-    done on a batch with NumPy: one fancy index reads the batch, one ``np.pad`` pads it,
-    each example is cropped at its own offset, flips and normalisation are vectorised.
-    """
-    import grain
-    import numpy as np
-
-    from nnx_trainer import data as data_lib
-    from resnet_task.transforms import Normalize, RandomCrop, RandomHorizontalFlip
-
-    examples = task.train_data()
-    images = np.stack([examples[i]["image"] for i in range(len(examples))])
-    labels = np.asarray([examples[i]["label"] for i in range(len(examples))])
-    transforms = task.train_transforms()
-    pad = next((t.padding for t in transforms if isinstance(t, RandomCrop)), 0)
-    flip = any(isinstance(t, RandomHorizontalFlip) for t in transforms)
-    norm = next(t for t in transforms if isinstance(t, Normalize))
-    scale, shift = norm._scale, norm._shift
-    steps = data_lib.train_steps_per_epoch(len(labels), batch_size)
-    h, w = images.shape[1:3]
-
-    def read(k, order):
-        rng = np.random.default_rng([0, k])
-        idx = order[k * batch_size:(k + 1) * batch_size]
-        batch = np.pad(images[idx], ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        dy, dx = rng.integers(0, 2 * pad + 1, size=(2, batch_size))
-        out = np.stack([batch[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(batch_size)])
-        if flip:
-            mirror = rng.random(batch_size) < 0.5
-            out[mirror] = out[mirror, :, ::-1]
-        out = out.astype(np.float32)
-        out *= scale
-        out -= shift
-        return {"image": out, "label": labels[idx]}
-
-    done, seconds, epoch = 0, 0.0, 0
-    while done < batches:
-        order = np.random.default_rng([0, epoch]).permutation(len(labels))
-        ds = grain.MapDataset.range(steps).map(lambda k, order=order: read(k, order))
-        iterator = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2)))
-        next(iterator)
-        take = min(steps - 1, batches - done)
-        start = time.perf_counter()
-        for _ in range(take):
-            next(iterator)
-        seconds += time.perf_counter() - start
-        done += take
-        epoch += 1
     return done * batch_size / seconds
 
 
@@ -262,13 +206,6 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = "met" if ratio >= PIPELINE_TARGET else "NOT met"
                 line += (f"   ratio {work.name} pipeline/step: {ratio:.2f} "
                          f"(target >= {PIPELINE_TARGET:.0f}: {verdict})")
-            print(line, flush=True)
-        if args.experiment and work.name == "digits":  # arrays in memory, like the source
-            rate = batch_transform_rate(task, work.batch_size, work.pipeline_batches)
-            line = (f"  experiment, batch-level reads + transforms, worker_count=0: "
-                    f"{rate:10.0f} images/s")
-            if consume:
-                line += f"   ratio {work.name} batch-level pipeline/step: {rate / consume:.2f}"
             print(line, flush=True)
         if work.fit_batches_per_epoch == 0 or work.fit_epochs == 0:
             continue

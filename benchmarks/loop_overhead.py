@@ -4,7 +4,9 @@ Both train the same ``resnet_task`` model with ``ResNetTask``'s loss, optimizer 
 train metrics at the same batch size. The hand loop steps over batches already on
 the device (Flax's performance-guide pattern: ``jax.jit`` over split state, donated);
 the Trainer reads the same data from an in-memory Grain ``MapDataset`` (no
-augmentation), shuffles, batches and prefetches it as it does for users.
+augmentation) as it does for users: each epoch in the order of
+``nnx_trainer.data.epoch_order`` (a NumPy permutation), each batch with one batched
+read (``_getitems``, one fancy index here), then prefetched to the device.
 
 Only the steady state is timed: the Trainer's first epoch (compilation, Grain
 start-up) and the hand loops' first epoch are excluded; the Trainer's timed window
@@ -16,8 +18,11 @@ cancels. Two configurations:
   a few milliseconds, where any per-step cost of the loop shows;
 * ``resnet18``: ResNet-18 (CIFAR stem) on 32x32x3, the loop's cost against a real step.
 
+``--breakdown`` adds default-plugin fits each without one plugin (``nonfinite_guard``,
+``checkpoint``, ``tensorboard``, ``progress``): what each costs the loop.
+
     python benchmarks/loop_overhead.py              # both: minutes (load-dependent)
-    python benchmarks/loop_overhead.py --configs small --profile 25
+    python benchmarks/loop_overhead.py --configs small --breakdown --profile 25
 """
 
 from __future__ import annotations
@@ -80,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resnet18-batches-per-epoch", type=int, default=6)
     p.add_argument("--resnet18-timed-epochs", type=int, default=2)
     p.add_argument("--breakdown", action="store_true",
-                   help="also time fits without single plugins and with the engine experiment "
-                        "of batched reads (workloads.batched_read_pipeline)")
+                   help="also time default-plugin fits without one plugin each "
+                        "(nonfinite_guard, checkpoint, tensorboard, progress)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one default-plugin fit of the first configuration "
                         "with cProfile and print the N functions with the most own time")
@@ -98,13 +103,11 @@ HAND_JIT = "hand loop, jax.jit split/merge + donate"
 HAND_NNX = "hand loop, @nnx.jit (reference)"
 FIT_DEFAULT = "Trainer.fit, default plugins"
 FIT_BARE = "Trainer.fit, plugin_autoload=False"
-# name -> (default plugins?, plugins disabled, batched-read pipeline patch?)
-FITS = {FIT_DEFAULT: (True, (), False), FIT_BARE: (False, (), False)}
+# name -> (default plugins?, plugins disabled)
+FITS = {FIT_DEFAULT: (True, ()), FIT_BARE: (False, ())}
 BREAKDOWN_FITS = {
-    "  default minus nonfinite_guard": (True, ("nonfinite_guard",), False),
-    "  default minus checkpoint": (True, ("checkpoint",), False),
-    "  autoload off + batched reads (patch)": (False, (), True),
-    "  default + batched reads (patch)": (True, (), True),
+    f"  default minus {plugin}": (True, (plugin,))
+    for plugin in ("nonfinite_guard", "checkpoint", "tensorboard", "progress")
 }
 
 
@@ -121,8 +124,6 @@ def measure(
     config: Config, rounds: int, breakdown: bool = False, with_reference: bool = True
 ) -> dict[str, list]:
     """Per round: steps/s and CPU s/step of each loop; the fits' boundary cost too."""
-    import contextlib
-
     import workloads
 
     task, spec = build_task(config)
@@ -147,10 +148,9 @@ def measure(
             rate = timed / loop.run(timed)
             results[name].append({"rate": rate, "in_epoch": rate, "boundary": 0.0,
                                   "cpu": loop.cpu_seconds_per_step})
-        for name, (default, disabled, patch) in fits.items():
-            with workloads.batched_read_pipeline() if patch else contextlib.nullcontext():
-                fit = workloads.timed_fit(task, batch_size=config.batch_size, epochs=epochs,
-                                          default_plugins=default, disable_plugins=disabled)
+        for name, (default, disabled) in fits.items():
+            fit = workloads.timed_fit(task, batch_size=config.batch_size, epochs=epochs,
+                                      default_plugins=default, disable_plugins=disabled)
             results[name].append({"rate": fit.steps_per_second,
                                   "in_epoch": fit.in_epoch_steps_per_second,
                                   "boundary": fit.boundary_seconds,

@@ -9,7 +9,6 @@ same math and differ only in what surrounds the step.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import tempfile
@@ -43,9 +42,15 @@ class ArrayExamples:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"image": self.images[index], "label": self.labels[index]}
 
-    def _getitems(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        """Grain's batched read: a whole batch with one fancy index per array."""
-        return {"image": self.images[indices], "label": self.labels[indices]}
+    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """Grain's batched read: one fancy index per array, one example per index.
+
+        Grain's contract is a sequence of elements (the engine stacks them), as
+        ``resnet_task.data.ArraySource._getitems`` returns.
+        """
+        index = np.asarray(indices)
+        images, labels = self.images[index], self.labels[index]
+        return [{"image": x, "label": y} for x, y in zip(images, labels, strict=True)]
 
 
 def synthetic_arrays(
@@ -402,49 +407,3 @@ def state_bytes_per_device(state: Any) -> dict[str, int]:
             key = str(shard.device)
             per_device[key] = per_device.get(key, 0) + shard.data.nbytes
     return per_device
-
-
-
-# ------------------------------------------------------------- engine experiments
-
-
-@contextlib.contextmanager
-def batched_read_pipeline():
-    """Engine experiment: ``train_pipeline`` reading whole batches instead of single examples.
-
-    While active, ``nnx_trainer.data.train_pipeline`` draws each epoch's order as one
-    NumPy permutation (from the same per-epoch seed) and builds batch ``k`` with a
-    single ``MapDataset._getitems`` call (Grain's batched-read API, which a source may
-    implement with one fancy index, as :class:`ArrayExamples` does) instead of
-    chaining shuffle, two slices and batch over per-example ``__getitem__`` calls.
-    Only pipelines without per-example transforms are changed. The batch order
-    differs from the engine's, the work per batch is what the experiment measures.
-    """
-    from nnx_trainer import data as data_lib
-
-    original = data_lib.train_pipeline
-
-    def train_pipeline(examples, transforms, config, *, seed, epoch):
-        if transforms:
-            return original(examples, transforms, config, seed=seed, epoch=epoch)
-        steps = data_lib.train_steps_per_epoch(len(examples), config.global_batch_size)
-        order = np.random.default_rng(data_lib.epoch_seed(seed, epoch)).permutation(
-            len(examples))[: steps * config.global_batch_size]
-        local = order[config.process_index::config.process_count].reshape(steps, -1)
-
-        def read(k):
-            return _stack(examples._getitems(local[k].tolist()))
-
-        return data_lib._to_iter(grain.MapDataset.range(steps).map(read), config)
-
-    data_lib.train_pipeline = train_pipeline
-    try:
-        yield
-    finally:
-        data_lib.train_pipeline = original
-
-
-def _stack(elements: Sequence[Any]) -> Any:
-    if isinstance(elements, dict):  # a source that already returns a batch
-        return elements
-    return jax.tree.map(lambda *xs: np.stack(xs), *elements)

@@ -215,6 +215,35 @@ def load_state_dict(trainer: Trainer, state: Mapping[str, Any]) -> None:
     """
 
 
+@hookspec
+def array_state_dict(trainer: Trainer) -> Mapping[str, Any] | None:
+    """Return pytrees of device arrays to checkpoint, keyed by a name unique to the plugin.
+
+    For example ``{"ema": (...)}``; None (or nothing) when there is nothing to save.
+    Called when the restore target is built (the model and optimizer state exist;
+    before a restore and before :func:`on_fit_start`) and at every save. The arrays'
+    shapes, dtypes and shardings are the restore target, so they must already exist
+    at the first call (allocate them there if need be). A save copies them off the
+    device before the next step runs; the values stay the plugin's own.
+
+    :param trainer: the running trainer.
+    """
+
+
+@hookspec
+def load_array_state_dict(trainer: Trainer, state: Mapping[str, Any]) -> None:
+    """Take back the arrays of a restored checkpoint; pick your own key out of ``state``.
+
+    ``state`` holds only the keys that were in the checkpoint and that some plugin of
+    this run asked for through :func:`array_state_dict` (an older checkpoint, or one
+    saved without your plugin, lacks yours: keep the fresh state). Called after the
+    training state and :func:`load_state_dict` are restored, before :func:`on_fit_start`.
+
+    :param trainer: the running trainer (``trainer.state`` is the restored state).
+    :param state: plugin key to restored pytree (arrays on the target's shardings).
+    """
+
+
 @hookspec(firstresult=True)
 def restore_checkpoint(
     trainer: Trainer, ckpt_path: str, target: Mapping[str, Any]

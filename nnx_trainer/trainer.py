@@ -6,8 +6,9 @@ Ordering invariants of the training loop (each one is relied on elsewhere):
    host data work overlaps device compute (``DevicePrefetcher.refill`` after dispatch).
 2. ``global_step`` counts completed steps; hooks called after a step see it
    already incremented, so a checkpoint at ``global_step = k`` resumes at step k.
-3. The data state saved with a checkpoint is the one recorded right after the
-   last *consumed* batch was read, never the prefetcher's look-ahead position.
+3. The data position saved with a checkpoint is the counters (epoch, batch in
+   epoch) of the last *consumed* batch, never the prefetcher's look-ahead position;
+   one pipeline per fit starts exactly there (``train_pipeline(start_batch=...)``).
 4. Metrics stay on device between log steps; the host reads them only at the
    log cadence, at evaluation end, or when a plugin asks.
 5. Preemption is checked after a step completes: the state is always whole.
@@ -164,7 +165,7 @@ class Trainer:
         self._prefetcher: data_lib.DevicePrefetcher | None = None
         self._state: Any = None
         self._train_metrics_state: Any = None
-        self._data_state: Any = None
+        self._loss_record: Any = None
         self._live: tuple[nnx.Module, nnx.Optimizer] | None = None
         self._step_fns: dict[str, Any] = {}
 
@@ -299,7 +300,7 @@ class Trainer:
         if kind == "train":
             graphdef, metrics_graphdef = self._train_graphdef, self._train_metrics_graphdef
 
-            def train_step(state, metrics_state, batch):
+            def train_step(state, metrics_state, loss_record, batch):
                 model, optimizer = nnx.merge(graphdef, state)
                 metrics = nnx.merge(metrics_graphdef, metrics_state)
 
@@ -312,9 +313,10 @@ class Trainer:
                 new_state = nnx.state((model, optimizer))
                 if constrain:
                     new_state = jax.lax.with_sharding_constraint(new_state, shardings)
-                return new_state, nnx.state(metrics), loss
+                loss_record = _record_nonfinite(loss_record, loss)
+                return new_state, nnx.state(metrics), loss_record, loss
 
-            fn = jax.jit(train_step, donate_argnums=(0, 1))
+            fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
         elif kind == "compute_train_metrics":
             metrics_graphdef = self._train_metrics_graphdef
 
@@ -363,15 +365,22 @@ class Trainer:
         plugin_state: dict[str, Any] = {}
         for part in self.hook.state_dict(trainer=self):
             plugin_state.update(part or {})
+        state = {"train": self._state, "train_metrics": self._train_metrics_state}
+        plugin_arrays: dict[str, Any] = {}
+        for part in self.hook.array_state_dict(trainer=self):
+            plugin_arrays.update(part or {})
+        if plugin_arrays:  # plugin name -> pytree of device arrays (e.g. an EMA)
+            state["plugins"] = plugin_arrays
         return {
-            "state": {"train": self._state, "train_metrics": self._train_metrics_state},
+            "state": state,
             "meta": {
                 "global_step": self.global_step,
                 "epoch": self.current_epoch,
                 "batch_in_epoch": self.batch_in_epoch,
-                "data_state": self._data_state,
                 "plugins": plugin_state,
                 "seed": self.seed,
+                # Preempted on an epoch's last batch: that epoch's validation still to run.
+                "validation_pending": getattr(self, "_validation_pending", False),
             },
         }
 
@@ -381,7 +390,7 @@ class Trainer:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
         metrics_shardings = self.strategy.state_shardings(self._train_metrics_state)
-        return {
+        target = {
             "state": {
                 "train": jax.tree.map(abstract, self._state, self._state_shardings),
                 "train_metrics": jax.tree.map(
@@ -389,6 +398,14 @@ class Trainer:
                 ),
             }
         }
+        plugin_arrays: dict[str, Any] = {}
+        for part in self.hook.array_state_dict(trainer=self):
+            plugin_arrays.update(part or {})
+        if plugin_arrays:  # each array restores onto its own current sharding
+            target["state"]["plugins"] = jax.tree.map(
+                lambda x: abstract(x, x.sharding), plugin_arrays
+            )
+        return target
 
     def _restore(self, ckpt_path: str | None) -> bool:
         if ckpt_path is None:
@@ -409,8 +426,11 @@ class Trainer:
         self.global_step = int(meta["global_step"])
         self.current_epoch = int(meta["epoch"])
         self.batch_in_epoch = int(meta["batch_in_epoch"])
-        self._data_state = meta.get("data_state")
+        self._validation_pending = bool(meta.get("validation_pending", False))
         self.hook.load_state_dict(trainer=self, state=meta.get("plugins", {}))
+        self.hook.load_array_state_dict(
+            trainer=self, state=restored["state"].get("plugins", {})
+        )
         return True
 
     # --------------------------------------------------------------------- fit
@@ -424,7 +444,7 @@ class Trainer:
         self.compile_seconds = {}
         # Counters start at zero unless a checkpoint restores them.
         self.global_step = self.current_epoch = self.batch_in_epoch = 0
-        self._data_state = None
+        self._validation_pending = False  # set by a restore or a preemption at an epoch end
         try:
             self._plan(task)
             self._build(task)
@@ -448,59 +468,95 @@ class Trainer:
 
     def _fit_loop(self) -> None:
         train_step = self._compiled("train")
+        # (first non-finite step, its loss, next step), kept on device by the train step.
+        self._loss_record = self.strategy.place_state(
+            (np.asarray(-1, np.int32), np.asarray(0.0, np.float32),
+             np.asarray(self.global_step, np.int32))
+        )
+        if (
+            self._validation_pending
+            and self.check_val_every_n_epoch
+            and self.current_epoch % self.check_val_every_n_epoch == 0
+        ):
+            # Resumed from a preemption on the previous epoch's last batch: its epoch-end
+            # validation, skipped then, runs now at the same step, before the next epoch
+            # starts (where the checkpoint plugin makes its "epoch" save), as it would have.
+            self._run_eval("validate", in_fit=True)
+        self._validation_pending = False
+        if self.current_epoch >= self.max_epochs or self._done():
+            return
+        # One pipeline for the whole fit (one set of Grain threads or worker processes),
+        # starting at the restored (epoch, batch): the counters are the data position.
+        remaining = (self.max_epochs - self.current_epoch) * self.steps_per_epoch
+        remaining -= self.batch_in_epoch
+        if self.max_steps is not None:
+            remaining = min(remaining, self.max_steps - self.global_step)
+        iterator = iter(
+            data_lib.train_pipeline(
+                self._train_examples, self.task.train_transforms(),
+                self._pipeline_config(self.batch_size), seed=self.seed,
+                epoch=self.current_epoch, num_epochs=self.max_epochs - self.current_epoch,
+                start_batch=self.batch_in_epoch, steps_per_epoch=self.steps_per_epoch,
+            )
+        )
+        with data_lib.DevicePrefetcher(
+            iterator, self.strategy.shard_batch, size=self.prefetch, limit=remaining,
+            record_state=False,
+        ) as prefetcher:
+            self._prefetcher = prefetcher
+            try:
+                self._epochs(prefetcher, train_step)
+            finally:
+                self._prefetcher = None
+                self._data_wait_closed += prefetcher.wait_seconds
+        if self.global_step % self.log_every_n_steps and not self.preempted:
+            self._log_train_metrics()
+
+    def _epochs(self, prefetcher: data_lib.DevicePrefetcher, train_step) -> None:
         while self.current_epoch < self.max_epochs and not self._done():
             epoch = self.current_epoch
             self.hook.on_train_epoch_start(trainer=self, epoch=epoch)
-            iterator = iter(
-                data_lib.train_pipeline(
-                    self._train_examples, self.task.train_transforms(),
-                    self._pipeline_config(self.batch_size), seed=self.seed, epoch=epoch,
-                )
-            )
-            if self.batch_in_epoch and self._data_state is not None:
-                iterator.set_state(self._data_state)
-            with data_lib.DevicePrefetcher(
-                iterator, self.strategy.shard_batch, size=self.prefetch,
-                limit=self.steps_per_epoch - self.batch_in_epoch,
-            ) as prefetcher:
-                self._prefetcher = prefetcher
-                try:
-                    self._train_epoch(prefetcher, train_step)
-                finally:
-                    self._prefetcher = None
-                    self._data_wait_closed += prefetcher.wait_seconds
+            self._train_epoch(prefetcher, train_step)
             if self.batch_in_epoch < self.steps_per_epoch:
                 # Stopped inside the epoch (max_steps, should_stop, preemption): the
-                # counters and data state stay as they are so a resume continues it.
+                # counters stay as they are so a resume continues it.
                 break
             self.hook.on_train_epoch_end(trainer=self, epoch=epoch)
             self.current_epoch += 1
             self.batch_in_epoch = 0
-            self._data_state = None
             if (
                 self.check_val_every_n_epoch
                 and self.current_epoch % self.check_val_every_n_epoch == 0
-                and not self.preempted
             ):
-                self._run_eval("validate", in_fit=True)
-        if self.global_step % self.log_every_n_steps and not self.preempted:
-            self._log_train_metrics()
+                if self.preempted:
+                    # No time to validate now: the preemption checkpoint records it, and
+                    # the resumed fit runs it first (at this step).
+                    self._validation_pending = True
+                else:
+                    self._run_eval("validate", in_fit=True)
 
     def _train_epoch(self, prefetcher: data_lib.DevicePrefetcher, train_step) -> None:
-        """Steps over one epoch's batches until the epoch ends or a stop is asked for."""
-        for batch, data_state in prefetcher:
+        """Steps over the rest of this epoch's batches until it ends or a stop is asked for."""
+        while self.batch_in_epoch < self.steps_per_epoch:
+            try:
+                batch, _ = next(prefetcher)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the training data ran out at step {self.global_step} (epoch "
+                    f"{self.current_epoch}, batch {self.batch_in_epoch}); did train_data() "
+                    "change length during the fit?"
+                ) from None
             step = self.global_step
             self.hook.on_train_batch_start(trainer=self, step=step, batch=batch)
             t0 = time.perf_counter()
-            self._state, self._train_metrics_state, loss = train_step(
-                self._state, self._train_metrics_state, batch
+            self._state, self._train_metrics_state, self._loss_record, loss = train_step(
+                self._state, self._train_metrics_state, self._loss_record, batch
             )
             if "train" not in self.compile_seconds:  # the first call traces and compiles
                 self.compile_seconds["train"] = time.perf_counter() - t0
             prefetcher.refill()
             self.global_step += 1
             self.batch_in_epoch += 1
-            self._data_state = data_state
             self.hook.on_train_batch_end(trainer=self, step=step, loss=loss)
             if self.global_step % self.log_every_n_steps == 0:
                 self._log_train_metrics()
@@ -508,6 +564,19 @@ class Trainer:
                 self._run_eval("validate", in_fit=True)
             if self._done():
                 break
+
+    def first_nonfinite_loss(self) -> tuple[int, float] | None:
+        """``(step, loss)`` of this fit's first step whose training loss was NaN or Inf.
+
+        ``None`` when every step so far had a finite loss. The train step itself keeps
+        this record on device (no extra dispatch per step); reading it waits for the
+        device to finish the steps already dispatched, so call it at a cadence.
+        """
+        record = self._loss_record
+        if record is None:
+            return None
+        first = int(record[0])
+        return None if first < 0 else (first, float(record[1]))
 
     def _done(self) -> bool:
         if self.preempted or self.should_stop:
@@ -634,6 +703,15 @@ class Trainer:
             },
             "task": self.task.hparams() if self.task is not None else {},
         }
+
+
+def _record_nonfinite(record: tuple, loss: jax.Array) -> tuple:
+    """Fold one step's loss into ``(first bad step, its loss, next step)``; traced in the step."""
+    first, bad_loss, step = record
+    is_new = (first < 0) & ~jnp.isfinite(loss)  # keep the first: later steps are NaN too
+    first = jnp.where(is_new, step, first)
+    bad_loss = jnp.where(is_new, loss.astype(jnp.float32), bad_loss)
+    return first, bad_loss, step + 1
 
 
 class _preemption_signals:

@@ -12,15 +12,21 @@ puts the exact training arrays back when it ends (before any other plugin's
 ``on_validation_end``, so a checkpoint saved there holds the training weights).
 Training itself is unchanged, bit for bit. After a fit, standalone
 ``trainer.validate()`` / ``test()`` / ``predict()`` use the EMA too, as long as the
-training state is still the one the fit ended with (not restored from a checkpoint
-or rebuilt). With ``apply_at_end`` the EMA parameters replace the model's when the
-fit ends (after its last checkpoint, which holds the training weights).
+training state is still the one the fit ended with (or one restored from a checkpoint
+that holds an average, see below; not one rebuilt or assigned). With ``apply_at_end``
+the EMA parameters replace the model's when the fit ends (after its last checkpoint,
+which holds the training weights).
+
+**Checkpointed.** The average is saved with the checkpoint's arrays (the
+``array_state_dict`` hook: ``state["plugins"]["ema"]``, or the plugin's ``name``), so a
+resumed fit continues it exactly: the same averaged arrays, bit for bit, as a run
+never stopped. A checkpoint without it (saved with the EMA off, or before averages
+were saved) restores with a warning from the checkpoint plugin, and the average
+starts from the restored weights. Evaluating a checkpoint (``ckpt_path=`` of
+``validate``/``test``/``predict``) uses the average saved with it.
 
 Limitations:
 
-- **Not checkpointed.** Plugin state in checkpoints is JSON only, so the averaged
-  arrays are not saved: a resumed run restarts the average from the restored
-  (training) weights.
 - One EMA plugin with ``use_for_eval`` per trainer (two would swap over each other).
 - With ``accumulate_grad_batches = A`` the parameters change every ``A`` steps; set
   ``update_every=A`` to average each update once.
@@ -32,7 +38,7 @@ does nothing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -119,6 +125,7 @@ class EMA:
         self._model_positions: list[int] = []  # Param arrays among leaves(state[0])
         self._state_positions: list[int] = []  # the same arrays among leaves(state)
         self._fitting = False
+        self._restored = False  # a checkpoint brought the average back: the fit continues it
         self._final_state: Any = None  # the state a fit ended with (EMA still matches it)
         self._raw: Any = None  # the training state while an evaluation runs on the EMA
 
@@ -138,19 +145,74 @@ class EMA:
         values = [jnp.copy(x) for x in self._ema] if copy else self._ema
         return _replace_leaves(state, self._state_positions, values)
 
-    # ----------------------------------------------------------------- train
-
-    @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
-        """Start the average from the current (initial or restored) parameters."""
-        if self.decay is None:
-            return
+    def _locate(self, trainer: Trainer) -> list[jax.Array]:
+        """Find the Param arrays in ``trainer.state``; returns them (the model's, in order)."""
         state = trainer.state
         self._state_positions = param_positions(state, model_key=0)
         self._model_positions = param_positions(state[0])
         leaves = jax.tree.leaves(state[0])
+        return [leaves[i] for i in self._model_positions]
+
+    def _start(self, trainer: Trainer) -> None:
+        """A fresh average: the current parameters."""
         # Copies (new buffers): the state's arrays are donated to the next step.
-        self._ema = tuple(jnp.copy(leaves[i]) for i in self._model_positions)
+        self._ema = tuple(jnp.copy(x) for x in self._locate(trainer))
+
+    def _fits(self, trainer: Trainer) -> bool:
+        """Whether the average has the shapes and dtypes of the current parameters."""
+        if self._ema is None:
+            return False
+        params = self._locate(trainer)
+        return len(params) == len(self._ema) and all(
+            p.shape == e.shape and p.dtype == e.dtype
+            for p, e in zip(params, self._ema, strict=True)
+        )
+
+    # ------------------------------------------------------------ checkpoint
+
+    @hookimpl
+    def array_state_dict(self, trainer: Trainer) -> dict[str, Any] | None:
+        """The average, saved with the checkpoint's arrays (allocated first if need be).
+
+        Before a restore the average must exist (it is the restore target), so a first
+        one is made from the current parameters; ``on_fit_start`` starts it afresh
+        anyway unless a checkpoint restored it.
+        """
+        if self.decay is None:
+            return None
+        if not (self._fitting and self._ema is not None) and not self._fits(trainer):
+            self._start(trainer)
+        return {self.name: self._ema}
+
+    @hookimpl
+    def load_array_state_dict(self, trainer: Trainer, state: Mapping[str, Any]) -> None:
+        """Take the checkpoint's average (the checkpoint plugin warns when it has none)."""
+        if self.decay is None:
+            return
+        saved = state.get(self.name)
+        if saved is None:
+            self._restored = False
+            return
+        self._locate(trainer)
+        self._ema = tuple(saved)
+        if trainer.stage == "fit":
+            self._restored = True  # on_fit_start continues it
+        else:
+            # Evaluating a checkpoint: its average belongs to its (restored) weights.
+            self._restored = False
+            self._fitting = False
+            self._final_state = trainer.state
+
+    # ----------------------------------------------------------------- train
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Continue a restored average, else start one from the current parameters."""
+        if self.decay is None:
+            return
+        if not (self._restored and self._fits(trainer)):
+            self._start(trainer)
+        self._restored = False
         self._fitting = True
         self._final_state = None
 
@@ -181,6 +243,7 @@ class EMA:
         """Put the training weights back if the failure came during an evaluation."""
         self._restore(trainer)
         self._fitting = False
+        self._restored = False
 
     @hookimpl
     def on_save_checkpoint(self, reason: str) -> None:

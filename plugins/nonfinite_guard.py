@@ -1,9 +1,9 @@
 """Stop training with a clear error when the training loss becomes NaN or infinite.
 
-Every step folds ``~isfinite(loss)`` into a small device-side record (the first bad
-step and its loss) with a jitted function: nothing is read back to the host, so the
-step pipeline keeps running ahead of the device. The record is read, and a
-:class:`NonFiniteLossError` raised if a bad step was seen, only:
+The Trainer's compiled train step keeps a small device-side record of the first step
+whose loss was not finite (``Trainer.first_nonfinite_loss``): no extra device work
+per step and nothing read back. This plugin reads that record, and raises
+:class:`NonFiniteLossError` if a bad step was seen, only:
 
 - every ``check_every_n_steps`` steps (default: the trainer's ``log_every_n_steps``,
   when the loggers read the device anyway),
@@ -20,10 +20,7 @@ worth checkpointing: a resumed run starts a fresh record.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
-
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
 
 from nnx_trainer import hookimpl
 
@@ -31,8 +28,6 @@ if TYPE_CHECKING:
     from nnx_trainer import Trainer
 
 log = logging.getLogger("nnx_trainer.nonfinite_guard")
-
-_NO_BAD_STEP = -1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,34 +43,11 @@ class NonFiniteLossError(FloatingPointError):
         self.loss = loss
 
 
-def _fold_impl(
-    record: tuple[jax.Array, jax.Array, jax.Array], loss: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    first, bad_loss, step = record
-    # Keep the first bad step only: later steps of a diverged run are all NaN.
-    is_new = (first == _NO_BAD_STEP) & ~jnp.isfinite(loss)
-    first = jnp.where(is_new, step, first)
-    bad_loss = jnp.where(is_new, loss.astype(jnp.float32), bad_loss)
-    return first, bad_loss, step + 1
-
-
-# The step counter lives on device too, so a step costs one async dispatch and
-# no host-to-device transfer.
-_fold = jax.jit(_fold_impl)
-
-
-@jax.jit
-def _start(loss: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A fresh record ``(first bad step, its loss, next step)`` placed like the loss."""
-    first = jnp.asarray(_NO_BAD_STEP, jnp.int32)
-    return _fold_impl((first, jnp.zeros((), jnp.float32), step.astype(jnp.int32)), loss)
-
-
 class NonFiniteGuard:
     """Raise :class:`NonFiniteLossError` soon after the training loss turns NaN/Inf.
 
-    On by default; costs one tiny asynchronous device op per step and one scalar
-    read per check. Disable with ``Trainer(disable_plugins=["nonfinite_guard"])``.
+    On by default; costs one scalar read per check (the record is kept by the
+    train step itself). Disable with ``Trainer(disable_plugins=["nonfinite_guard"])``.
 
     :param check_every_n_steps: read the device record every N steps (``None``: the
         trainer's ``log_every_n_steps``). Smaller stops sooner after a bad step but
@@ -95,8 +67,7 @@ class NonFiniteGuard:
                 f"log_every_n_steps), got {check_every_n_steps!r}"
             )
         self.check_every_n_steps = check_every_n_steps
-        self._record: tuple[jax.Array, jax.Array, jax.Array] | None = None
-        self._checked_through = 0  # global_step of the last passed check
+        self._checked_through: int | None = None  # global_step of the last passed check
 
     def cadence(self, trainer: Trainer) -> int:
         """How many steps apart the record is read for ``trainer``."""
@@ -105,16 +76,11 @@ class NonFiniteGuard:
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         """Forget any earlier fit: a resumed run starts checking at its first step."""
-        self._record = None
         self._checked_through = trainer.global_step
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer, step: int, loss: Any) -> None:
-        """Fold this step's loss into the device record; read it at the cadence only."""
-        if self._record is None:
-            self._record = _start(loss, jnp.asarray(step, jnp.int32))
-        else:
-            self._record = _fold(self._record, loss)
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        """Read the record at the cadence only."""
         if trainer.global_step % self.cadence(trainer) == 0:
             self.check(trainer)
 
@@ -135,16 +101,15 @@ class NonFiniteGuard:
 
     def check(self, trainer: Trainer) -> None:
         """Read the record (waits for the device) and raise if a step's loss was not finite."""
-        if self._record is None or self._checked_through == trainer.global_step:
-            return  # no step since the last check
-        first_bad, bad_loss, _ = self._record
+        if self._checked_through in (None, trainer.global_step):
+            return  # not fitting, or no step since the last check
         # One scalar read; the record is replicated, so every process reads the
         # same value and all of them raise together (no process is left waiting).
-        first = int(first_bad)
-        if first == _NO_BAD_STEP:
+        bad = trainer.first_nonfinite_loss()
+        if bad is None:
             self._checked_through = trainer.global_step
             return
-        loss_value = float(bad_loss)
+        first, loss_value = bad
         last = trainer.global_step - 1
         message = (
             f"non-finite loss ({loss_value}) at step {first}, found between step "

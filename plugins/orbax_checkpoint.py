@@ -4,8 +4,9 @@ Layout, under ``trainer.run_dir / "checkpoints"`` (or ``directory=``)::
 
     checkpoints/
       120/                      # one committed step (steps completed = trainer.global_step)
-        state/                  # the arrays: {"train": (model, optimizer), "train_metrics": ...}
-        meta/                   # JSON: counters, data iterator position, plugin states, seed
+        state/                  # the arrays: {"train": (model, optimizer), "train_metrics": ...,
+                                #   "plugins": {name: ...}} (plugins' arrays, e.g. an EMA)
+        meta/                   # JSON: counters (= the data position), plugin states, seed
         metrics/                # JSON {monitor: value}, when a monitor is set
       240.orbax-checkpoint-tmp  # a save in progress (or cut short by a killed process)
 
@@ -15,10 +16,15 @@ on preemption (SIGTERM/SIGINT). A periodic save is made at the next step boundar
 after any validation the engine runs at that step, so the checkpoint carries the
 validation metric of its own step, and a save that falls on an epoch's last batch is
 made once the epoch is closed (counters at ``epoch + 1``, batch 0), so a resume starts
-the next epoch cleanly. Every save goes through the ``on_save_checkpoint`` hook
-(reasons ``"step"``, ``"epoch"``, ``"end"``, ``"preemption"``), so other plugins (a
-NaN guard) see it first; this plugin's implementation runs last. A step is written
-once: asking again for a step that is already saved does nothing.
+the next epoch cleanly. A preemption on an epoch's last batch saves before that epoch's
+validation: the checkpoint says so (``validation_pending`` in its meta), the resumed fit
+runs the validation first, at the same step, and then makes the epoch save it was owed;
+that step is already saved, so the save only adds the monitored value to the existing
+checkpoint (same step, same state), which best-K then ranks. Every save goes through
+the ``on_save_checkpoint`` hook (reasons ``"step"``, ``"epoch"``, ``"end"``,
+``"preemption"``), so other plugins (a NaN guard) see it first; this plugin's
+implementation runs last. A step is written once: asking again for a step that is
+already saved does nothing (but for the metric added after a preemption, above).
 
 **Asynchronous saves** (default): the arrays are copied off the device before
 ``save`` returns (the training step may reuse their buffers right after), and
@@ -50,7 +56,12 @@ a warning, and training starts fresh); ``"best"`` the best by ``monitor``; a pat
 a step directory (``run/checkpoints/120``) or a checkpoints directory (its latest
 step). Arrays restore onto the trainer's current shapes and shardings, so a
 checkpoint loads onto another device count or strategy. Plugin states (the
-``state_dict`` hook) ride along in ``meta`` and come back through ``load_state_dict``.
+``state_dict`` hook) ride along in ``meta`` and come back through ``load_state_dict``;
+plugin arrays (the ``array_state_dict`` hook) are saved with the state and come back
+through ``load_array_state_dict``. Only the plugin arrays both the checkpoint (its
+metadata says which) and this run have are read: one this run asks for that is not
+saved (the plugin was off, or the checkpoint predates plugin arrays) is named in a
+warning and keeps its fresh state; saved ones no plugin asks for stay on disk.
 
 A fresh fit (step 0, nothing restored) in a directory that already holds checkpoints
 moves them into ``checkpoints/_earlier-<time>/`` (with a warning; nothing is deleted),
@@ -60,9 +71,9 @@ warning): they belong to the continuation being replaced, and ``"last"`` must no
 pick them up after the next crash.
 
 ``weights_only=True`` checkpoints hold the model state (parameters, batch
-statistics) only. ``validate``/``test``/``predict`` load them; ``fit`` refuses to
-resume from them (no optimizer state, step counters or data position) with an error
-saying so.
+statistics) only, no plugin arrays. ``validate``/``test``/``predict`` load them;
+``fit`` refuses to resume from them (no optimizer state, step counters or data
+position) with an error saying so.
 """
 
 from __future__ import annotations
@@ -94,6 +105,7 @@ log = logging.getLogger("nnx_trainer.checkpoint")
 
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax 0.12: "<step>.orbax-checkpoint-tmp[-<stamp>]"
 COMMIT_FILE = "commit_success.txt"  # written into every step directory before its rename
+METRICS_ITEM = "metrics"  # orbax 0.12: a step's metrics, as JSON in <step>/metrics/metrics
 TRASH_DIR = "_deleted"  # retention renames steps here, then they are removed
 FORMAT_VERSION = 1
 _STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")
@@ -270,6 +282,8 @@ class OrbaxCheckpoint:
         self._warned_monitor = False
         self._resumed_from: int | None = None  # step this fit restored, from our directory
         self._restored_this_fit = False
+        self._resume_pending: str | None = None  # a periodic save the restored step still owed
+        self._amendable_step: int | None = None  # resumed step whose metric the owed save adds
         self._janitors: list[threading.Thread] = []
         self.saved_steps: list[int] = []  # steps this instance dispatched, in order
 
@@ -373,6 +387,9 @@ class OrbaxCheckpoint:
         step = trainer.global_step
         manager = self._open(trainer)
         if step in manager.all_steps():
+            if step == self._amendable_step:
+                self._amendable_step = None
+                self._amend_metrics(trainer, manager, step)
             log.debug("checkpoint for step %d already exists", step)
             return False
         ckpt = trainer.checkpoint_state()
@@ -411,14 +428,46 @@ class OrbaxCheckpoint:
         self.saved_steps.append(step)
         return True
 
+    def _amend_metrics(self, trainer: Trainer, manager: ocp.CheckpointManager, step: int) -> None:
+        """Give the checkpoint this fit resumed from the monitored value logged at its step.
+
+        A preemption on an epoch's last batch saves before that epoch's validation, so
+        its checkpoint has no validation metric. The resumed fit runs the validation at
+        the same step and asks for the epoch save owed there: same step, same state, so
+        only the metric is added (the ``metrics`` item orbax reads, replaced atomically)
+        and best-K ranks the step as if the run had never stopped.
+        """
+        logged = self._values.get(self.monitor) if self.monitor else None
+        if logged is None or logged[0] != step or not math.isfinite(logged[1]):
+            return
+        stored = manager.metrics(step)
+        if _metric_of(stored, self.monitor) is not None or self._manager_dir is None:
+            return
+        path = self._manager_dir / str(step) / METRICS_ITEM / METRICS_ITEM
+        if not path.is_file():  # saved without a monitor: orbax tracks no metrics for it
+            return
+        if trainer.is_main_process:
+            metrics = {**(stored if isinstance(stored, Mapping) else {}),
+                       self.monitor: logged[1]}
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(metrics))
+            os.replace(tmp, path)
+            log.info("checkpoint of step %d: recorded %s = %s", step, self.monitor, logged[1])
+        trainer.strategy.barrier("nnx_trainer_checkpoint_metrics")
+        manager.reload()  # retention reads the metrics orbax holds in memory
+
     # ------------------------------------------------------------ fit hooks
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         """Open the directory; refuse to mix a fresh run with an earlier run's steps."""
-        self._pending = None
         restored, self._restored_this_fit = self._restored_this_fit, False
         resumed, self._resumed_from = self._resumed_from, None
+        owed, self._resume_pending = self._resume_pending, None
+        # A save the restored step owed (see restore_checkpoint) is made at the next
+        # boundary, after the validation the engine runs first.
+        self._pending = owed if restored else None
+        self._amendable_step = resumed if self._pending else None
         if trainer.fast_dev_run:
             return
         manager = self._open(trainer)
@@ -567,10 +616,7 @@ class OrbaxCheckpoint:
                 train[0] = restored["state"]["model"]
                 state = {"train": train, "train_metrics": current["train_metrics"]}
             else:
-                restored = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target["state"])
-                ))
-                state = restored["state"]
+                state = self._restore_arrays(trainer, manager, step, target["state"])
         finally:
             if not owned:
                 manager.close()
@@ -580,23 +626,71 @@ class OrbaxCheckpoint:
             self._check_compatible(trainer, meta, where)
             self._restored_this_fit = True
             self._resumed_from = step if owned else None
+            # Preempted on an epoch's last batch: the engine runs that epoch's validation
+            # first, and the epoch save it was followed by is still owed (its checkpoint
+            # is this step's, which then gets the monitored value: _amend_metrics).
+            epoch = meta.get("epoch")
+            self._resume_pending = "epoch" if (
+                meta.get("validation_pending") and self.every_n_epochs
+                and isinstance(epoch, int) and epoch % self.every_n_epochs == 0
+            ) else None
         if trainer.is_main_process:
             log.info("restored checkpoint %s (step %d)", where, step)
         return {"state": state, "meta": meta}
 
-    def _check_compatible(self, trainer: Trainer, meta: Mapping[str, Any], where: Path) -> None:
-        info = meta.get("checkpoint", {})
-        workers = info.get("worker_count")
-        if (
-            meta.get("batch_in_epoch") and meta.get("data_state") is not None
-            and workers is not None and workers != trainer.worker_count
-        ):
-            raise ValueError(
-                f"{where} was saved in the middle of an epoch with worker_count={workers}; "
-                f"its data position cannot continue with worker_count={trainer.worker_count} "
-                f"(Grain's iterator state differs): resume with worker_count={workers}, or "
-                "from a checkpoint saved at an epoch end"
+    def _restore_arrays(
+        self, trainer: Trainer, manager: ocp.CheckpointManager, step: int,
+        target: Mapping[str, Any],
+    ) -> Any:
+        """The ``state`` item onto ``target``; plugin arrays only where both sides have them.
+
+        The saved item's metadata says which plugin keys it holds. A key this run asks
+        for that is not there (the plugin was off, or the checkpoint predates plugin
+        arrays) is left out with a warning: that plugin keeps its fresh state. A saved
+        key no plugin of this run asks for stays on disk, unread.
+        """
+        item_dir = manager.directory / str(step) / "state"
+        handler = ocp.StandardCheckpointHandler()  # the handler of the saved "state" item
+        try:
+            saved_tree = handler.metadata(item_dir).tree
+        finally:
+            handler.close()
+        saved_plugins = saved_tree.get("plugins") if isinstance(saved_tree, Mapping) else None
+        saved = set(saved_plugins) if isinstance(saved_plugins, Mapping) else set()
+        wanted = dict(target.get("plugins") or {})
+        item = {k: v for k, v in target.items() if k != "plugins"}
+        common = {k: v for k, v in wanted.items() if k in saved}
+        if common:
+            item["plugins"] = common
+        missing = sorted(set(wanted) - saved)
+        if missing and trainer.is_main_process:
+            log.warning(
+                "%s holds no plugin arrays for %s (saved without that plugin, or before "
+                "plugins could save arrays): those start from their fresh state",
+                manager.directory / str(step), ", ".join(map(repr, missing)),
             )
+        unused = sorted(saved - set(wanted))
+        if not unused:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(item))
+            )
+            return restored["state"]
+        if trainer.is_main_process:
+            log.info(
+                "%s: not restoring plugin arrays %s (no plugin of this run asks for them)",
+                manager.directory / str(step), ", ".join(map(repr, unused)),
+            )
+        # Orbax's standard restore reads whole trees only: a partial PyTree restore
+        # reads just the arrays of ``item``, onto its shardings.
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(item_dir, args=ocp.args.PyTreeRestore(
+                item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            ))
+
+    def _check_compatible(self, trainer: Trainer, meta: Mapping[str, Any], where: Path) -> None:
+        # The data position is (epoch, batch_in_epoch): any worker_count continues it.
+        info = meta.get("checkpoint", {})
         now = {"seed": trainer.seed, "batch_size": trainer.batch_size,
                "steps_per_epoch": trainer.steps_per_epoch}
         then = {"seed": meta.get("seed"), "batch_size": info.get("batch_size"),

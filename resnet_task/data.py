@@ -105,6 +105,12 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"image": self._images[index], "label": self._labels[index]}
 
+    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        """Grain's batched read: one fancy index per array for a whole batch."""
+        index = np.asarray(indices)
+        images, labels = self._images[index], self._labels[index]
+        return [{"image": x, "label": y} for x, y in zip(images, labels, strict=True)]
+
     @property
     def images(self) -> np.ndarray:
         """All images, (N, H, W, C) uint8, read-only."""

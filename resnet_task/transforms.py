@@ -1,13 +1,18 @@
-"""Per-example Grain transforms for image classification.
+"""Image-classification transforms, per example (Grain) and per batch (the Trainer's path).
 
-Elements are ``{"image": np.ndarray (H, W, C), "label": np.int32, ...}``. Each transform
-returns a new dict and never writes into its input: Grain (and the array-backed sources,
-whose images are read-only views) may hand the same arrays out again.
+Each class is both a Grain per-example transform (``Map``/``RandomMap`` over elements
+``{"image": (H, W, C) uint8, "label": int32}``), usable in any Grain pipeline, and an
+:class:`nnx_trainer.transforms.BatchTransform` (``map_batch`` over ``(B, H, W, C)``
+batches), which the Trainer uses: one vectorised NumPy operation per batch instead of
+one per example, the difference between a data pipeline that keeps up with a
+few-millisecond step on a 2-core CPU and one that does not.
 
-They run once per example in Grain's worker processes, so they are NumPy-only, cheap, and
-module-level classes (picklable into spawned workers). Random ones draw only from the
-``rng`` Grain passes to ``random_map``; Grain seeds it from the pipeline seed and the
-element's index, so the output does not depend on which worker computes it.
+Transforms return new dicts and never write into their input: Grain (and the
+array-backed sources, whose images are read-only views) may hand the same arrays out
+again. They are NumPy-only module-level classes (picklable into Grain's worker
+processes). Random draws come from Grain's per-element ``rng`` (per example) or from
+the per-example keys the Trainer passes (per batch): either way an example's
+augmentation does not depend on which worker or process computes it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from typing import Any
 import grain
 import numpy as np
 
+from nnx_trainer.transforms import BatchTransform, integers, uniform
+
 __all__ = ["RandomCrop", "RandomHorizontalFlip", "Normalize"]
 
 _PAD_MODES = ("constant", "reflect")
 
 
-class RandomCrop(grain.transforms.RandomMap):
+class RandomCrop(grain.transforms.RandomMap, BatchTransform):
     """Pad the image by ``padding`` pixels on each side, then crop back to its original size
     at a uniformly random offset (the standard CIFAR augmentation).
 
@@ -53,11 +60,26 @@ class RandomCrop(grain.transforms.RandomMap):
         padded = np.pad(image, pad, mode=self.mode)
         return {**element, "image": np.ascontiguousarray(padded[dy : dy + h, dx : dx + w])}
 
+    def map_batch(self, batch: dict[str, Any], keys: np.ndarray) -> dict[str, Any]:
+        images = batch["image"]
+        p = self.padding
+        if p == 0:
+            return {**batch}
+        n, h, w = images.shape[:3]
+        pad = ((0, 0), (p, p), (p, p)) + ((0, 0),) * (images.ndim - 3)
+        padded = np.pad(images, pad, mode=self.mode)
+        dy = integers(keys, 0, 2 * p + 1)
+        dx = integers(keys, 1, 2 * p + 1)
+        # One gather for the whole batch: rows[b, i] = dy[b] + i, cols[b, j] = dx[b] + j.
+        rows = (dy[:, None] + np.arange(h))[:, :, None]
+        cols = (dx[:, None] + np.arange(w))[:, None, :]
+        return {**batch, "image": padded[np.arange(n)[:, None, None], rows, cols]}
+
     def __repr__(self) -> str:
         return f"RandomCrop(padding={self.padding}, mode={self.mode!r})"
 
 
-class RandomHorizontalFlip(grain.transforms.RandomMap):
+class RandomHorizontalFlip(grain.transforms.RandomMap, BatchTransform):
     """Mirror the image left-right with probability ``p``."""
 
     def __init__(self, p: float = 0.5):
@@ -73,11 +95,20 @@ class RandomHorizontalFlip(grain.transforms.RandomMap):
             return {**element, "image": np.ascontiguousarray(image[:, ::-1])}
         return {**element}
 
+    def map_batch(self, batch: dict[str, Any], keys: np.ndarray) -> dict[str, Any]:
+        images = batch["image"]
+        flip = uniform(keys, 2) < self.p
+        if not flip.any():
+            return {**batch}
+        out = images.copy()
+        out[flip] = images[flip][:, :, ::-1]
+        return {**batch, "image": out}
+
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"
 
 
-class Normalize(grain.transforms.Map):
+class Normalize(grain.transforms.Map, BatchTransform):
     """uint8 image -> float32 ``(image / 255 - mean) / std`` per channel; other keys (the
     int32 label) pass through unchanged.
 
@@ -100,21 +131,28 @@ class Normalize(grain.transforms.Map):
         self._scale = (1.0 / (255.0 * std_a)).astype(np.float32)
         self._shift = (mean_a / std_a).astype(np.float32)
 
-    def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        image = element["image"]
-        channels = image.shape[-1] if image.ndim == 3 else 1
+    def _normalize(self, image: np.ndarray, has_channels: bool) -> np.ndarray:
+        channels = image.shape[-1] if has_channels else 1
         if self._scale.size not in (1, channels):
             # Without this check NumPy would silently broadcast a 1-channel image to 3.
             raise ValueError(
                 f"Normalize has {self._scale.size} channel statistics but the image has shape "
                 f"{image.shape}; use the mean/std of this dataset (DatasetInfo.mean/std)"
             )
-        scale = self._scale if image.ndim == 3 else self._scale[0]
-        shift = self._shift if image.ndim == 3 else self._shift[0]
+        scale = self._scale if has_channels else self._scale[0]
+        shift = self._shift if has_channels else self._shift[0]
         out = image.astype(np.float32)
         out *= scale
         out -= shift
-        return {**element, "image": out}
+        return out
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        image = element["image"]
+        return {**element, "image": self._normalize(image, image.ndim == 3)}
+
+    def map_batch(self, batch: dict[str, Any], keys: np.ndarray) -> dict[str, Any]:
+        images = batch["image"]
+        return {**batch, "image": self._normalize(images, images.ndim == 4)}
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"

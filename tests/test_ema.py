@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from tiny_task import TinyTask
 
 import nnx_trainer
 from plugins.ema import EMA
+from plugins.orbax_checkpoint import OrbaxCheckpoint
 
 
 def params_of(state) -> list[np.ndarray]:
@@ -29,6 +32,7 @@ class Snapshots:
         self.params: list[list[np.ndarray]] = []
         self.losses: list[float] = []
         self.val_loss: list[float] = []
+        self.val_at: dict[int, float] = {}  # global step -> val/loss
 
     @nnx_trainer.hookimpl
     def on_fit_start(self, trainer):
@@ -40,9 +44,10 @@ class Snapshots:
         self.losses.append(float(loss))
 
     @nnx_trainer.hookimpl
-    def on_validation_end(self, stage, metrics):
+    def on_validation_end(self, trainer, stage, metrics):
         if stage == "validate":
             self.val_loss.append(float(metrics["val/loss"]))
+            self.val_at[trainer.global_step] = self.val_loss[-1]
 
 
 def make_trainer(tmp_path, plugins, **kwargs):
@@ -139,8 +144,125 @@ def test_default_instance_does_nothing():
     ema.on_validation_start(trainer=trainer)
     ema.on_validation_end(trainer=trainer)
     ema.on_fit_end(trainer=trainer)
+    assert ema.array_state_dict(trainer=trainer) is None  # nothing saved in checkpoints
+    ema.load_array_state_dict(trainer=trainer, state={"ema": (np.zeros(3),)})
     with pytest.raises(RuntimeError, match=r"configure EMA\(decay=...\)"):
         ema.averaged_model_state(trainer)
+
+
+# ------------------------------------------------------------ checkpoints
+
+
+def averages(ema) -> list[np.ndarray]:
+    return [np.asarray(x).copy() for x in ema._ema]
+
+
+def saved_plugin_arrays(step_dir) -> list[str]:
+    """The plugin keys under ``state["plugins"]`` of a committed checkpoint (its metadata)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return sorted(handler.metadata(step_dir / "state").tree.get("plugins", {}))
+    finally:
+        handler.close()
+
+
+def test_a_resumed_fit_continues_the_average_bit_for_bit(tmp_path):
+    task = TinyTask(n_val=20)
+    # 4 steps per epoch; validations at 3, 4, 6, 8, 9 (val_check_interval and epoch ends).
+    common = dict(val_check_interval=3, eval_batch_size=8)
+
+    full_ema, full = EMA(decay=0.8), Snapshots()
+    full_trainer = make_trainer(tmp_path / "full", [full_ema, full], max_steps=10, **common)
+    full_trainer.fit(task)
+
+    run = tmp_path / "run"
+    first_ema = EMA(decay=0.8)
+    make_trainer(run, [first_ema, Snapshots(), OrbaxCheckpoint()], max_steps=6, **common).fit(
+        task
+    )
+    assert saved_plugin_arrays(run / "checkpoints" / "6") == ["ema"]
+
+    ema, resumed = EMA(decay=0.8), Snapshots()
+    trainer = make_trainer(run, [ema, resumed, OrbaxCheckpoint()], max_steps=10, **common)
+    trainer.fit(task, ckpt_path="last")
+
+    assert resumed.losses == full.losses[6:]  # training: unchanged
+    for a, b in zip(averages(ema), averages(full_ema), strict=True):
+        np.testing.assert_array_equal(a, b)  # the average: bit for bit
+    # The validations after the resume ran on that average and match exactly.
+    assert sorted(resumed.val_at) == [8, 9]
+    assert resumed.val_at == {s: full.val_at[s] for s in (8, 9)}
+
+    # Evaluating the checkpoint later uses the average saved with it, as the fit did;
+    # a trainer without EMA evaluates the same checkpoint on the training weights.
+    expected = full_trainer.validate(task)["val/loss"]  # still the fit's average
+    last = str(run / "checkpoints" / "10")
+    with_ema = make_trainer(tmp_path / "probe", [EMA(decay=0.8), OrbaxCheckpoint()])
+    assert with_ema.validate(task, ckpt_path=last)["val/loss"] == pytest.approx(expected, rel=1e-6)
+    plain = make_trainer(tmp_path / "plain", [OrbaxCheckpoint()])
+    raw = plain.validate(task, ckpt_path=last)["val/loss"]
+    assert plain.global_step == 10 and abs(raw - expected) > 1e-4
+
+
+class EveryTwo(EMA):
+    name = "ema_every_two"
+
+
+def test_a_checkpoint_without_an_average_warns_and_starts_it_from_the_restored_weights(
+    tmp_path, caplog
+):
+    task = TinyTask(n_val=0)
+    # Saved with another averaging plugin only: "plugins" holds "ema_every_two", no "ema".
+    first_two = EveryTwo(decay=0.75, update_every=2)
+    first = make_trainer(tmp_path, [first_two, OrbaxCheckpoint()], max_steps=6)
+    first.fit(task)
+    saved_params, saved_two = params_of(first.state[0]), averages(first_two)
+    assert saved_plugin_arrays(tmp_path / "checkpoints" / "6") == ["ema_every_two"]
+
+    caplog.set_level(logging.WARNING, logger="nnx_trainer.checkpoint")
+    ema, two, snaps = EMA(decay=0.8), EveryTwo(decay=0.75, update_every=2), Snapshots()
+    trainer = make_trainer(tmp_path, [ema, two, snaps, OrbaxCheckpoint()], max_steps=8)
+    trainer.fit(task, ckpt_path="last")
+    assert "holds no plugin arrays for 'ema' (saved without that plugin" in caplog.text
+    assert "'ema_every_two'" not in caplog.text
+
+    # The new average started from the restored weights: after two more steps it is
+    # d^2 p6 + d (1 - d) p7 + (1 - d) p8.
+    for i, restored in enumerate(snaps.params[0]):
+        np.testing.assert_array_equal(restored, saved_params[i])
+    d = 0.8
+    for i, averaged in enumerate(params_of(ema.averaged_model_state(trainer))):
+        p6, p7, p8 = (s[i] for s in snaps.params)
+        expected = d**2 * p6 + d * (1 - d) * p7 + (1 - d) * p8
+        np.testing.assert_allclose(averaged, expected, rtol=1e-6, atol=1e-7)
+    # The other one continued its checkpointed average (one update, after step 8).
+    for i, averaged in enumerate(params_of(two.averaged_model_state(trainer))):
+        expected = 0.75 * saved_two[i] + 0.25 * snaps.params[2][i]
+        np.testing.assert_allclose(averaged, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_with_an_average_resumes_without_the_plugin(tmp_path, caplog):
+    task = TinyTask(n_val=0)
+    first = make_trainer(tmp_path, [EMA(decay=0.8), OrbaxCheckpoint()], max_steps=6)
+    first.fit(task)
+    saved = [np.asarray(x).copy() for x in jax.tree.leaves(first.state)]
+    assert saved_plugin_arrays(tmp_path / "checkpoints" / "6") == ["ema"]
+
+    # No averaging plugin (the default EMA instance is off): the average stays on disk.
+    caplog.set_level(logging.INFO, logger="nnx_trainer.checkpoint")
+    snaps = Snapshots()
+    trainer = make_trainer(tmp_path, [EMA(), snaps, OrbaxCheckpoint(keep_last=2)], max_steps=8)
+    trainer.fit(task, ckpt_path="last")
+    assert "not restoring plugin arrays 'ema'" in caplog.text
+    assert trainer.global_step == 8 and len(snaps.losses) == 2
+    # It restored the training state exactly; its own checkpoint has no plugin arrays.
+    for a, b in zip(snaps.params[0], params_of(first.state[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert saved_plugin_arrays(tmp_path / "checkpoints" / "8") == []
+    restored = make_trainer(tmp_path / "probe", [OrbaxCheckpoint()])
+    restored.validate(TinyTask(), ckpt_path=str(tmp_path / "checkpoints" / "6"))
+    for a, b in zip(jax.tree.leaves(restored.state), saved, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 @pytest.mark.parametrize(

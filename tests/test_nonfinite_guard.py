@@ -11,6 +11,7 @@ from tiny_task import TinyModel, TinyTask
 
 import nnx_trainer
 from nnx_trainer.plugin_manager import create_plugin_manager
+from nnx_trainer.trainer import _record_nonfinite
 from plugins.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 
 
@@ -83,16 +84,30 @@ def test_stops_within_the_cadence_and_names_the_first_bad_step(tmp_path):
 
 
 def drive_steps(hook, trainer, losses) -> None:
-    """Run the per-step hook as the engine does, one loss per step."""
+    """Run the per-step hook as the engine does, folding each loss as its train step does."""
     for loss in losses:
+        trainer.record = _record_nonfinite(trainer.record, loss)
         trainer.global_step += 1
         hook.on_train_batch_end(trainer=trainer, step=trainer.global_step - 1, loss=loss)
 
 
-def fake_trainer(pm) -> SimpleNamespace:
-    return SimpleNamespace(
+class FakeTrainer(SimpleNamespace):
+    """What the guard uses of a Trainer, with the engine's own device record."""
+
+    def start_fit(self) -> None:
+        self.record = (jnp.int32(-1), jnp.float32(0.0), jnp.int32(self.global_step))
+
+    def first_nonfinite_loss(self):
+        first = int(self.record[0])
+        return None if first < 0 else (first, float(self.record[1]))
+
+
+def fake_trainer(pm) -> FakeTrainer:
+    trainer = FakeTrainer(
         global_step=0, log_every_n_steps=50, should_stop=False, stop_reason=None, hook=pm.hook
     )
+    trainer.start_fit()
+    return trainer
 
 
 def test_epoch_end_and_checkpoint_saves_check_between_cadence_steps():
@@ -109,7 +124,8 @@ def test_epoch_end_and_checkpoint_saves_check_between_cadence_steps():
         pm.hook.on_save_checkpoint(trainer=trainer, step=7, reason="end")
     assert events.saved == []  # the guard ran first and stopped the save
 
-    pm.hook.on_fit_start(trainer=trainer, task=None)  # a new fit forgets the old record
+    trainer.start_fit()  # a new fit starts a fresh record
+    pm.hook.on_fit_start(trainer=trainer, task=None)
     drive_steps(pm.hook, trainer, [jnp.float32(1.0), jnp.float32(jnp.nan)])
     with pytest.raises(NonFiniteLossError, match=r"\(nan\) at step 8, found between step 7 "):
         pm.hook.on_train_epoch_end(trainer=trainer, epoch=1)
@@ -156,3 +172,13 @@ def test_default_instance_is_on_and_reads_nothing_without_steps():
 
     guard.on_fit_start(FakeTrainer())
     guard.check(FakeTrainer())  # nothing recorded: no read, no error
+
+
+def test_the_train_step_records_the_first_nonfinite_loss_without_the_plugin(tmp_path):
+    trainer = nnx_trainer.Trainer(run_dir=tmp_path, batch_size=16, max_epochs=2,
+                                  plugin_autoload=False)
+    trainer.fit(NaNFrom(5))  # no guard: the run goes on, the engine's record remembers
+    step, loss = trainer.first_nonfinite_loss()
+    assert step == 5 and loss != loss  # NaN
+    trainer.fit(NaNFrom(None))
+    assert trainer.first_nonfinite_loss() is None  # a new fit starts a fresh record

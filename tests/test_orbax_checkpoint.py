@@ -144,7 +144,8 @@ def test_epoch_end_checkpoint_starts_the_next_epoch_and_older_resume_drops_later
     assert committed(ckpt_dir) == [4, 8, 12]  # every epoch, after its validation
     meta = read_meta(ckpt_dir / "4")
     assert (meta["global_step"], meta["epoch"], meta["batch_in_epoch"]) == (4, 1, 0)
-    assert meta["data_state"] is None and meta["checkpoint"]["weights_only"] is False
+    assert "data_state" not in meta  # the counters are the data position
+    assert meta["checkpoint"]["weights_only"] is False
 
     resumed = Record()
     caplog.set_level(logging.WARNING, logger=CKPT_LOG)
@@ -218,11 +219,6 @@ def test_restore_errors_say_what_to_do(tmp_path):
 
     make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=2).fit(TinyTask())  # saves step 2
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    with pytest.raises(ValueError, match=r"middle of an epoch with worker_count=0; .*"
-                                         r"resume with worker_count=0"):
-        make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=4, worker_count=2).fit(
-            TinyTask(), ckpt_path="last"
-        )
     partial = ckpt_dir / "7.orbax-checkpoint-tmp"
     partial.mkdir()
     with pytest.raises(ValueError, match="is an uncommitted checkpoint"):

@@ -544,3 +544,82 @@ def test_grain_contracts():
     assert noisy[3] == noisy[3] == list(noisy)[3]
     rep_noisy = ds.random_map(lambda x, rng: int(rng.integers(1 << 30)), seed=7).repeat(2)
     assert list(rep_noisy)[:10] != list(rep_noisy)[10:]
+
+
+# ---- batch forms (what the Trainer runs): same operations, one call per batch ---------------
+
+
+def _batch_of(img: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    images = np.stack([np.roll(img, k, axis=0) for k in range(n)])
+    images.flags.writeable = False  # a batch transform must not write into its input
+    return {"image": images, "label": np.arange(n, dtype=np.int32)}
+
+
+def test_random_crop_batch_is_a_shifted_copy_per_example():
+    from nnx_trainer.transforms import example_keys
+
+    batch = _batch_of(_known_image(), 64)
+    keys = example_keys(3, np.arange(64))
+    out = RandomCrop(2).map_batch(batch, keys)
+    assert out["image"].shape == batch["image"].shape and out["image"].dtype == np.uint8
+    np.testing.assert_array_equal(out["label"], batch["label"])
+    offsets = set()
+    for b in range(64):
+        padded = np.pad(batch["image"][b], ((2, 2), (2, 2), (0, 0)))
+        matches = [(dy, dx) for dy in range(5) for dx in range(5)
+                   if np.array_equal(out["image"][b], padded[dy : dy + 8, dx : dx + 6])]
+        assert matches, f"example {b} is not a crop of its padded image"
+        offsets.add(matches[0])
+    assert len(offsets) > 15  # offsets cover the 5x5 range
+    again = RandomCrop(2).map_batch(batch, keys)
+    np.testing.assert_array_equal(out["image"], again["image"])  # keys decide, nothing else
+    other = RandomCrop(2).map_batch(batch, example_keys(4, np.arange(64)))
+    assert not np.array_equal(out["image"], other["image"])
+    # An example's crop depends on its key only, not on its row or its batch-mates.
+    alone = RandomCrop(2).map_batch({"image": batch["image"][5:6]}, keys[5:6])
+    np.testing.assert_array_equal(alone["image"][0], out["image"][5])
+    reflect = RandomCrop(3, mode="reflect").map_batch(batch, keys)
+    padded = np.pad(batch["image"][0], ((3, 3), (3, 3), (0, 0)), mode="reflect")
+    assert any(np.array_equal(reflect["image"][0], padded[dy : dy + 8, dx : dx + 6])
+               for dy in range(7) for dx in range(7))
+
+
+def test_random_horizontal_flip_batch():
+    from nnx_trainer.transforms import example_keys
+
+    batch = _batch_of(_known_image(), 80)
+    keys = example_keys(0, np.arange(80))
+    out = RandomHorizontalFlip(0.5).map_batch(batch, keys)["image"]
+    flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, batch["image"], strict=True)]
+    kept = [np.array_equal(o, i) for o, i in zip(out, batch["image"], strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 20 < sum(flipped) < 60
+    all_flipped = RandomHorizontalFlip(1.0).map_batch(batch, keys)["image"]
+    np.testing.assert_array_equal(all_flipped, batch["image"][:, :, ::-1])
+    none = RandomHorizontalFlip(0.0).map_batch(batch, keys)["image"]
+    np.testing.assert_array_equal(none, batch["image"])
+
+
+def test_normalize_batch_equals_per_example():
+    batch = _batch_of(_known_image(), 5)
+    norm = Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    out = norm.map_batch(batch, np.zeros(5, np.uint64))["image"]
+    expected = np.stack([norm.map({"image": i})["image"] for i in batch["image"]])
+    np.testing.assert_array_equal(out, expected)
+    gray = Normalize((0.5,), (0.25,)).map_batch({"image": batch["image"][..., 0]}, None)
+    np.testing.assert_allclose(gray["image"], (batch["image"][..., 0] / 255 - 0.5) / 0.25,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="channel statistics"):
+        norm.map_batch({"image": batch["image"][..., :1]}, None)
+
+
+def test_array_source_batched_read_matches_single_reads(digits):
+    train = digits[0]
+    source = train._source if hasattr(train, "_source") else None
+    if source is None:
+        pytest.skip("digits train set is not a plain ArraySource dataset")
+    rows = source._getitems([5, 0, 5, 17])
+    for index, row in zip([5, 0, 5, 17], rows, strict=True):
+        single = source[index]
+        np.testing.assert_array_equal(row["image"], single["image"])
+        assert row["label"] == single["label"]

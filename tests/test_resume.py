@@ -200,19 +200,66 @@ def test_sigterm_from_the_parent_saves_exits_zero_and_resumes_exactly(tmp_path, 
     assert_same_continuation(resumed, reference, start=step)
 
 
+def read_checkpoint(step_dir: Path) -> tuple[dict, dict | None]:
+    """(meta, metrics) of a committed checkpoint, read with orbax."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    with ocp.CheckpointManager(step_dir.parent, options=options) as manager:
+        step = int(step_dir.name)
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(meta["meta"]), manager.metrics(step)
+
+
+def test_sigterm_on_an_epochs_last_batch_validates_that_epoch_on_resume(tmp_path, reference):
+    # SIGTERM arrives during step 8, the last batch of epoch 1: the epoch is closed and
+    # saved at once, without its validation; the resumed fit runs that validation first,
+    # at step 8, and makes the epoch save of step 8 it was owed (best-K gets the value).
+    run_dir = tmp_path / "run"
+    first = Run(tmp_path, "terminated", run_dir).run(*BEST_K, "--sigterm-at-step", "8")
+    assert first.out["preempted"] is True and first.out["end_step"] == 8
+    assert "SIGTERM" in first.stderr
+    ref_vals = reference.vals
+    assert first.vals == {4: ref_vals[4]}  # step 8's validation did not run
+    meta, metrics = read_checkpoint(run_dir / "checkpoints" / "8")
+    assert (meta["epoch"], meta["batch_in_epoch"], meta["validation_pending"]) == (2, 0, True)
+    assert metrics == {}  # no val/loss at step 8 yet
+
+    # Resume up to step 9 (a step save): the uninterrupted run's checkpoints at that
+    # point were 4 and 8 (best two by val/loss) plus 9 (latest).
+    resumed = Run(tmp_path, "resumed", run_dir).run(*BEST_K, "--resume", "last", "--max-steps", "9")
+    assert resumed.out["start_step"] == 8
+    assert resumed.vals == {8: ref_vals[8]}  # bit-identical, logged at step 8
+    assert resumed.losses == {8: reference.losses[8]}
+    assert resumed.committed_steps() == [4, 8, 9]  # 8 ranks among the best: it has its value
+    assert read_checkpoint(run_dir / "checkpoints" / "8")[1] == {"val/loss": ref_vals[8]}
+    assert read_checkpoint(run_dir / "checkpoints" / "9")[0]["validation_pending"] is False
+
+    # And on to the end: the same losses, validations, final arrays and kept checkpoints.
+    rest = Run(tmp_path, "rest", run_dir).run(*BEST_K, "--resume", "last")
+    assert rest.out["start_step"] == 9 and rest.out["counter"] == MAX_STEPS
+    assert_same_continuation(rest, reference, start=9)
+    assert rest.vals == {s: ref_vals[s] for s in (12, 16, 20)}
+    assert rest.committed_steps() == reference.committed_steps()
+
+
 def test_resume_with_grain_worker_processes_continues_the_epoch(tmp_path, reference):
-    # Grain spawns its worker processes per epoch pipeline (seconds each), so this run
-    # stays inside epoch 0: stop after step 2, resume with fresh workers, finish the epoch.
+    # The data position is the step counters, not Grain's iterator state: a run saved
+    # mid-epoch with 2 worker processes resumes with 0 (and back), across an epoch end.
     run_dir = tmp_path / "run"
     first = Run(tmp_path, "first", run_dir).run("--workers", "2", "--max-steps", "2")
     assert first.out["end_step"] == 2
     resumed = Run(tmp_path, "resumed", run_dir).run(
-        "--workers", "2", "--max-steps", "4", "--resume", "last"
+        "--workers", "0", "--max-steps", "6", "--resume", "last"
     )
-    assert resumed.out["start_step"] == 2 and resumed.out["end_step"] == 4
+    assert resumed.out["start_step"] == 2 and resumed.out["end_step"] == 6
+    again = Run(tmp_path, "again", run_dir).run(
+        "--workers", "2", "--max-steps", "7", "--resume", "last"
+    )
     ref = reference.losses
     assert first.losses == {0: ref[0], 1: ref[1]}
-    assert resumed.losses == {2: ref[2], 3: ref[3]}  # the rest of epoch 0, bit-identical
+    assert resumed.losses == {s: ref[s] for s in range(2, 6)}  # bit-identical, epoch 0 -> 1
+    assert again.losses == {6: ref[6]}
 
 
 def test_checkpoint_restores_onto_another_device_count_and_strategy(tmp_path):
