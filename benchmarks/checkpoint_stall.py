@@ -82,7 +82,7 @@ def plugins():
         """The checkpoint plugin, timing each blocking ``save`` call."""
 
         def __init__(self, **kwargs) -> None:
-            super().__init__(**kwargs)
+            super().__init__(min_seconds_between_saves=0, **kwargs)  # time every save
             self.save_seconds: dict[int, float] = {}
 
         def save(self, trainer) -> bool:

@@ -21,9 +21,15 @@ from tiny_task import TinyTask
 
 import nnx_trainer
 from nnx_trainer import data as data_lib
-from plugins.orbax_checkpoint import KeepLatestAndBest, OrbaxCheckpoint
+from plugins.orbax_checkpoint import KeepLatestAndBest
+from plugins.orbax_checkpoint import OrbaxCheckpoint as _OrbaxCheckpoint
 
 CKPT_LOG = "nnx_trainer.checkpoint"
+
+
+def OrbaxCheckpoint(**options):  # noqa: N802 - stands in for the class in these tests
+    """The plugin saving at every cadence point: these tests count and time saves."""
+    return _OrbaxCheckpoint(**{"min_seconds_between_saves": 0, **options})
 
 
 class Record:
@@ -104,7 +110,8 @@ def test_default_instance_is_the_entry_point_and_monitor_implies_keep_best_one()
     from nnx_trainer.plugin_manager import create_plugin_manager
 
     pm = create_plugin_manager(plugins=["checkpoint"], autoload=False)
-    assert isinstance(pm.get_plugin("checkpoint"), OrbaxCheckpoint)
+    default = pm.get_plugin("checkpoint")
+    assert isinstance(default, _OrbaxCheckpoint) and default.min_seconds_between_saves == 60
     assert OrbaxCheckpoint(monitor="val/loss").keep_best == 1
     assert OrbaxCheckpoint().keep_best is None
 
@@ -404,3 +411,48 @@ def test_data_state_of_a_consumed_batch_resumes_a_fresh_loader_exactly(workers):
     if hasattr(fresh, "close"):
         fresh.close()
     assert rest == expected[5:]
+
+
+# ------------------------------------------------------------ save throttle
+
+
+def test_default_throttle_skips_periodic_saves_within_a_minute_but_never_the_end(tmp_path):
+    plugin = _OrbaxCheckpoint(keep_last=5)  # the defaults: every epoch, >= 60 s apart
+    assert plugin.min_seconds_between_saves == 60
+    make_trainer(tmp_path, plugin, max_epochs=3).fit(TinyTask())  # a few seconds
+    assert plugin.skipped_steps == [4, 8] and plugin.saved_steps == [12]
+    assert committed(tmp_path / "run" / "checkpoints") == [12]
+
+
+def test_throttle_saves_once_the_interval_has_passed(tmp_path):
+    plugin = _OrbaxCheckpoint(keep_last=5, min_seconds_between_saves=6)
+    trainer = make_trainer(tmp_path, plugin, max_epochs=4)
+    plugin._clock = lambda: float(trainer.global_step)  # one "second" per step
+    trainer.fit(TinyTask())
+    # Epoch saves at steps 4, 8, 12, 16 (4 steps per epoch): 4 is 4 s after the start,
+    # 8 is 8 s (saved), 12 is 4 s after 8, 16 is the end (always saved).
+    assert plugin.skipped_steps == [4, 12] and plugin.saved_steps == [8, 16]
+
+
+def test_throttle_never_skips_a_save_that_would_be_kept_as_best(tmp_path):
+    record = Record()
+    # mode="max" on a falling val/loss: only a value above the kept best is a new best.
+    plugin = _OrbaxCheckpoint(monitor="val/loss", mode="max", keep_best=1,
+                              min_seconds_between_saves=3600)
+    make_trainer(tmp_path, record, plugin, max_epochs=4).fit(TinyTask())
+    vals = {step: m["val/loss"] for step, m in record.logged if "val/loss" in m}
+    assert sorted(vals) == [4, 8, 12, 16]
+    best, expected = None, []
+    for step in (4, 8, 12):
+        if best is None or vals[step] > best:
+            best = vals[step]
+            expected.append(step)
+    assert plugin.saved_steps == [*expected, 16]  # the end always saves
+    assert plugin.skipped_steps == [s for s in (4, 8, 12) if s not in expected]
+    assert len(plugin.skipped_steps) >= 1  # the run did exercise a skip
+
+
+def test_bad_throttle_value_says_what_to_change():
+    for bad in (-1, "60", True, float("nan")):
+        with pytest.raises(ValueError, match="min_seconds_between_saves must be a number"):
+            _OrbaxCheckpoint(min_seconds_between_saves=bad)

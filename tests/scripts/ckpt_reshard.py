@@ -40,7 +40,7 @@ def fit(run_dir: Path, strategy, max_steps: int, resume: str | None):
     start = AtStart()
     trainer = nnx_trainer.Trainer(
         run_dir=run_dir, batch_size=16, max_steps=max_steps, strategy=strategy,
-        plugin_autoload=False, plugins=[OrbaxCheckpoint(), start],
+        plugin_autoload=False, plugins=[OrbaxCheckpoint(min_seconds_between_saves=0), start],
     )
     trainer.fit(TinyTask(n_train=64, dim=64), ckpt_path=resume)
     final = [np.asarray(x) for x in jax.tree.leaves(trainer.checkpoint_state()["state"])]

@@ -148,6 +148,7 @@ def main() -> int:
     checkpoint = OrbaxCheckpoint(
         every_n_steps=args.every_n_steps, every_n_epochs=args.every_n_epochs,
         monitor=args.monitor, keep_best=args.keep_best, keep_last=args.keep_last,
+        min_seconds_between_saves=0,  # the tests count saves
     )
     trainer = nnx_trainer.Trainer(
         run_dir=args.run_dir, max_steps=args.max_steps, batch_size=args.batch_size,
