@@ -54,6 +54,11 @@ EXPLORE_VARIANTS: list[tuple[str, str, str, dict, list[str]]] = [
      "--xla_cpu_experimental_xnn_fusion_type=individual_convolution", {}, []),
     ("jax ynn fusion: individual_convolution", "jax-hand",
      "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}, []),
+    ("jax ynn fusion + --xla_cpu_multi_thread_eigen=false", "jax-hand",
+     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution "
+     "--xla_cpu_multi_thread_eigen=false", {}, []),
+    ("jax-fit ynn fusion: individual_convolution", "jax-fit",
+     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution", {}, []),
     ("jax --xla_cpu_enable_fast_math=true", "jax-hand", "--xla_cpu_enable_fast_math=true", {}, []),
     ("jax --xla_cpu_prefer_vector_width=512", "jax-hand",
      "--xla_cpu_prefer_vector_width=512", {}, []),

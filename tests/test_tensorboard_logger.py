@@ -191,3 +191,29 @@ def test_entry_point_default_writes_nothing_until_a_log(tmp_path):
     assert isinstance(default, TensorBoardLogger) and default.enabled
     assert default.subdir == "tensorboard" and default.writer is None
     assert not (tmp_path / "run").exists()
+
+
+def test_logging_does_not_import_pytorch(tmp_path):
+    """tensorboardX would import torch (seconds, ~190 MiB) when it is installed; we keep it out."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from tiny_task import TinyTask
+import nnx_trainer
+from plugins.tensorboard_logger import TensorBoardLogger
+nnx_trainer.Trainer(run_dir={str(tmp_path)!r}, max_steps=2, batch_size=16, log_every_n_steps=1,
+                    plugin_autoload=False, plugins=[TensorBoardLogger()]).fit(TinyTask())
+assert "tensorboardX" in sys.modules and "torch" not in sys.modules, "torch was imported"
+import importlib.util
+if importlib.util.find_spec("torch") is not None:  # installed: a later import still works
+    import torch
+    assert torch.zeros(1).shape == (1,)
+print("ok")
+"""
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=tests_dir)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+    assert list((tmp_path / "tensorboard").iterdir())  # and the events were written
