@@ -635,7 +635,8 @@ class Trainer:
         metrics_state = self.strategy.place_state(nnx.state(self.task.configure_metrics()))
         self.hook.on_validation_start(trainer=self, stage=stage)
         with data_lib.DevicePrefetcher(
-            iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
+            iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches,
+            record_state=False,
         ) as prefetcher:
             for index, (batch, _) in enumerate(prefetcher):
                 t0 = time.perf_counter()
@@ -670,7 +671,8 @@ class Trainer:
             self.hook.on_predict_start(trainer=self)
             chunks, masks = [], []
             with data_lib.DevicePrefetcher(
-                iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
+                iter(iterator), self.strategy.shard_batch, size=self.prefetch,
+                limit=num_batches, record_state=False,
             ) as prefetcher:
                 for batch, _ in prefetcher:
                     chunks.append(predict_step(self._state, batch))
