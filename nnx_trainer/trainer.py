@@ -166,6 +166,7 @@ class Trainer:
         self._state: Any = None
         self._train_metrics_state: Any = None
         self._loss_record: Any = None
+        self._validation_pending = False  # preempted at an epoch end: its validation is owed
         self._live: tuple[nnx.Module, nnx.Optimizer] | None = None
         self._step_fns: dict[str, Any] = {}
 
@@ -380,7 +381,7 @@ class Trainer:
                 "plugins": plugin_state,
                 "seed": self.seed,
                 # Preempted on an epoch's last batch: that epoch's validation still to run.
-                "validation_pending": getattr(self, "_validation_pending", False),
+                "validation_pending": self._validation_pending,
             },
         }
 
