@@ -306,8 +306,9 @@ class DevicePrefetcher:
 
     Each item is ``(device_batch, data_state)`` where ``data_state`` is the host
     iterator's state right after that batch was read (``None`` unless
-    ``record_state``), so a consumer can resume exactly at the next batch even though
-    later batches were already prefetched. Time blocked on the host pipeline is
+    ``record_state``: the Trainer resumes from its step counters instead), so a consumer
+    can resume exactly at the next batch even though later batches were already
+    prefetched. Time blocked on the host pipeline is
     summed in ``wait_seconds``.
     """
 
@@ -317,7 +318,7 @@ class DevicePrefetcher:
         put: Callable[[Mapping[str, np.ndarray]], Any],
         size: int = 2,
         limit: int | None = None,
-        record_state: bool = True,
+        record_state: bool = False,
     ) -> None:
         self._iterator = iterator
         self._record_state = record_state and hasattr(iterator, "get_state")

@@ -474,11 +474,7 @@ class Trainer:
             (np.asarray(-1, np.int32), np.asarray(0.0, np.float32),
              np.asarray(self.global_step, np.int32))
         )
-        if (
-            self._validation_pending
-            and self.check_val_every_n_epoch
-            and self.current_epoch % self.check_val_every_n_epoch == 0
-        ):
+        if self._validation_pending and self._validates_after_epoch():
             # Resumed from a preemption on the previous epoch's last batch: its epoch-end
             # validation, skipped then, runs now at the same step, before the next epoch
             # starts (where the checkpoint plugin makes its "epoch" save), as it would have.
@@ -501,8 +497,7 @@ class Trainer:
             )
         )
         with data_lib.DevicePrefetcher(
-            iterator, self.strategy.shard_batch, size=self.prefetch, limit=remaining,
-            record_state=False,
+            iterator, self.strategy.shard_batch, size=self.prefetch, limit=remaining
         ) as prefetcher:
             self._prefetcher = prefetcher
             try:
@@ -513,7 +508,14 @@ class Trainer:
         if self.global_step % self.log_every_n_steps and not self.preempted:
             self._log_train_metrics()
 
+    def _validates_after_epoch(self) -> bool:
+        """Whether the epoch that just closed (counters at the next one) ends with validation."""
+        return bool(self.check_val_every_n_epoch) and (
+            self.current_epoch % self.check_val_every_n_epoch == 0
+        )
+
     def _epochs(self, prefetcher: data_lib.DevicePrefetcher, train_step) -> None:
+        """Epoch after epoch from the current counters: hooks, steps, epoch-end validation."""
         while self.current_epoch < self.max_epochs and not self._done():
             epoch = self.current_epoch
             self.hook.on_train_epoch_start(trainer=self, epoch=epoch)
@@ -525,10 +527,7 @@ class Trainer:
             self.hook.on_train_epoch_end(trainer=self, epoch=epoch)
             self.current_epoch += 1
             self.batch_in_epoch = 0
-            if (
-                self.check_val_every_n_epoch
-                and self.current_epoch % self.check_val_every_n_epoch == 0
-            ):
+            if self._validates_after_epoch():
                 if self.preempted:
                     # No time to validate now: the preemption checkpoint records it, and
                     # the resumed fit runs it first (at this step).
@@ -636,8 +635,7 @@ class Trainer:
         metrics_state = self.strategy.place_state(nnx.state(self.task.configure_metrics()))
         self.hook.on_validation_start(trainer=self, stage=stage)
         with data_lib.DevicePrefetcher(
-            iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches,
-            record_state=False,
+            iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
         ) as prefetcher:
             for index, (batch, _) in enumerate(prefetcher):
                 t0 = time.perf_counter()
@@ -672,8 +670,7 @@ class Trainer:
             self.hook.on_predict_start(trainer=self)
             chunks, masks = [], []
             with data_lib.DevicePrefetcher(
-                iter(iterator), self.strategy.shard_batch, size=self.prefetch,
-                limit=num_batches, record_state=False,
+                iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
             ) as prefetcher:
                 for batch, _ in prefetcher:
                     chunks.append(predict_step(self._state, batch))

@@ -401,7 +401,9 @@ def test_data_state_of_a_consumed_batch_resumes_a_fresh_loader_exactly(workers):
     assert len(expected) == 12
     # Consume 5 batches through the prefetcher (it reads 2 ahead): the state recorded
     # with the 5th is the resume point, not the look-ahead position.
-    with data_lib.DevicePrefetcher(pipeline(), lambda b: b, size=2) as prefetcher:
+    with data_lib.DevicePrefetcher(
+        pipeline(), lambda b: b, size=2, record_state=True
+    ) as prefetcher:
         for _ in range(5):
             _, state = next(prefetcher)
             prefetcher.refill()

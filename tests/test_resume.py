@@ -34,6 +34,15 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _read_step_values(path) -> dict[int, float]:
+    """``{step: value}`` from the script's ``<step> <value>`` lines."""
+    out = {}
+    for line in path.read_text().splitlines():
+        step, value = line.split()
+        out[int(step)] = float(value)
+    return out
+
+
 class Run:
     """One invocation of the script and the files it leaves."""
 
@@ -69,19 +78,11 @@ class Run:
 
     @property
     def losses(self) -> dict[int, float]:
-        out = {}
-        for line in self.losses_file.read_text().splitlines():
-            step, loss = line.split()
-            out[int(step)] = float(loss)
-        return out
+        return _read_step_values(self.losses_file)
 
     @property
     def vals(self) -> dict[int, float]:
-        out = {}
-        for line in self.vals_file.read_text().splitlines():
-            step, loss = line.split()
-            out[int(step)] = float(loss)
-        return out
+        return _read_step_values(self.vals_file)
 
     @property
     def out(self) -> dict:
