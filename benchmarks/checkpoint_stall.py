@@ -52,7 +52,7 @@ def plugins():
     import jax
 
     import nnx_trainer
-    from plugins.orbax_checkpoint import OrbaxCheckpoint
+    from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 
     class StepClock:
         """Wall-clock time at the end of every step (after the step's result is ready)."""
@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         base = run(task, args.steps, Path(tmp) / "none", base_clock)
         normal = list(base_clock.intervals().values())
         step_time = statistics.mean(normal)
-        state = base.checkpoint_state()["state"]
-        leaves = jax.tree.leaves(state)
+        content = base.checkpoint_state()
+        leaves = jax.tree.leaves(content.arrays())
         state_mib = sum(x.size * x.dtype.itemsize for x in leaves) / 2**20
-        model_values = sum(x.size for x in jax.tree.leaves(state["train"][0]))
+        model_values = sum(x.size for x in jax.tree.leaves(content.model))
 
         results = {}
         for label, async_save in (("async", True), ("blocking", False)):

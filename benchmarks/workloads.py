@@ -271,7 +271,7 @@ def quiet_progress() -> Any:
     """The default progress plugin as it behaves off a terminal, printing into a buffer."""
     from rich.console import Console
 
-    from plugins.rich_progress import RichProgress
+    from nnx_trainer_plugins.rich_progress import RichProgress
 
     return RichProgress(console=Console(file=io.StringIO()), force=False)
 

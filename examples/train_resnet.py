@@ -18,7 +18,7 @@ import sys
 import time
 
 import nnx_trainer
-from plugins.orbax_checkpoint import OrbaxCheckpoint
+from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 from resnet_task.data import DATASET_NAMES
 from resnet_task.models import MODEL_NAMES, STEMS
 from resnet_task.task import OPTIMIZERS, ResNetConfig, ResNetTask
@@ -82,9 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            "when the flag is given alone), the best one by --ckpt-monitor, "
                            "or a checkpoint directory such as runs/x/checkpoints/120")
     ckpt.add_argument("--ckpt-every-steps", type=int, default=None, metavar="N",
-                      help="also save every N training steps")
-    ckpt.add_argument("--ckpt-every-epochs", type=int, default=1, metavar="N",
-                      help="save after every N-th epoch, after its validation (0: never)")
+                      help="save every N training steps, exactly (mid-epoch too; never "
+                           "throttled)")
+    ckpt.add_argument("--ckpt-every-epochs", type=int, default=None, metavar="N",
+                      help="save after every N-th epoch, after its validation, exactly "
+                           "(0: no epoch saves). With neither this nor --ckpt-every-steps: "
+                           "every epoch, throttled by --ckpt-min-seconds")
+    ckpt.add_argument("--ckpt-min-seconds", type=float, default=60.0, metavar="S",
+                      help="the default cadence (every epoch, when neither --ckpt-every-steps "
+                           "nor --ckpt-every-epochs is given) saves at most once per S seconds "
+                           "(0: every epoch). Applies to the default cadence only: "
+                           "explicit cadences, the end of training and preemption always save")
     ckpt.add_argument("--keep", type=int, default=1, metavar="K",
                       help="always keep the latest K checkpoints")
     ckpt.add_argument("--keep-best", type=int, default=1, metavar="K",
@@ -121,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             plugins.append(OrbaxCheckpoint(
                 every_n_steps=args.ckpt_every_steps,
-                every_n_epochs=args.ckpt_every_epochs or None,
+                every_n_epochs=args.ckpt_every_epochs,
+                min_seconds_between_saves=args.ckpt_min_seconds,
                 keep_last=args.keep, keep_best=args.keep_best or None,
                 monitor=args.ckpt_monitor if args.keep_best else None, mode=args.ckpt_mode,
             ))

@@ -4,6 +4,17 @@ Hooks are called with keyword arguments only; an implementation may accept any
 subset of a spec's arguments (pluggy's rule), so adding an argument to a spec
 never breaks existing plugins.
 
+Ordering between plugins, where it matters (pluggy calls later-registered
+plugins first; ``tryfirst``/``trylast`` pin the exceptions):
+
+- ``on_save_checkpoint``: the non-finite guard (``tryfirst``) checks the loss record
+  before the checkpoint plugin (``trylast``) writes, so a NaN state is never committed.
+- ``log_metrics`` receives metrics already computed (``compute()`` ran in the loop);
+  a logger never computes them. Plugins that react to values (early stopping, the
+  checkpoint monitor) read them in ``on_validation_end`` or ``log_metrics`` alike.
+- ``on_run_end``: every plugin tears down there, whatever the order; nothing may
+  assume another plugin is still open (loggers flush their own files).
+
 Arguments that carry numbers (losses, metrics) are device arrays: the engine
 never forces a host sync for a hook. A plugin that needs a Python number
 fetches it (``float(x)``) at its own cadence.
@@ -83,10 +94,30 @@ def on_fit_start(trainer: Trainer, task: Task) -> None:
 
 @hookspec
 def on_fit_end(trainer: Trainer, task: Task) -> None:
-    """Called after the last training step, validation and checkpoint of a successful fit.
+    """Called after the last training step, validation and checkpoint of a fit that was
+    not preempted and raised nothing (``completed`` or ``stopped``). Teardown belongs in
+    :func:`on_run_end`, which always runs.
 
     :param trainer: the running trainer.
     :param task: the task being trained.
+    """
+
+
+@hookspec
+def on_run_end(
+    trainer: Trainer, stage: str, outcome: str, exception: BaseException | None
+) -> None:
+    """Always called once at the end of every fit, validate, test and predict call.
+
+    Like pytest's ``pytest_sessionfinish(session, exitstatus)``: close files, finish
+    runs and release resources here, according to how the run ended.
+
+    :param trainer: the trainer.
+    :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
+    :param outcome: a :class:`nnx_trainer.Outcome`: ``"completed"``, ``"stopped"`` (a plugin
+        set ``trainer.should_stop``), ``"preempted"`` (SIGTERM/SIGINT; state saved) or
+        ``"exception"``.
+    :param exception: the exception when ``outcome`` is ``"exception"`` (re-raised after).
     """
 
 
@@ -259,14 +290,29 @@ def restore_checkpoint(
     """
 
 
+@hookspec(firstresult=True)
+def should_save_checkpoint(trainer: Trainer, step: int) -> bool | None:
+    """Whether the loop's save point after ``step`` steps should save.
+
+    Stops at first non-None result. The loop asks once per step, after that step's
+    validation and before the next batch is consumed (the trainer's invariant 7), in
+    every process at the same steps; the answer must be the same in every process (a
+    time-based answer is decided on process 0 and agreed). The checkpoint plugin answers
+    from its Orbax save-decision policy. Nobody answering means no periodic saves.
+
+    :param trainer: the running trainer (counters already at the next step).
+    :param step: steps completed.
+    """
+
+
 @hookspec
 def on_save_checkpoint(trainer: Trainer, step: int, reason: str) -> None:
-    """Asked to save now; ``reason``: ``"preemption"``, ``"end"``, ``"step"`` or ``"epoch"``.
+    """Save now; ``reason``: ``"periodic"``, ``"end"`` or ``"preemption"``.
 
-    The engine asks at the end of fit and on preemption; the checkpoint plugin asks
-    through this hook for its periodic saves (``"step"``, ``"epoch"``), so every plugin
-    sees each save first. A checkpoint plugin calls ``trainer.checkpoint_state()`` and
-    writes it.
+    The loop calls it at its save point when :func:`should_save_checkpoint` says so
+    (``"periodic"``), at the end of fit (``"end"``) and on preemption (``"preemption"``),
+    in every process. Every plugin sees each save; the checkpoint plugin's implementation
+    (``trylast``) calls ``trainer.checkpoint_state()`` and writes it.
 
     :param trainer: the running trainer.
     :param step: the global step the state corresponds to (steps completed).

@@ -4,10 +4,19 @@ Built-in plugins and third-party ones load the same way: through the
 ``[project.entry-points.nnx_trainer]`` table of each installed distribution,
 like pytest plugins. The rules:
 
-- ``disable=["progress"]`` (or ``no:progress`` in ``NNX_TRAINER_PLUGINS``) blocks a
-  plugin by its entry-point name; an unknown name is an error listing the known ones.
+- ``disable=["progress"]`` blocks a plugin by its entry-point name; an unknown name is
+  an error listing the known ones.
+- ``NNX_TRAINER_PLUGINS`` (comma-separated, like pytest's ``PYTEST_PLUGINS`` plus
+  ``-p no:NAME``): ``no:NAME`` blocks ``NAME`` as ``disable=`` does; a bare ``NAME``
+  requests it as ``plugins=["NAME"]`` does (loaded even with autoload off, and an
+  opt-in plugin is registered with its defaults).
 - ``NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD=1`` or ``Trainer(plugin_autoload=False)``
-  loads no entry point except the essential ones and those named in ``plugins=``.
+  loads no entry point except the essential ones and those requested by name.
+- Opt-in plugins (EMA, early stopping, a timer, wandb) exist only when configured, as
+  pytest registers ``stepwise`` only when its option is on: an entry-point class with a
+  ``from_environment()`` classmethod is asked for an instance on autoload, and ``None``
+  leaves it unregistered, with its ``activation`` sentence recorded as the reason. A
+  configured instance in ``plugins=`` or a request by name registers it.
 - A plugin instance passed in ``plugins=`` whose ``name`` attribute equals an entry
   point's name replaces that entry point's default.
 - After loading, ``check_pending()`` makes a misspelled hook fail at start-up.
@@ -29,6 +38,7 @@ from nnx_trainer import hookspecs
 
 ENTRY_POINT_GROUP = "nnx_trainer"
 AUTOLOAD_ENV = "NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD"
+PLUGINS_ENV = "NNX_TRAINER_PLUGINS"
 TRACE_ENV = "NNX_TRAINER_TRACE_HOOKS"
 # Plugins the engine's options rely on (``strategy=...`` names); like pytest's
 # essential plugins they load even with autoload off and cannot be disabled.
@@ -45,16 +55,39 @@ class TrainerPluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT_NAME)
         self.origins: dict[str, str] = {}
+        # Installed entry points that are not registered, with the reason (shown by
+        # ``nnx-trainer-plugins``): disabled, autoload off, or an opt-in not configured.
+        self.inactive: dict[str, str] = {}
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def _instantiate(obj: Any) -> Any:
-    # An entry point may name a module, a class (instantiated with its defaults)
-    # or a ready object; pluggy registers whatever object holds the hookimpls.
-    return obj() if inspect.isclass(obj) else obj
+def _instantiate(obj: Any, requested: bool) -> Any:
+    """The object to register for a loaded entry point, or None (an opt-in left off).
+
+    An entry point may name a module, a class (instantiated with its defaults) or a
+    ready object; pluggy registers whatever object holds the hookimpls. A class with
+    ``from_environment`` is opt-in: on autoload it decides from the environment.
+    """
+    if not inspect.isclass(obj):
+        return obj
+    if not requested and hasattr(obj, "from_environment"):
+        return obj.from_environment()
+    return obj()
+
+
+def _env_plugin_names() -> tuple[list[str], list[str]]:
+    """``(requested, blocked)`` names from ``NNX_TRAINER_PLUGINS``."""
+    requested, blocked = [], []
+    for item in os.environ.get(PLUGINS_ENV, "").split(","):
+        item = item.strip()
+        if item.startswith("no:"):
+            blocked.append(item[3:].strip())
+        elif item:
+            requested.append(item)
+    return requested, blocked
 
 
 def plugin_name_of(plugin: Any) -> str | None:
@@ -82,7 +115,8 @@ def create_plugin_manager(
         pm.enable_tracing()
 
     available = _entry_points()
-    for name in disable:
+    env_requested, env_blocked = _env_plugin_names()
+    for name in [*disable, *env_blocked]:
         if name in ESSENTIAL_PLUGINS:
             raise PluginError(f"plugin {name!r} is essential and cannot be disabled")
         if name not in available:
@@ -91,17 +125,19 @@ def create_plugin_manager(
                 f"cannot disable unknown plugin {name!r}; installed plugins: {known}"
             )
         pm.set_blocked(name)
+        pm.inactive[name] = "disabled"
 
     if autoload is None:
         autoload = not os.environ.get(AUTOLOAD_ENV)
 
     requested_names: list[str] = []
-    for plugin in plugins:
+    for plugin in [*plugins, *env_requested]:
         if isinstance(plugin, str):
             if plugin not in available:
                 known = ", ".join(sorted(available)) or "(none installed)"
                 raise PluginError(f"unknown plugin {plugin!r}; installed plugins: {known}")
-            requested_names.append(plugin)
+            if not pm.is_blocked(plugin):
+                requested_names.append(plugin)
             continue
         # Registered before entry points load, so a configured instance takes the
         # slot of the default with the same name (pluggy skips names already taken).
@@ -111,17 +147,23 @@ def create_plugin_manager(
         pm.register(plugin, name=name)
 
     to_load = set(available) if autoload else ESSENTIAL_PLUGINS | set(requested_names)
+    for name in sorted(set(available) - to_load - set(pm.inactive)):
+        if pm.get_plugin(name) is None:
+            pm.inactive[name] = f"autoload is off ({AUTOLOAD_ENV}); request it by name"
     for name in sorted(to_load & set(available)):
         if pm.get_plugin(name) is not None or pm.is_blocked(name):
             continue
         ep = available[name]
         try:
-            obj = _instantiate(ep.load())
+            obj = _instantiate(ep.load(), requested=name in requested_names)
         except Exception as exc:
             raise PluginError(
                 f"plugin {name!r} ({ep.value}) failed to load: {exc!r}; "
                 f"disable it with disable=[{name!r}] or fix the installation"
             ) from exc
+        if obj is None:  # an opt-in plugin nobody configured
+            pm.inactive[name] = getattr(ep.load(), "activation", "off until configured")
+            continue
         pm.register(obj, name=name)
         pm.origins[name] = ep.dist.name if ep.dist is not None else ep.value
 
@@ -161,14 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PluginError, pluggy.PluginValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    active = {name for name, _, _ in describe_plugins(pm)}
+    print("active:")
     for name, origin, hooks in describe_plugins(pm):
-        print(f"{name}  [{origin}]")
+        print(f"  {name}  [{origin}]")
         for hook in hooks:
-            print(f"    {hook}")
-    blocked = sorted(set(_entry_points()) - active)
-    if blocked:
-        print("not loaded: " + ", ".join(blocked))
+            print(f"      {hook}")
+    if pm.inactive:
+        print("installed, not active:")
+        for name, reason in sorted(pm.inactive.items()):
+            print(f"  {name}: {reason}")
     return 0
 
 

@@ -29,6 +29,8 @@ class Task:
     """
 
     trainer: Trainer | None = None
+    #: What one example is, in throughput figures and summaries ("images/s" for an image task).
+    example_name: str = "examples"
 
     # ---- what gets trained -------------------------------------------------
 
@@ -93,8 +95,14 @@ class Task:
         return self.validation_step(model, batch)
 
     def predict_step(self, model: nnx.Module, batch: Batch) -> Any:
-        """Return a pytree with one leading row per example; default: the model's output."""
-        return model(batch["image"])
+        """Return a pytree with one leading row per example (e.g. ``model(batch["x"])``).
+
+        The engine knows no input key, so there is no default: override it to predict.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement predict_step(model, batch) to predict: "
+            "the engine does not know which keys of the batch are the model's input"
+        )
 
     # ---- configuration seen by loggers -----------------------------------------
 

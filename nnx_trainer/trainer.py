@@ -14,17 +14,23 @@ Ordering invariants of the training loop (each one is relied on elsewhere):
 5. Preemption is checked after a step completes: the state is always whole.
 6. The train and eval steps are traced once each: shapes never change (train
    drops the remainder, eval pads and masks).
+7. One checkpoint save point per step (``_save_point``): after that step's logging
+   and validation (the epoch-end one for an epoch's last step, with the counters
+   already at the next epoch), before the next batch is consumed, so a checkpoint
+   carries its own step's validation metric and the data position of the next step
+   (kauldron's "only advance the data iterator after the checkpoint is saved").
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,13 @@ from flax import nnx
 
 from nnx_trainer import data as data_lib
 from nnx_trainer.plugin_manager import create_plugin_manager
+from nnx_trainer.state import (
+    CheckpointContent,
+    CheckpointMeta,
+    Outcome,
+    TrainState,
+    structure_mismatch,
+)
 from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
 from nnx_trainer.task import Task
 
@@ -54,10 +67,12 @@ class Trainer:
     :param batch_size: global training batch size (all devices and processes).
     :param eval_batch_size: global evaluation batch size (default: ``batch_size``).
     :param check_val_every_n_epoch: validate after every N epochs (0: never at epoch end).
-    :param val_check_interval: also validate every N steps (``None``: off).
+    :param val_check_interval: also validate every N steps (an int), or that fraction of
+        an epoch (a float in (0, 1], as in Lightning); ``None``: epoch ends only.
     :param log_every_n_steps: how often training metrics are read and logged.
-    :param limit_train_batches: at most this many batches per epoch.
-    :param limit_val_batches: at most this many batches per evaluation.
+    :param limit_train_batches: at most this many batches per epoch (an int), or that
+        fraction of them (a float in (0, 1], as in Lightning).
+    :param limit_val_batches: likewise for each evaluation.
     :param fast_dev_run: run N (``True``: 1) train and eval batches, no checkpoints.
     :param gradient_clip_norm: clip gradients by global norm before the optimizer.
     :param accumulate_grad_batches: average gradients over N batches per update.
@@ -81,10 +96,10 @@ class Trainer:
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         check_val_every_n_epoch: int = 1,
-        val_check_interval: int | None = None,
+        val_check_interval: int | float | None = None,
         log_every_n_steps: int = 50,
-        limit_train_batches: int | None = None,
-        limit_val_batches: int | None = None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
         fast_dev_run: bool | int = False,
         gradient_clip_norm: float | None = None,
         accumulate_grad_batches: int = 1,
@@ -106,8 +121,11 @@ class Trainer:
         )
         _check_positive_or_none(
             max_steps=max_steps, eval_batch_size=eval_batch_size,
+            gradient_clip_norm=gradient_clip_norm,
+        )
+        _check_count_or_fraction(
             val_check_interval=val_check_interval, limit_train_batches=limit_train_batches,
-            limit_val_batches=limit_val_batches, gradient_clip_norm=gradient_clip_norm,
+            limit_val_batches=limit_val_batches,
         )
         if precision not in PRECISIONS:
             raise ValueError(
@@ -137,14 +155,14 @@ class Trainer:
         self.compute_dtype = jnp.dtype(PRECISIONS[precision])
         self.worker_count = worker_count
         self.prefetch = prefetch
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"run-{stamp}"
-
         self.plugin_manager = create_plugin_manager(
             plugins=plugins, disable=disable_plugins, autoload=plugin_autoload
         )
         self.hook = self.plugin_manager.hook
         self.strategy = self._resolve_strategy(strategy)
+        # After the strategy (which joins a multi-process run): every process must
+        # write into the same default directory, so process 0's clock names it.
+        self.run_dir = Path(run_dir) if run_dir is not None else self._default_run_dir()
         self.hook.on_plugins_loaded.call_historic(kwargs={"trainer": self})
 
         # Run state, visible to plugins.
@@ -168,6 +186,10 @@ class Trainer:
         self._loss_record: Any = None
         self._validation_pending = False  # preempted at an epoch end: its validation is owed
         self._live: tuple[nnx.Module, nnx.Optimizer] | None = None
+        # True once the state holds trained (fit) or restored weights: evaluations of any
+        # task with the same model structure then use it instead of a fresh init.
+        self._has_trained_state = False
+        self.resumed_from: str | None = None  # the checkpoint the latest restore read
         self._step_fns: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup
@@ -182,6 +204,15 @@ class Trainer:
             return SingleDeviceStrategy()
         offered = sorted({SingleDeviceStrategy.name, *sum(self.hook.strategy_names(), [])})
         raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(offered)}")
+
+    def _default_run_dir(self) -> Path:
+        stamp = int(datetime.datetime.now().timestamp())
+        if self.strategy.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            stamp = int(multihost_utils.broadcast_one_to_all(np.int64(stamp)))
+        name = datetime.datetime.fromtimestamp(stamp).strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"run-{name}"
 
     @property
     def data_wait_seconds(self) -> float:
@@ -207,17 +238,20 @@ class Trainer:
         return self._live[1]
 
     @property
-    def state(self) -> Any:
-        """The training state ``(model, optimizer)``: an ``nnx.State`` of device arrays.
+    def state(self) -> TrainState:
+        """The training state: ``state.model`` and ``state.optimizer``, ``nnx.State``s of
+        device arrays.
 
-        ``state[0]`` is the model's state. The arrays are donated to the next train
-        step: copy what must outlive it. Assigning a new state (same structure,
-        shapes and dtypes, e.g. swapped-in averaged weights) is allowed between steps.
+        The arrays are donated to the next train step: copy what must outlive it.
+        Assigning a new state (same structure, shapes and dtypes, e.g. swapped-in
+        averaged weights) is allowed between steps.
         """
         return self._state
 
     @state.setter
-    def state(self, new_state: Any) -> None:
+    def state(self, new_state: TrainState) -> None:
+        if not isinstance(new_state, TrainState):
+            new_state = TrainState(*new_state)
         if jax.tree.structure(new_state) != jax.tree.structure(self._state):
             raise ValueError("the new state must have the same structure as trainer.state")
         self._state = self.strategy.place_state(new_state)
@@ -225,7 +259,8 @@ class Trainer:
     def _sync_live(self) -> None:
         if self._live is None:
             raise RuntimeError("no model yet: call fit, validate, test or predict first")
-        nnx.update(self._live, self._state)
+        nnx.update(self._live[0], self._state.model)
+        nnx.update(self._live[1], self._state.optimizer)
 
     def _pipeline_config(self, global_batch_size: int) -> data_lib.PipelineConfig:
         return data_lib.PipelineConfig(
@@ -244,10 +279,21 @@ class Trainer:
                 f"got {type(train).__name__}; wrap a sequence with grain.MapDataset.source(...)"
             )
         self.strategy.setup(self.batch_size)
+        devices = self.strategy.num_devices
+        if self.eval_batch_size % devices or self.eval_batch_size % self.strategy.process_count:
+            unit = math.lcm(devices, self.strategy.process_count)
+            raise ValueError(
+                f"eval_batch_size {self.eval_batch_size} is not divisible by the "
+                f"{devices} devices of the {self.strategy.name!r} strategy; use a multiple "
+                f"of {unit}, e.g. eval_batch_size={max(unit, self.eval_batch_size // unit * unit)}"
+            )
         steps = data_lib.train_steps_per_epoch(len(train), self.batch_size)
-        if self.limit_train_batches is not None:
-            steps = min(steps, self.limit_train_batches)
+        steps = _resolve_limit(self.limit_train_batches, steps)
         self.steps_per_epoch = steps
+        self._val_every_steps = self.val_check_interval
+        if isinstance(self.val_check_interval, float):  # a fraction of an epoch
+            every = max(1, int(self.val_check_interval * steps))
+            self._val_every_steps = every if every < steps else None  # the epoch end does it
         total = steps * self.max_epochs
         if self.max_steps is not None and self.max_steps < total:
             total = self.max_steps
@@ -277,7 +323,11 @@ class Trainer:
             tx = optax.MultiSteps(tx, every_k_schedule=self.accumulate_grad_batches)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         self._live = (model, optimizer)
-        self._train_graphdef, state = nnx.split((model, optimizer))
+        # Split apart (the optimizer holds no reference to the model's variables), so
+        # the state has named parts: TrainState(model=..., optimizer=...).
+        self._model_graphdef, model_state = nnx.split(model)
+        self._optimizer_graphdef, optimizer_state = nnx.split(optimizer)
+        state = TrainState(model=model_state, optimizer=optimizer_state)
         model.eval()
         self._eval_graphdef = nnx.split(model)[0]
         model.train()
@@ -299,10 +349,12 @@ class Trainer:
         constrain = not isinstance(self.strategy, SingleDeviceStrategy)
 
         if kind == "train":
-            graphdef, metrics_graphdef = self._train_graphdef, self._train_metrics_graphdef
+            model_graphdef, optimizer_graphdef = self._model_graphdef, self._optimizer_graphdef
+            metrics_graphdef = self._train_metrics_graphdef
 
             def train_step(state, metrics_state, loss_record, batch):
-                model, optimizer = nnx.merge(graphdef, state)
+                model = nnx.merge(model_graphdef, state.model)
+                optimizer = nnx.merge(optimizer_graphdef, state.optimizer)
                 metrics = nnx.merge(metrics_graphdef, metrics_state)
 
                 def loss_fn(model):
@@ -311,7 +363,7 @@ class Trainer:
                 (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
                 optimizer.update(model, grads)
                 metrics.update(loss=loss, **aux)
-                new_state = nnx.state((model, optimizer))
+                new_state = TrainState(model=nnx.state(model), optimizer=nnx.state(optimizer))
                 if constrain:
                     new_state = jax.lax.with_sharding_constraint(new_state, shardings)
                 loss_record = _record_nonfinite(loss_record, loss)
@@ -333,7 +385,7 @@ class Trainer:
             step = task.validation_step if kind == "validate" else task.test_step
 
             def eval_step(state, metrics_state, batch):
-                model = nnx.merge(eval_graphdef, state[0])
+                model = nnx.merge(eval_graphdef, state.model)
                 metrics = nnx.merge(metrics_graphdef, metrics_state)
                 outputs = step(model, batch)
                 metrics.update(**outputs, mask=batch[data_lib.MASK_KEY])
@@ -351,7 +403,7 @@ class Trainer:
             eval_graphdef = self._eval_graphdef
 
             def predict_step(state, batch):
-                return task.predict_step(nnx.merge(eval_graphdef, state[0]), batch)
+                return task.predict_step(nnx.merge(eval_graphdef, state.model), batch)
 
             fn = jax.jit(predict_step)
         else:  # pragma: no cover - internal names only
@@ -361,51 +413,48 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
-    def checkpoint_state(self) -> dict[str, Any]:
-        """Everything a checkpoint holds: arrays under ``"state"``, JSON under ``"meta"``."""
-        plugin_state: dict[str, Any] = {}
-        for part in self.hook.state_dict(trainer=self):
-            plugin_state.update(part or {})
-        state = {"train": self._state, "train_metrics": self._train_metrics_state}
+    def _plugin_arrays(self) -> dict[str, Any]:
         plugin_arrays: dict[str, Any] = {}
         for part in self.hook.array_state_dict(trainer=self):
             plugin_arrays.update(part or {})
-        if plugin_arrays:  # plugin name -> pytree of device arrays (e.g. an EMA)
-            state["plugins"] = plugin_arrays
-        return {
-            "state": state,
-            "meta": {
-                "global_step": self.global_step,
-                "epoch": self.current_epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "plugins": plugin_state,
-                "seed": self.seed,
-                # Preempted on an epoch's last batch: that epoch's validation still to run.
-                "validation_pending": self._validation_pending,
-            },
-        }
+        return plugin_arrays
+
+    def checkpoint_state(self) -> CheckpointContent:
+        """Everything a checkpoint holds, with named fields (arrays and JSON meta)."""
+        plugin_state: dict[str, Any] = {}
+        for part in self.hook.state_dict(trainer=self):
+            plugin_state.update(part or {})
+        meta = CheckpointMeta(
+            global_step=self.global_step, epoch=self.current_epoch,
+            batch_in_epoch=self.batch_in_epoch, seed=self.seed,
+            validation_pending=self._validation_pending, plugins=plugin_state,
+        )
+        return CheckpointContent(
+            model=self._state.model, optimizer=self._state.optimizer,
+            train_metrics=self._train_metrics_state, plugin_arrays=self._plugin_arrays(),
+            meta=meta,
+        )
 
     def checkpoint_target(self) -> dict[str, Any]:
-        """The abstract checkpoint (shapes, dtypes, shardings) to restore onto."""
+        """The abstract arrays of a checkpoint (shapes, dtypes, shardings) to restore onto.
+
+        Keys as :meth:`CheckpointContent.arrays`: ``model``, ``optimizer``,
+        ``train_metrics`` and, when plugins have arrays, ``plugins``.
+        """
         def abstract(x, sharding):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
         metrics_shardings = self.strategy.state_shardings(self._train_metrics_state)
         target = {
-            "state": {
-                "train": jax.tree.map(abstract, self._state, self._state_shardings),
-                "train_metrics": jax.tree.map(
-                    abstract, self._train_metrics_state, metrics_shardings
-                ),
-            }
+            "model": jax.tree.map(abstract, self._state.model, self._state_shardings.model),
+            "optimizer": jax.tree.map(
+                abstract, self._state.optimizer, self._state_shardings.optimizer
+            ),
+            "train_metrics": jax.tree.map(abstract, self._train_metrics_state, metrics_shardings),
         }
-        plugin_arrays: dict[str, Any] = {}
-        for part in self.hook.array_state_dict(trainer=self):
-            plugin_arrays.update(part or {})
+        plugin_arrays = self._plugin_arrays()
         if plugin_arrays:  # each array restores onto its own current sharding
-            target["state"]["plugins"] = jax.tree.map(
-                lambda x: abstract(x, x.sharding), plugin_arrays
-            )
+            target["plugins"] = jax.tree.map(lambda x: abstract(x, x.sharding), plugin_arrays)
         return target
 
     def _restore(self, ckpt_path: str | None) -> bool:
@@ -421,24 +470,23 @@ class Trainer:
             )
         if not restored:
             return False
-        self._state = restored["state"]["train"]
-        self._train_metrics_state = restored["state"]["train_metrics"]
-        meta = restored["meta"]
-        self.global_step = int(meta["global_step"])
-        self.current_epoch = int(meta["epoch"])
-        self.batch_in_epoch = int(meta["batch_in_epoch"])
-        self._validation_pending = bool(meta.get("validation_pending", False))
-        self.hook.load_state_dict(trainer=self, state=meta.get("plugins", {}))
-        self.hook.load_array_state_dict(
-            trainer=self, state=restored["state"].get("plugins", {})
-        )
+        self._state = TrainState(model=restored.model, optimizer=restored.optimizer)
+        self._train_metrics_state = restored.train_metrics
+        meta = restored.meta
+        self.global_step = int(meta.global_step)
+        self.current_epoch = int(meta.epoch)
+        self.batch_in_epoch = int(meta.batch_in_epoch)
+        self._validation_pending = bool(meta.validation_pending)
+        self._has_trained_state = True
+        self.resumed_from = restored.source
+        self.hook.load_state_dict(trainer=self, state=dict(meta.plugins))
+        self.hook.load_array_state_dict(trainer=self, state=dict(restored.plugin_arrays))
         return True
 
     # --------------------------------------------------------------------- fit
 
     def fit(self, task: Task, ckpt_path: str | None = None) -> Trainer:
         """Train ``task``; resume from ``ckpt_path`` (``"last"``, ``"best"`` or a path)."""
-        self.stage = "fit"
         # A Trainer can fit again (e.g. after early stopping): stop flags are per fit.
         self.should_stop, self.stop_reason, self.preempted = False, None, False
         self.fit_seconds, self._data_wait_closed = 0.0, 0.0
@@ -446,10 +494,18 @@ class Trainer:
         # Counters start at zero unless a checkpoint restores them.
         self.global_step = self.current_epoch = self.batch_in_epoch = 0
         self._validation_pending = False  # set by a restore or a preemption at an epoch end
-        try:
+        self.resumed_from = None  # set by a restore
+        with self._run("fit"):
             self._plan(task)
             self._build(task)
-            self._restore(ckpt_path)
+            resumed = self._restore(ckpt_path)
+            if resumed:
+                log.warning(
+                    "resumed from %s at step %d (epoch %d, batch %d)",
+                    self.resumed_from or ckpt_path, self.global_step, self.current_epoch,
+                    self.batch_in_epoch,
+                )
+            self._has_trained_state = True  # from here on the state is this fit's
             self._val_examples = task.val_data()
             self.hook.log_hyperparams(trainer=self, params=self.hyperparameters())
             self.hook.on_fit_start(trainer=self, task=task)
@@ -462,10 +518,30 @@ class Trainer:
             self.hook.wait_for_checkpoints(trainer=self)
             if not self.preempted:
                 self.hook.on_fit_end(trainer=self, task=task)
+        return self
+
+    @contextlib.contextmanager
+    def _run(self, stage: str) -> Iterator[None]:
+        """One fit/validate/test/predict call: ``on_exception`` on failure, then always
+        ``on_run_end`` with the outcome (plugins tear down there)."""
+        self.stage = stage
+        exception: BaseException | None = None
+        try:
+            yield
         except BaseException as exc:
+            exception = exc
             self.hook.on_exception(trainer=self, exception=exc)
             raise
-        return self
+        finally:
+            if exception is not None:
+                outcome = Outcome.EXCEPTION
+            elif stage == "fit" and self.preempted:
+                outcome = Outcome.PREEMPTED
+            elif stage == "fit" and self.should_stop:
+                outcome = Outcome.STOPPED
+            else:
+                outcome = Outcome.COMPLETED
+            self.hook.on_run_end(trainer=self, stage=stage, outcome=outcome, exception=exception)
 
     def _fit_loop(self) -> None:
         train_step = self._compiled("train")
@@ -476,9 +552,11 @@ class Trainer:
         )
         if self._validation_pending and self._validates_after_epoch():
             # Resumed from a preemption on the previous epoch's last batch: its epoch-end
-            # validation, skipped then, runs now at the same step, before the next epoch
-            # starts (where the checkpoint plugin makes its "epoch" save), as it would have.
+            # validation, skipped then, runs now at the same step, then that step's save
+            # point, before the next epoch starts, as it would have.
             self._run_eval("validate", in_fit=True)
+            self._validation_pending = False
+            self._save_point()
         self._validation_pending = False
         if self.current_epoch >= self.max_epochs or self._done():
             return
@@ -534,6 +612,7 @@ class Trainer:
                     self._validation_pending = True
                 else:
                     self._run_eval("validate", in_fit=True)
+            self._save_point()
 
     def _train_epoch(self, prefetcher: data_lib.DevicePrefetcher, train_step) -> None:
         """Steps over the rest of this epoch's batches until it ends or a stop is asked for."""
@@ -560,10 +639,30 @@ class Trainer:
             self.hook.on_train_batch_end(trainer=self, step=step, loss=loss)
             if self.global_step % self.log_every_n_steps == 0:
                 self._log_train_metrics()
-            if self.val_check_interval and self.global_step % self.val_check_interval == 0:
+            closes_validated_epoch = self.batch_in_epoch == self.steps_per_epoch and bool(
+                self.check_val_every_n_epoch
+            ) and (self.current_epoch + 1) % self.check_val_every_n_epoch == 0
+            if (self._val_every_steps and self.global_step % self._val_every_steps == 0
+                    and not closes_validated_epoch):  # the epoch end validates this step
                 self._run_eval("validate", in_fit=True)
+            if self.batch_in_epoch < self.steps_per_epoch:
+                # An epoch's last step reaches its save point in _epochs, after the
+                # epoch-end validation, with the counters at the next epoch.
+                self._save_point()
             if self._done():
                 break
+
+    def _save_point(self) -> None:
+        """The loop's one checkpoint save point (invariant 7): ask, then save.
+
+        The checkpoint plugin answers from its Orbax save-decision policy (a time-based
+        answer is taken on process 0 and agreed by every process); every process asks at
+        the same steps, so they all enter a save together or none does.
+        """
+        if self.preempted or self.fast_dev_run:
+            return  # a preemption saves once, at the end of fit; fast_dev_run never saves
+        if self.hook.should_save_checkpoint(trainer=self, step=self.global_step):
+            self.hook.on_save_checkpoint(trainer=self, step=self.global_step, reason="periodic")
 
     def first_nonfinite_loss(self) -> tuple[int, float] | None:
         """``(step, loss)`` of this fit's first step whose training loss was NaN or Inf.
@@ -594,33 +693,77 @@ class Trainer:
 
     # -------------------------------------------------------------- evaluation
 
-    def _ensure_built(self, task: Task, ckpt_path: str | None) -> None:
+    def _ensure_built(self, task: Task, ckpt_path: str | None, untrained: bool) -> None:
+        """Build ``task`` for an evaluation, keeping the trained state (never a silent init).
+
+        After a fit (or a restore), a task whose model has the same state structure is
+        evaluated with the trained weights, whichever instance it is; a different
+        structure fails. With no trained state, a checkpoint or ``untrained=True`` is needed.
+        """
         if self.task is not task or self._state is None:
+            trained = self._state if self._has_trained_state else None
             self._plan(task)
             self._build(task)
+            if trained is not None and ckpt_path is None:
+                self._adopt_trained_state(task, trained)
         if ckpt_path is not None:
-            self._restore(ckpt_path)
+            if not self._restore(ckpt_path):
+                raise FileNotFoundError(
+                    f"ckpt_path={ckpt_path!r}: no checkpoint to evaluate in "
+                    f"{self.run_dir}; give a checkpoint directory or fit first"
+                )
+        elif not self._has_trained_state and not untrained:
+            raise RuntimeError(
+                f"{self.stage} would use the untrained (freshly initialised) weights of "
+                f"{type(task).__name__}'s model: this trainer has no fitted or restored "
+                "state. Call fit first, pass ckpt_path ('last', 'best' or a checkpoint "
+                "directory), or pass untrained=True to evaluate the initial weights on purpose"
+            )
 
-    def validate(self, task: Task, ckpt_path: str | None = None) -> dict[str, float]:
-        """Evaluate on ``task.val_data()``; returns ``{"val/<metric>": value}``."""
-        return self._standalone_eval(task, "validate", ckpt_path)
+    def _adopt_trained_state(self, task: Task, trained: TrainState) -> None:
+        mismatch = structure_mismatch(trained.model, self._state.model)
+        if mismatch is not None:
+            raise ValueError(
+                f"{type(task).__name__}'s model does not have the structure of the trained "
+                f"model ({mismatch}), so the trained weights cannot be used for it; "
+                "evaluate a task with the same model, or pass ckpt_path= for a checkpoint "
+                "of this model"
+            )
+        optimizer = trained.optimizer
+        if structure_mismatch(trained.optimizer, self._state.optimizer) is not None:
+            optimizer = self._state.optimizer  # evaluation never reads it; keep it whole
+        self._state = self.strategy.place_state(TrainState(trained.model, optimizer))
+        self._has_trained_state = True
 
-    def test(self, task: Task, ckpt_path: str | None = None) -> dict[str, float]:
-        """Evaluate on ``task.test_data()``; returns ``{"test/<metric>": value}``."""
-        return self._standalone_eval(task, "test", ckpt_path)
+    def validate(
+        self, task: Task, ckpt_path: str | None = None, *, untrained: bool = False
+    ) -> dict[str, float]:
+        """Evaluate on ``task.val_data()``; returns ``{"val/<metric>": value}``.
 
-    def _standalone_eval(self, task: Task, stage: str, ckpt_path: str | None) -> dict[str, float]:
-        self.stage = stage
-        try:
-            self._ensure_built(task, ckpt_path)
+        Uses the fitted (or restored) state, or the checkpoint ``ckpt_path``; refuses to
+        evaluate freshly initialised weights unless ``untrained=True``.
+        """
+        return self._standalone_eval(task, "validate", ckpt_path, untrained)
+
+    def test(
+        self, task: Task, ckpt_path: str | None = None, *, untrained: bool = False
+    ) -> dict[str, float]:
+        """Evaluate on ``task.test_data()``; returns ``{"test/<metric>": value}``.
+
+        Weights as :meth:`validate`.
+        """
+        return self._standalone_eval(task, "test", ckpt_path, untrained)
+
+    def _standalone_eval(
+        self, task: Task, stage: str, ckpt_path: str | None, untrained: bool
+    ) -> dict[str, float]:
+        with self._run(stage):
+            self._ensure_built(task, ckpt_path, untrained)
             if stage == "validate":
                 self._val_examples = task.val_data()
             metrics = self._run_eval(stage, in_fit=False)
             self.hook.wait_for_checkpoints(trainer=self)
             return {k: float(v) for k, v in metrics.items()}
-        except BaseException as exc:
-            self.hook.on_exception(trainer=self, exception=exc)
-            raise
 
     def _run_eval(self, stage: str, in_fit: bool) -> dict[str, Any]:
         examples = self._val_examples if stage == "validate" else self.task.test_data()
@@ -628,7 +771,9 @@ class Trainer:
             return {}
         iterator, num_batches = data_lib.eval_pipeline(
             examples, self.task.eval_transforms(), self._pipeline_config(self.eval_batch_size),
-            limit_batches=self.limit_val_batches,
+            limit_batches=_resolve_limit(
+                self.limit_val_batches, math.ceil(len(examples) / self.eval_batch_size)
+            ),
         )
         eval_step = self._compiled(stage)
         # Fresh metric state each evaluation: the eval step donates (consumes) it.
@@ -652,11 +797,15 @@ class Trainer:
         self.hook.log_metrics(trainer=self, metrics=results, step=self.global_step)
         return results
 
-    def predict(self, task: Task, ckpt_path: str | None = None) -> Any:
-        """Run ``task.predict_step`` on ``task.predict_data()``; host arrays, a row per example."""
-        self.stage = "predict"
-        try:
-            self._ensure_built(task, ckpt_path)
+    def predict(
+        self, task: Task, ckpt_path: str | None = None, *, untrained: bool = False
+    ) -> Any:
+        """Run ``task.predict_step`` on ``task.predict_data()``; host arrays, a row per example.
+
+        Weights as :meth:`validate`.
+        """
+        with self._run("predict"):
+            self._ensure_built(task, ckpt_path, untrained)
             examples = task.predict_data()
             if examples is None:
                 raise ValueError(
@@ -683,9 +832,6 @@ class Trainer:
             )
             self.hook.on_predict_end(trainer=self, outputs=outputs)
             return outputs
-        except BaseException as exc:
-            self.hook.on_exception(trainer=self, exception=exc)
-            raise
 
     # ------------------------------------------------------------------ misc
 
@@ -750,6 +896,32 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_count_or_fraction(**values: int | float | None) -> None:
+    """Lightning's rule: an int is a count (>= 1), a float a fraction in (0, 1]."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name} must be an int (a count) or a float (a fraction), "
+                             f"got {value!r}")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{name} must be a positive count, got {value}")
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"{name}={value!r}: a float is a fraction and must be in (0, 1]; "
+                f"pass an int for a count (e.g. {name}={max(1, int(value))})"
+            )
+
+
+def _resolve_limit(limit: int | float | None, total: int) -> int:
+    """Batches to run of ``total``: a count caps it, a fraction takes its share (at least 1)."""
+    if limit is None:
+        return total
+    if isinstance(limit, float):
+        return max(1, int(limit * total))
+    return min(total, limit)
 
 
 def _check_positive_or_none(**values: float | None) -> None:

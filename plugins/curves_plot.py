@@ -4,8 +4,8 @@ The plugin keeps the host floats it receives in ``log_metrics`` (train metrics a
 the log cadence, validation and test metrics after evaluations; it never reads a
 device value itself) and draws them:
 
-- at fit end, on preemption (fit then ends without ``on_fit_end``) and when fit
-  raises (the curves up to a divergence or crash are often what explains it);
+- when a fit ends, however it ends (``on_run_end``: completed, stopped, preempted, or
+  raising: the curves up to a divergence or crash are often what explains it);
 - after a standalone ``validate``/``test`` that logs outside fit, so its points
   appear too.
 
@@ -172,27 +172,19 @@ class CurvesPlot:
             self.save(trainer)
 
     @hookimpl
-    def on_fit_end(self, trainer: Trainer) -> None:
-        """Draw the finished run."""
+    def on_run_end(self, trainer: Trainer, stage: str, outcome: str) -> None:
+        """Draw the fit that just ended, whatever the outcome; never masks an exception."""
+        if stage != "fit":
+            return  # standalone evaluations drew at their log_metrics
         self._in_fit = False
-        if self._should_draw(trainer):
+        if not self._should_draw(trainer):
+            return
+        try:
             self.save(trainer)
-
-    @hookimpl(trylast=True)  # after the checkpoint plugin has started its save
-    def on_save_checkpoint(self, trainer: Trainer, reason: str) -> None:
-        """On preemption fit ends without ``on_fit_end``: draw now."""
-        if reason == "preemption":
-            self.on_fit_end(trainer=trainer)
-
-    @hookimpl
-    def on_exception(self, trainer: Trainer) -> None:
-        """Draw what was logged before the failure; never masks the exception."""
-        self._in_fit = False
-        if self._should_draw(trainer):
-            try:
-                self.save(trainer)
-            except Exception:
-                log.warning("curves_plot: could not draw the curves", exc_info=True)
+        except Exception:
+            if outcome != "exception":
+                raise
+            log.warning("curves_plot: could not draw the curves", exc_info=True)
 
     @hookimpl
     def state_dict(self) -> dict[str, Any]:

@@ -15,8 +15,9 @@ calls are not counted, so they can never stop a later ``fit``.
 Checkpoints carry ``{"early_stopping": {"best", "wait", "stopped_epoch", ...}}``, so a
 resumed run keeps counting where the interrupted one left off.
 
-The default instance (``monitor=None``), loaded whenever the package is installed,
-does nothing.
+Opt-in: installing the package registers nothing (``from_environment`` returns None,
+and ``nnx-trainer-plugins`` lists it as inactive with its ``activation`` sentence); it
+exists only as a configured instance, since it needs to know what to monitor.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class EarlyStopping:
     """Set ``trainer.should_stop`` when ``monitor`` has not improved for ``patience`` validations.
 
     :param monitor: metric name as logged (``"val/loss"``, ``"val/accuracy"``, or any name
-        in ``trainer.callback_metrics``); ``None`` disables the plugin.
+        in ``trainer.callback_metrics``); required.
     :param mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
     :param patience: validations without improvement before stopping (0: stop at the
         first validation that does not improve).
@@ -57,20 +58,29 @@ class EarlyStopping:
     """
 
     name = "early_stopping"
+    activation = (
+        "opt-in: pass a configured instance, e.g. "
+        "Trainer(plugins=[EarlyStopping(monitor='val/loss', patience=3)])"
+    )
+
+    @classmethod
+    def from_environment(cls) -> EarlyStopping | None:
+        """Never on by itself: it needs ``monitor`` (see :attr:`activation`)."""
+        return None
 
     def __init__(
         self,
-        monitor: str | None = None,
+        monitor: str,
         mode: str = "min",
         patience: int = 3,
         min_delta: float = 0.0,
         check_finite: bool = True,
         verbose: bool = True,
     ) -> None:
-        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        if not isinstance(monitor, str) or not monitor:
             raise ValueError(
-                f"monitor must be a metric name such as 'val/loss' (or None to disable), "
-                f"got {monitor!r}"
+                f"EarlyStopping needs monitor=, a metric name such as 'val/loss', got "
+                f"{monitor!r}; configure it as Trainer(plugins=[EarlyStopping(monitor=...)])"
             )
         if mode not in MODES:
             raise ValueError(
@@ -145,8 +155,6 @@ class EarlyStopping:
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         """Start counting; a fresh fit forgets an earlier one, a resumed fit continues."""
-        if self.monitor is None:
-            return
         if not self._restored:
             self._reset()
         self._restored = False
@@ -156,7 +164,7 @@ class EarlyStopping:
     @hookimpl
     def on_validation_end(self, trainer: Trainer, stage: str, metrics: Mapping[str, Any]) -> None:
         """Compare the monitored value with the best so far; stop once patience runs out."""
-        if self.monitor is None or stage != "validate" or not self._fitting:
+        if stage != "validate" or not self._fitting:
             return
         value = self._read(trainer, metrics)
         self._checks_this_fit += 1
@@ -179,34 +187,28 @@ class EarlyStopping:
             )
 
     @hookimpl
-    def on_fit_end(self, trainer: Trainer) -> None:
-        """Say so when the monitor was never checked (no validation data, or never due)."""
-        if self.monitor is not None and self._checks_this_fit == 0 and trainer.is_main_process:
+    def on_run_end(self, trainer: Trainer, stage: str, outcome: str) -> None:
+        """The fit is over, however it ended: later standalone validations do not count.
+
+        After a fit that ran to its end, say so when the monitor was never checked (no
+        validation data, or none was due).
+        """
+        if stage != "fit":
+            return
+        self._fitting = False
+        if (outcome in ("completed", "stopped") and self._checks_this_fit == 0
+                and trainer.is_main_process):
             log.warning(
                 "EarlyStopping(monitor=%r) never ran: no validation happened during fit "
                 "(give the task val_data(), or set check_val_every_n_epoch/val_check_interval)",
                 self.monitor,
             )
-        self._fitting = False
-
-    @hookimpl
-    def on_exception(self) -> None:
-        """A failed fit is over: later standalone validations must not count."""
-        self._fitting = False
-
-    @hookimpl
-    def on_save_checkpoint(self, reason: str) -> None:
-        """A preempted fit ends here (it gets no ``on_fit_end``)."""
-        if reason == "preemption":
-            self._fitting = False
 
     # -------------------------------------------------------------- checkpoint
 
     @hookimpl
-    def state_dict(self) -> dict[str, Any] | None:
+    def state_dict(self) -> dict[str, Any]:
         """The counts, as JSON (``best`` is always finite or None)."""
-        if self.monitor is None:
-            return None
         return {
             self.name: {
                 "monitor": self.monitor, "mode": self.mode, "best": self.best,
@@ -219,7 +221,7 @@ class EarlyStopping:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the counts of the checkpointed run (same monitor and mode only)."""
         saved = state.get(self.name)
-        if self.monitor is None or not saved:
+        if not saved:
             return
         if saved.get("monitor") != self.monitor or saved.get("mode") != self.mode:
             log.warning(

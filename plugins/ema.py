@@ -31,8 +31,9 @@ Limitations:
 - With ``accumulate_grad_batches = A`` the parameters change every ``A`` steps; set
   ``update_every=A`` to average each update once.
 
-The default instance (``decay=None``), loaded whenever the package is installed,
-does nothing.
+Opt-in: installing the package registers nothing (``from_environment`` returns None;
+``nnx-trainer-plugins`` lists it as inactive with its ``activation`` sentence). Pass a
+configured instance, or request it by name (``plugins=["ema"]``: ``decay=0.999``).
 """
 
 from __future__ import annotations
@@ -57,14 +58,17 @@ def _is_variable(x: Any) -> bool:
 
 def _path_head(path: Sequence[Any]) -> Any:
     entry = path[0] if path else None
-    return getattr(entry, "key", getattr(entry, "idx", entry))
+    for attr in ("name", "key", "idx"):  # GetAttrKey (NamedTuple field), DictKey, SequenceKey
+        if hasattr(entry, attr):
+            return getattr(entry, attr)
+    return entry
 
 
 def param_positions(tree: Any, model_key: Any = None) -> list[int]:
     """Indices, among ``jax.tree.leaves(tree)``, of the arrays inside ``nnx.Param`` variables.
 
-    :param model_key: only under this top-level key (``0``: the model of a
-        ``(model, optimizer)`` state); None: anywhere.
+    :param model_key: only under this top-level key or field (``"model"``: the model of a
+        ``TrainState``); None: anywhere.
     """
     positions, offset = [], 0
     for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_variable)[0]:
@@ -93,36 +97,40 @@ def _replace_leaves(tree: Any, positions: Sequence[int], values: Sequence[Any]) 
 class EMA:
     """Exponential moving average of the parameters; evaluate with it.
 
-    :param decay: weight of the old average per update, in (0, 1) (e.g. 0.999); None
-        disables the plugin.
+    :param decay: weight of the old average per update, in (0, 1).
     :param update_every: update the average every N training steps.
     :param use_for_eval: validate, test and predict with the averaged parameters.
     :param apply_at_end: leave the averaged parameters in the model when the fit ends.
     """
 
     name = "ema"
+    activation = (
+        "opt-in: pass a configured instance, e.g. Trainer(plugins=[EMA(decay=0.999)]), "
+        "or request it by name: plugins=['ema']"
+    )
+
+    @classmethod
+    def from_environment(cls) -> EMA | None:
+        """Never on by itself (it changes what evaluations measure): see :attr:`activation`."""
+        return None
 
     def __init__(
         self,
-        decay: float | None = None,
+        decay: float = 0.999,
         update_every: int = 1,
         use_for_eval: bool = True,
         apply_at_end: bool = False,
     ) -> None:
-        if decay is not None and (
-            isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1
-        ):
-            raise ValueError(
-                f"decay must be a number in (0, 1), e.g. 0.999 (or None to disable), got {decay!r}"
-            )
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+            raise ValueError(f"decay must be a number in (0, 1), e.g. 0.999, got {decay!r}")
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be a positive integer, got {update_every!r}")
-        self.decay = None if decay is None else float(decay)
+        self.decay = float(decay)
         self.update_every = update_every
         self.use_for_eval = use_for_eval
         self.apply_at_end = apply_at_end
         self._ema: tuple[jax.Array, ...] | None = None
-        self._model_positions: list[int] = []  # Param arrays among leaves(state[0])
+        self._model_positions: list[int] = []  # Param arrays among leaves(state.model)
         self._state_positions: list[int] = []  # the same arrays among leaves(state)
         self._fitting = False
         self._restored = False  # a checkpoint brought the average back: the fit continues it
@@ -132,14 +140,14 @@ class EMA:
     # ---------------------------------------------------------------- access
 
     def averaged_model_state(self, trainer: Trainer) -> nnx.State:
-        """The model state (``trainer.state[0]``) with the averaged parameters, as copies.
+        """The model state (``trainer.state.model``) with the averaged parameters, as copies.
 
         ``nnx.update(model, ema.averaged_model_state(trainer))`` loads it into a model.
         """
         if self._ema is None:
-            raise RuntimeError("no average yet: configure EMA(decay=...) and run fit first")
+            raise RuntimeError("no average yet: run fit first")
         copies = [jnp.copy(x) for x in self._ema]
-        return _replace_leaves(trainer.state[0], self._model_positions, copies)
+        return _replace_leaves(trainer.state.model, self._model_positions, copies)
 
     def _swapped(self, state: Any, copy: bool = False) -> Any:
         values = [jnp.copy(x) for x in self._ema] if copy else self._ema
@@ -148,9 +156,9 @@ class EMA:
     def _locate(self, trainer: Trainer) -> list[jax.Array]:
         """Find the Param arrays in ``trainer.state``; returns them (the model's, in order)."""
         state = trainer.state
-        self._state_positions = param_positions(state, model_key=0)
-        self._model_positions = param_positions(state[0])
-        leaves = jax.tree.leaves(state[0])
+        self._state_positions = param_positions(state, model_key="model")
+        self._model_positions = param_positions(state.model)
+        leaves = jax.tree.leaves(state.model)
         return [leaves[i] for i in self._model_positions]
 
     def _start(self, trainer: Trainer) -> None:
@@ -178,8 +186,6 @@ class EMA:
         one is made from the current parameters; ``on_fit_start`` starts it afresh
         anyway unless a checkpoint restored it.
         """
-        if self.decay is None:
-            return None
         if not (self._fitting and self._ema is not None) and not self._fits(trainer):
             self._start(trainer)
         return {self.name: self._ema}
@@ -187,8 +193,6 @@ class EMA:
     @hookimpl
     def load_array_state_dict(self, trainer: Trainer, state: Mapping[str, Any]) -> None:
         """Take the checkpoint's average (the checkpoint plugin warns when it has none)."""
-        if self.decay is None:
-            return
         saved = state.get(self.name)
         if saved is None:
             self._restored = False
@@ -208,8 +212,6 @@ class EMA:
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         """Continue a restored average, else start one from the current parameters."""
-        if self.decay is None:
-            return
         if not (self._restored and self._fits(trainer)):
             self._start(trainer)
         self._restored = False
@@ -222,34 +224,33 @@ class EMA:
         if self._ema is None or not self._fitting:
             return
         if trainer.global_step % self.update_every == 0:
-            leaves = jax.tree.leaves(trainer.state[0])
+            leaves = jax.tree.leaves(trainer.state.model)
             params = tuple(leaves[i] for i in self._model_positions)
             self._ema = _ema_update(self._ema, params, self.decay)
 
     @hookimpl
     def on_fit_end(self, trainer: Trainer) -> None:
-        """Optionally leave the average in the model; remember the final state."""
-        if self._ema is None:
+        """Optionally leave the average in the model (after the fit's last checkpoint)."""
+        if self.apply_at_end and self._ema is not None:
+            trainer.state = self._swapped(trainer.state, copy=True)
+
+    @hookimpl
+    def on_run_end(self, trainer: Trainer, stage: str, outcome: str) -> None:
+        """Training weights back if an evaluation failed; after a fit, what evaluates next.
+
+        A fit that completed or stopped leaves an average that belongs to its final state
+        (unless ``apply_at_end`` already put it into the model); after a preempted or
+        failed fit the average is not used by later evaluations.
+        """
+        self._restore(trainer)
+        if stage != "fit":
             return
         self._fitting = False
-        if self.apply_at_end:
-            trainer.state = self._swapped(trainer.state, copy=True)
-            self._final_state = None  # the model already holds the average
-        else:
-            self._final_state = trainer.state
-
-    @hookimpl
-    def on_exception(self, trainer: Trainer) -> None:
-        """Put the training weights back if the failure came during an evaluation."""
-        self._restore(trainer)
-        self._fitting = False
         self._restored = False
-
-    @hookimpl
-    def on_save_checkpoint(self, reason: str) -> None:
-        """A preempted fit ends here (no ``on_fit_end``); its EMA is not used afterwards."""
-        if reason == "preemption":
-            self._fitting = False
+        if outcome in ("completed", "stopped") and not self.apply_at_end:
+            self._final_state = trainer.state
+        else:
+            self._final_state = None
 
     # ------------------------------------------------------------------ eval
 

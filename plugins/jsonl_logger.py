@@ -14,10 +14,21 @@ etc. read them back. Metrics that are not scalars are written as nested lists.
 
 Each call opens the file in append mode, writes one complete line and closes it,
 so after the call returns the line is in the operating system's hands: a killed
-process leaves a valid file up to its last line, and a resumed run appends to the
-same file. Steps between the resumed checkpoint and the crash then appear twice;
-the later line is the one from the run that continued. A line left half-written
-by a crash is cut off before the first append of the next run.
+process leaves a valid file up to its last line. A line left half-written by a crash
+is cut off before the next write.
+
+Each fit's records are its own (decided at ``log_hyperparams``, which every fit calls
+once, after any restore and before its first step):
+
+- a fresh fit (``trainer.global_step == 0``) into a run directory that already holds
+  ``metrics.jsonl``/``hparams.json`` moves them aside first, numbered in order:
+  ``metrics.1.jsonl`` and ``hparams.1.json`` are the first fit's, ``.2`` the next...;
+- a resumed fit (``trainer.resumed_from`` set, restored at step ``k``) keeps the file
+  but drops its rows with ``step > k`` (written after the checkpoint by the run that
+  was killed; the resumed run logs those steps again), rewriting it atomically, so
+  each step appears once.
+
+Standalone ``validate``/``test`` calls append to the current file.
 
 Reading metrics waits for the device, but only at the engine's log cadence
 (``log_every_n_steps``) and after evaluations. Only the main process writes.
@@ -59,6 +70,49 @@ def _dumps(obj: Any) -> str:
     # allow_nan=False: json_safe must already have replaced every non-finite float;
     # failing loudly beats writing a file no strict parser can read.
     return json.dumps(json_safe(obj), allow_nan=False, default=str)
+
+
+def _numbered(path: Path, number: int) -> Path:
+    """``metrics.jsonl`` -> ``metrics.<number>.jsonl``."""
+    return path.with_name(f"{path.stem}.{number}{path.suffix}")
+
+
+def move_aside(paths: list[Path]) -> int | None:
+    """Rename the existing ``paths`` to ``<stem>.<n><suffix>``, one free ``n`` for all.
+
+    Returns ``n``, or None when none of them exists (nothing to move).
+    """
+    existing = [p for p in paths if p.exists()]
+    if not existing:
+        return None
+    number = 1
+    while any(_numbered(p, number).exists() for p in paths):
+        number += 1
+    for path in existing:
+        os.replace(path, _numbered(path, number))
+    return number
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` (atomically) without the rows whose ``step`` is after ``step``."""
+    _cut_partial_line(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # not a record of ours: cannot be placed, dropped
+        if row_step <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _cut_partial_line(path: Path) -> None:
@@ -105,6 +159,17 @@ class JsonlLogger:
         """Where this trainer's metrics go."""
         return Path(trainer.run_dir) / self.filename
 
+    def _start_fit(self, trainer: Trainer, hparams_path: Path) -> None:
+        """This fit's records are its own: a resumed fit drops the rows it will redo, a
+        fresh one moves an earlier fit's files aside (see the module docstring)."""
+        path = self.path(trainer)
+        step = int(trainer.global_step)
+        if getattr(trainer, "resumed_from", None) is not None and step > 0:
+            drop_rows_after(path, step)
+        else:
+            move_aside([path, hparams_path])
+        self._checked.add(path)
+
     @hookimpl
     def log_hyperparams(self, trainer: Trainer, params: Mapping[str, Any]) -> None:
         """Write ``run_dir/hparams.json`` (via a temporary file, so it is never half-written)."""
@@ -113,6 +178,7 @@ class JsonlLogger:
         run_dir = Path(trainer.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         target = run_dir / "hparams.json"
+        self._start_fit(trainer, target)
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(
             json.dumps(json_safe(dict(params)), indent=2, allow_nan=False, default=str) + "\n",

@@ -99,6 +99,12 @@ class NonFiniteGuard:
         """Last check (a no-op when the end-of-fit save already checked this step)."""
         self.check(trainer)
 
+    @hookimpl
+    def on_run_end(self, stage: str) -> None:
+        """The fit is over, however it ended: nothing to check until the next one starts."""
+        if stage == "fit":
+            self._checked_through = None
+
     def check(self, trainer: Trainer) -> None:
         """Read the record (waits for the device) and raise if a step's loss was not finite."""
         if self._checked_through in (None, trainer.global_step):

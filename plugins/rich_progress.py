@@ -1,80 +1,49 @@
 """Rich progress display: a live bar per training epoch, validation tables and a fit summary.
 
-On a terminal: a live :class:`rich.progress.Progress` bar for the running epoch
-("Epoch e/E", batches done/total, latest loss, steps/s, ETA), a transient bar while
-validation runs, a table of metrics after each evaluation and a summary table at
-the end of a successful fit (steps, epochs, wall time, throughput, data-wait share,
-compile time, last loss and validation metrics). Elsewhere (CI logs, pipes): no
-live display, just one plain line per epoch and per evaluation and the summary as
-``key  value`` lines. Colour follows Rich's rules (``NO_COLOR``, ``FORCE_COLOR``).
+On a terminal: a live bar for the running epoch ("Epoch e/E", batches, latest loss,
+steps/s, ETA; "compiling the train step…" until the first step is back), a transient
+bar while validation runs, a metrics table after each evaluation, a summary table at
+the end of a fit that completed or stopped (throughput in the Task's ``example_name``:
+"images/s" for ``ResNetTask``, "examples/s" by default), the checkpoint directory and a
+line per save, "resumed from <checkpoint> at step N", and the Ctrl-C/SIGTERM notice once,
+on its own line. Elsewhere (CI logs, pipes): the same as plain lines, no live display.
+Colour follows Rich's rules (``NO_COLOR``, ``FORCE_COLOR``). Only the main process
+displays; the display closes in ``on_run_end``, however the fit ended.
 
-The loss given to ``on_train_batch_end`` is a device scalar; reading it waits for
-the step. The plugin reads it at most ``refresh_per_second`` times a second (live
-display only), at epoch end and at fit end, never once per step. Only the main
-process displays anything.
+The loss is a device scalar: read at most ``refresh_per_second`` times a second (live
+display only), at epoch end and at fit end, never once per step. While the bar runs,
+the engine's "received SIGINT: ..." log record is held back (a filter on the
+``nnx_trainer`` logger: it would land inside the bar) and the notice is printed above
+the bar instead; without a live display the log record is the notice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import Task as RichTask
-from rich.table import Table
-from rich.text import Text
+from rich.progress import Progress, TaskID
 
 from nnx_trainer import hookimpl
+
+from ._progress_parts import (
+    checkpoint_dir,
+    fmt,
+    make_progress,
+    plain_rows,
+    rows_table,
+    to_float,
+)
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
 
-
-def _fmt(value: float | None) -> str:
-    """Four decimals for ordinary values, scientific notation for huge or tiny ones."""
-    if value is None:
-        return "--"
-    if value == 0 or not math.isfinite(value) or 1e-3 <= abs(value) < 1e5:
-        return f"{value:.4f}"
-    return f"{value:.4g}"
-
-
-def _to_float(value: Any) -> float | None:
-    """A metric as a Python float (this waits for the device), or None if it is not a scalar."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-class _LossColumn(ProgressColumn):
-    """The latest fetched loss; empty for bars without a ``loss`` field (validation)."""
-
-    def render(self, task: RichTask) -> Text:
-        if "loss" not in task.fields:
-            return Text("")
-        return Text(f"loss {_fmt(task.fields['loss'])}", style="progress.data.speed")
-
-
-class _RateColumn(ProgressColumn):
-    """Items per second: the plugin's ``rate`` field, else Rich's own estimate."""
-
-    def render(self, task: RichTask) -> Text:
-        speed = task.fields.get("rate") or task.finished_speed or task.speed
-        text = "--" if speed is None else f"{speed:.1f}"
-        return Text(f"{text} {task.fields.get('unit', 'steps')}/s", style="progress.data.speed")
+COMPILING = "compiling the train step…"
 
 
 class RichProgress:
@@ -90,13 +59,9 @@ class RichProgress:
 
     name = "progress"
 
-    def __init__(
-        self,
-        refresh_per_second: float = 4,
-        console: Console | None = None,
-        force: bool | None = None,
-        clock: Callable[[], float] = time.perf_counter,
-    ) -> None:
+    def __init__(self, refresh_per_second: float = 4, console: Console | None = None,
+                 force: bool | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if not refresh_per_second > 0:
             raise ValueError(f"refresh_per_second must be positive, got {refresh_per_second!r}")
         self.refresh_per_second = float(refresh_per_second)
@@ -121,6 +86,12 @@ class RichProgress:
         self._rate_mark = (0.0, 0)  # (perf_counter, global_step) at the latest loss fetch
         self._fit_start_step = 0
         self.last_val_metrics: dict[str, float | None] = {}
+        self._example_name = "examples"
+        self._compiling = False  # the bar says "compiling" until the first step is back
+        self._epoch_title = ""
+        self._stop_notice_shown = False
+        self._has_checkpoints = False
+        self._saved_step: int | None = None
 
     # ------------------------------------------------------------- helpers
 
@@ -140,7 +111,7 @@ class RichProgress:
     def _fetch_loss(self) -> float | None:
         """Read the latest step's loss from the device (waits for that step), once per array."""
         if self._latest_loss is not None and self._latest_loss is not self._fetched_loss:
-            self.loss = _to_float(self._latest_loss)
+            self.loss = to_float(self._latest_loss)
             self._fetched_loss = self._latest_loss
         return self.loss
 
@@ -155,6 +126,23 @@ class RichProgress:
         if self._live:
             self.progress.stop()
         self._train_task = self._val_task = None
+        logging.getLogger("nnx_trainer").removeFilter(self._hold_signal_record)
+
+    def _hold_signal_record(self, record: logging.LogRecord) -> bool:
+        """Logging filter: keep the engine's signal notice out of the live bar (printed by us)."""
+        return not (self._live and record.getMessage().startswith("received SIG"))
+
+    def _stop_notice(self, trainer: Trainer) -> None:
+        """The Ctrl-C/SIGTERM notice, once, on its own line (live display only; see module)."""
+        if self._stop_notice_shown or not getattr(trainer, "preempted", False):
+            return
+        self._stop_notice_shown = True
+        if not self._live:
+            return  # the engine's log record said it, on its own line
+        name = getattr(trainer, "stop_reason", None) or "a stop signal"
+        again = "; press Ctrl-C again to kill the run at once" if name == "SIGINT" else ""
+        self._print(f"received {name}: stopping after the current step and saving a "
+                    f"checkpoint{again}")
 
     def _finish_epoch(self, trainer: Trainer, epoch: int) -> None:
         """Final bar state and the epoch line (also for an epoch cut short by a stop)."""
@@ -175,16 +163,8 @@ class RichProgress:
         self._print(
             f"epoch {epoch + 1}/{self._epochs_total(trainer)}  "
             f"step {trainer.global_step}/{trainer.total_steps}  "
-            f"loss {_fmt(loss)}  {rate:.1f} steps/s"
+            f"loss {fmt(loss)}  {rate:.1f} steps/s"
         )
-
-    def _rows_table(self, title: str, rows: list[tuple[str, str]]) -> Table:
-        table = Table(title=title, title_justify="left", show_header=False)
-        table.add_column("name", style="bold")
-        table.add_column("value", justify="right")
-        for key, value in rows:
-            table.add_row(key, value)
-        return table
 
     def _summary_rows(self, trainer: Trainer) -> list[tuple[str, str]]:
         seconds = trainer.fit_seconds
@@ -201,12 +181,12 @@ class RichProgress:
             ("epochs", epochs),
             ("wall time", f"{seconds:.1f} s"),
             ("steps/s", f"{rate:.2f}"),
-            ("images/s", f"{rate * trainer.batch_size:.1f}"),
+            (f"{self._example_name}/s", f"{rate * trainer.batch_size:.1f}"),
             ("data wait", f"{wait_share:.1%} ({trainer.data_wait_seconds:.2f} s)"),
             ("compile", compile_s or "--"),
-            ("last train loss", _fmt(self._fetch_loss())),
+            ("last train loss", fmt(self._fetch_loss())),
         ]
-        rows += [(name, _fmt(value)) for name, value in self.last_val_metrics.items()]
+        rows += [(name, fmt(value)) for name, value in self.last_val_metrics.items()]
         if trainer.stop_reason:
             rows.append(("stop reason", str(trainer.stop_reason)))
         return rows
@@ -222,18 +202,23 @@ class RichProgress:
         if not self._enabled:
             return
         self._fit_start_step = trainer.global_step
+        task = getattr(trainer, "task", None)
+        self._example_name = getattr(task, "example_name", None) or "examples"
         if self._rich_output():
-            self.progress = Progress(
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                _LossColumn(),
-                _RateColumn(),
-                TimeRemainingColumn(),
-                console=self.console,
-                refresh_per_second=self.refresh_per_second,
-            )
+            self.progress = make_progress(self.console, self.refresh_per_second)
             self.progress.start()
+            logging.getLogger("nnx_trainer").addFilter(self._hold_signal_record)
+        resumed = getattr(trainer, "resumed_from", None)
+        if resumed is not None and trainer.global_step > 0:
+            self._print(
+                f"resumed from {resumed} at step {trainer.global_step} (epoch "
+                f"{trainer.current_epoch + 1}/{self._epochs_total(trainer)}, "
+                f"{trainer.batch_in_epoch} of its batches done)"
+            )
+        directory = checkpoint_dir(trainer)
+        self._has_checkpoints = directory is not None
+        if directory is not None:
+            self._print(f"checkpoints: {directory}")
 
     @hookimpl
     def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None:
@@ -241,13 +226,19 @@ class RichProgress:
         if not self._enabled:
             return
         self._epoch_open = True
+        self._epoch_title = f"Epoch {epoch + 1}/{self._epochs_total(trainer)}"
+        if "train" not in getattr(trainer, "compile_seconds", {}):
+            self._compiling = True  # this fit's first step traces and compiles
+            if not self._live:
+                self._print(COMPILING)
         self._epoch_mark = self._rate_mark = (time.perf_counter(), trainer.global_step)
         self._last_fetch = self.clock()  # first fetch one interval in, after compilation
         if self._live:
             epoch_base = trainer.global_step - trainer.batch_in_epoch
             total = min(trainer.steps_per_epoch, trainer.total_steps - epoch_base)
+            title = f"{self._epoch_title} · {COMPILING}" if self._compiling else self._epoch_title
             self._train_task = self.progress.add_task(
-                f"Epoch {epoch + 1}/{self._epochs_total(trainer)}",
+                title,
                 total=total, completed=trainer.batch_in_epoch, loss=self.loss, rate=None,
                 unit="steps",
             )
@@ -258,6 +249,11 @@ class RichProgress:
         if not self._enabled:
             return
         self._latest_loss = loss
+        self._stop_notice(trainer)
+        if self._compiling:  # the step came back from tracing and compiling
+            self._compiling = False
+            if self._train_task is not None:
+                self.progress.update(self._train_task, description=self._epoch_title)
         if self._train_task is None:
             return  # plain mode: the loss is read once, at epoch end
         now = self.clock()
@@ -302,48 +298,53 @@ class RichProgress:
             self._val_task = None
         if not trainer.is_main_process:
             return
-        values = {name: _to_float(value) for name, value in sorted(metrics.items())}
+        values = {name: to_float(value) for name, value in sorted(metrics.items())}
         if stage == "validate":
             self.last_val_metrics = values
         if self._rich_output():
             title = f"{stage.capitalize()} metrics, step {trainer.global_step}"
-            self._print(self._rows_table(title, [(k, _fmt(v)) for k, v in values.items()]))
+            self._print(rows_table(title, [(k, fmt(v)) for k, v in values.items()]))
         else:
-            pairs = "  ".join(f"{k} {_fmt(v)}" for k, v in values.items())
+            pairs = "  ".join(f"{k} {fmt(v)}" for k, v in values.items())
             self._print(f"{stage}  step {trainer.global_step}  {pairs}")
 
     @hookimpl
-    def on_save_checkpoint(self, trainer: Trainer, reason: str) -> None:
-        """A preempted fit gets no ``on_fit_end``: close the display here instead."""
-        if reason != "preemption" or not self._enabled:
-            return
-        self._finish_epoch(trainer, trainer.current_epoch)
-        self._stop_live()
-        self._print(f"preempted ({trainer.stop_reason}) at step {trainer.global_step}")
-
-    @hookimpl
-    def on_fit_end(self, trainer: Trainer) -> None:
-        """Close the display and print the fit summary."""
+    def on_save_checkpoint(self, trainer: Trainer, step: int, reason: str) -> None:
+        """A line per save (when a checkpoint plugin is active); the stop notice first."""
         if not self._enabled:
             return
-        self._finish_epoch(trainer, trainer.current_epoch)  # fit stopped inside an epoch
-        self._stop_live()
-        rows = self._summary_rows(trainer)
-        if self._rich_output():
-            self._print(self._rows_table("Fit summary", rows))
-        else:
-            self._print("fit summary")
-            width = max(len(key) for key, _ in rows)
-            for key, value in rows:
-                self._print(f"  {key:<{width}}  {value}")
+        self._stop_notice(trainer)
+        if self._has_checkpoints and step != self._saved_step:  # a step is written once
+            self._saved_step = step
+            self._print(f"checkpoint: saving step {step} ({reason})")
 
     @hookimpl
-    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
-        """Stop the live display so the traceback prints on a clean terminal."""
-        # Never raise from here: that would replace the exception being reported.
-        with contextlib.suppress(Exception):
-            was_live = self._live
-            self._stop_live()
-            self._epoch_open = False
-            if was_live:
-                self._print(f"stopped at step {trainer.global_step}: {type(exception).__name__}")
+    def on_run_end(
+        self, trainer: Trainer, stage: str, outcome: str, exception: BaseException | None
+    ) -> None:
+        """Close the display however the fit ended; the summary after a fit that finished."""
+        if stage != "fit" or not self._enabled:
+            return
+        self._enabled = False
+        if outcome == "exception":
+            # Never raise from here: that would replace the exception being reported.
+            with contextlib.suppress(Exception):
+                was_live = self._live
+                self._stop_live()
+                self._epoch_open = False
+                if was_live:
+                    name = type(exception).__name__
+                    self._print(f"stopped at step {trainer.global_step}: {name}")
+            return
+        self._stop_notice(trainer)
+        self._finish_epoch(trainer, trainer.current_epoch)  # fit stopped inside an epoch
+        self._stop_live()
+        if outcome == "preempted":
+            step, why = trainer.global_step, trainer.stop_reason
+            return self._print(f"preempted ({why}) at step {step}: resume with ckpt_path='last'")
+        rows = self._summary_rows(trainer)
+        if self._rich_output():
+            self._print(rows_table("Fit summary", rows))
+        else:
+            for line in plain_rows("fit summary", rows):
+                self._print(line)

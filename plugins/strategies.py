@@ -6,8 +6,10 @@ Chosen by name through the ``select_strategy`` hook (``Trainer(strategy="fsdp")`
 
 Multi-process runs call :func:`initialize_distributed` (done by the strategies
 themselves) which wraps ``jax.distributed.initialize``: it reads the usual
-``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables
-(or cluster auto-detection on SLURM/TPU/MPI) and must run before JAX touches a device.
+``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` variables,
+or, under SLURM (``srun`` with more than one task) or Open MPI (``mpirun``), lets JAX's
+cluster auto-detection find the coordinator, process count and id. It must run before
+JAX touches a device.
 """
 
 from __future__ import annotations
@@ -24,6 +26,35 @@ from nnx_trainer import Strategy, hookimpl
 
 DATA_AXIS = "data"
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# The cluster environments JAX's own auto-detection (``jax.distributed.initialize()``
+# with no arguments, jax._src.clusters) recognises without extra packages or network
+# calls, and the variables it reads (jax 0.10): name -> (variables that must all be
+# set, the variable holding the process count).
+CLUSTER_ENVIRONMENTS: Mapping[str, tuple[tuple[str, ...], str]] = {
+    "slurm": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID"), "SLURM_NTASKS"),
+    "ompi": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+             "OMPI_COMM_WORLD_SIZE"),
+}
+
+
+def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
+    """The multi-process cluster environment this process runs in, or None.
+
+    ``"slurm"`` under ``srun`` with more than one task, ``"ompi"`` under Open MPI's
+    ``mpirun`` with more than one rank: the environments whose variables JAX's
+    auto-detection reads. A single task (``SLURM_NTASKS=1``: an ``salloc`` shell, a
+    one-task job) is not a multi-process run.
+    """
+    environ = os.environ if environ is None else environ
+    for name, (required, count_var) in CLUSTER_ENVIRONMENTS.items():
+        if all(var in environ for var in required):
+            try:
+                if int(environ[count_var]) > 1:
+                    return name
+            except ValueError:
+                continue
+    return None
 
 
 def initialize_distributed(
@@ -33,27 +64,42 @@ def initialize_distributed(
 ) -> bool:
     """Join a multi-process run if one is configured; return True when running distributed.
 
-    Arguments override the ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
-    ``JAX_PROCESS_ID`` environment variables. With neither, nothing happens (one process).
+    - Explicit: arguments, else ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+      ``JAX_PROCESS_ID``. A cluster environment (below) fills in the count and id that
+      are not given.
+    - Detected: under SLURM (``srun``, more than one task) or Open MPI (``mpirun``, more
+      than one rank), see :func:`detect_cluster`, ``jax.distributed.initialize()`` is
+      called without arguments and JAX's cluster auto-detection derives the coordinator
+      (SLURM: the first node of ``SLURM_STEP_NODELIST``, a port from the job id, or
+      ``JAX_COORDINATOR_PORT``), the process count and the process id.
+    - Neither: nothing happens (one process).
+
+    Already initialised (``jax.distributed.is_initialized()``): nothing to do, True.
     On CPU the collectives go through gloo, the implementation that works across processes.
     """
-    from jax._src import distributed  # the public API has no "already initialised?" query
-
-    if distributed.global_state.client is not None:
+    if jax.distributed.is_initialized():
         return True
     env = {k: os.environ.get(k) for k in _DISTRIBUTED_ENV}
     address = coordinator_address or env["JAX_COORDINATOR_ADDRESS"]
-    if address is None:
+    cluster = detect_cluster()
+    if address is None and cluster is None:
         return False
     count = num_processes if num_processes is not None else env["JAX_NUM_PROCESSES"]
     index = process_id if process_id is not None else env["JAX_PROCESS_ID"]
-    if count is None or index is None:
+    if address is not None and cluster is None and (count is None or index is None):
         raise ValueError(
             "a coordinator address is set but not the process count and id; set "
             "JAX_NUM_PROCESSES and JAX_PROCESS_ID (or pass num_processes/process_id)"
         )
+    kwargs: dict[str, Any] = {}
+    if address is not None:
+        kwargs["coordinator_address"] = address
+    if count is not None:
+        kwargs["num_processes"] = int(count)
+    if index is not None:
+        kwargs["process_id"] = int(index)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(address, num_processes=int(count), process_id=int(index))
+    jax.distributed.initialize(**kwargs)  # JAX detects what is not given (SLURM, Open MPI)
     return True
 
 

@@ -21,16 +21,22 @@ cadence), so after the call returns the data is in the operating system's hands.
 background thread reads from (tensorboardX 2.6.5), so events could sit in memory
 for ``flush_secs`` and be lost by a killed process.
 
-The file is closed at fit end, on preemption and on an exception. A later write (a
-standalone ``test`` after fit) opens a new event file in the same folder;
-TensorBoard reads them all. File names carry the process id and a counter, so two
-files opened within the same second never overwrite each other.
+The file is closed at the end of every fit/validate/test (``on_run_end``, however it
+ended). A later write (a standalone ``test`` after fit) opens a new event file in the
+same folder; TensorBoard reads them all as one run. File names carry the process id
+and a counter, so two files opened within the same second never overwrite each other.
 
-Resume: when a fit starts from a restored step ``k > 0`` the writer is opened with
-``purge_step=k + 1``, so TensorBoard hides the events at steps ``> k`` that the
-crashed run wrote after its checkpoint (the resumed run writes those steps again) and
-curves do not fold back on themselves; what was logged at step ``k`` itself came
-before the checkpoint and stays.
+Each fit's records are its own: a fresh fit (``trainer.global_step == 0``) into a run
+directory whose ``<subdir>`` already holds event files moves that folder aside first,
+numbered in order (``tensorboard.1`` is the first fit's, ``tensorboard.2`` the next),
+so TensorBoard shows each fit as its own run instead of one whose curves fold back.
+
+Resume: a fit resumed from a checkpoint at step ``k > 0`` (``trainer.resumed_from``)
+keeps the folder and starts its event file with what ``SummaryWriter(purge_step=k+1)``
+writes, a ``SessionLog(START)`` event at step ``k + 1``: TensorBoard then drops the
+events at steps ``> k`` that the killed run wrote after its checkpoint (the resumed
+run writes those steps again), so each step is shown once; what was logged at step
+``k`` itself came before the checkpoint and stays.
 
 Only the main process writes.
 """
@@ -130,6 +136,16 @@ class TensorBoardLogger:
         """Where this trainer's event files go."""
         return Path(trainer.run_dir) / self.subdir
 
+    def _move_aside(self, trainer: Trainer) -> None:
+        """An earlier fit's event files go to ``<subdir>.<n>`` (see the module docstring)."""
+        log_dir = self.log_dir(trainer)
+        if not any(log_dir.glob("events.out.tfevents.*")):
+            return
+        number = 1
+        while log_dir.with_name(f"{log_dir.name}.{number}").exists():
+            number += 1
+        os.replace(log_dir, log_dir.with_name(f"{log_dir.name}.{number}"))
+
     def _should_log(self, trainer: Trainer) -> bool:
         return self.enabled and trainer.is_main_process
 
@@ -173,7 +189,10 @@ class TensorBoardLogger:
         # A fit starts a new event file: one left open by an earlier fit is closed.
         self.close()
         step = int(trainer.global_step)
-        writer = self._open(trainer, purge_step=step + 1 if step > 0 else None)
+        resumed = getattr(trainer, "resumed_from", None) is not None and step > 0
+        if not resumed:
+            self._move_aside(trainer)
+        writer = self._open(trainer, purge_step=step + 1 if resumed else None)
         from tensorboardX.summary import hparams, text
 
         dumped = json.dumps(dict(params), indent=2, default=str)
@@ -205,20 +224,11 @@ class TensorBoardLogger:
         writer.flush()
 
     @hookimpl
-    def on_fit_end(self, trainer: Trainer) -> None:
-        """Close the event file."""
-        self.close()
-
-    @hookimpl
-    def on_save_checkpoint(self, reason: str) -> None:
-        """On preemption fit ends without ``on_fit_end``: close the event file now."""
-        if reason == "preemption":
-            self.close()
-
-    @hookimpl
-    def on_exception(self) -> None:
-        """Close the event file so everything logged so far is on disk."""
+    def on_run_end(self, outcome: str) -> None:
+        """Close the event file, however the run ended; never masks an exception."""
         try:
             self.close()
-        except Exception:  # never mask the exception being raised
+        except Exception:
+            if outcome != "exception":
+                raise
             log.warning("tensorboard: could not close the event file", exc_info=True)

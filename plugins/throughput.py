@@ -1,4 +1,8 @@
-"""Throughput: steps/s, images/s and the data-wait share, logged at the trainer's log cadence.
+"""Throughput: steps/s, examples/s and the data-wait share, logged at the trainer's log cadence.
+
+``perf/examples_per_sec`` counts the Task's examples, whatever they are (images, rows,
+sequences): the engine names no modality; the progress display writes the Task's
+``example_name`` (``images/s`` for ``ResNetTask``).
 
 Host clock only: the plugin reads ``time.perf_counter`` and the Trainer's own
 data-wait counter (time blocked on the Grain pipeline), never a device value, so it
@@ -20,7 +24,7 @@ if TYPE_CHECKING:
 
 
 class Throughput:
-    """Logs ``perf/steps_per_sec``, ``perf/images_per_sec`` and ``perf/data_wait_share``."""
+    """Logs ``perf/steps_per_sec``, ``perf/examples_per_sec`` and ``perf/data_wait_share``."""
 
     name = "throughput"
 
@@ -53,7 +57,7 @@ class Throughput:
             return
         self.last = {
             "perf/steps_per_sec": steps / seconds,
-            "perf/images_per_sec": steps * trainer.batch_size / seconds,
+            "perf/examples_per_sec": steps * trainer.batch_size / seconds,
             "perf/data_wait_share": (trainer.data_wait_seconds - first_wait) / seconds,
         }
         if "train" in trainer.compile_seconds:

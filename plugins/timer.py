@@ -17,7 +17,11 @@ total, however many times the run is resumed.
 
 ``time_elapsed("fit")`` is the fit's wall time; ``time_elapsed("validate")`` /
 ``("test")`` the total time spent in those evaluations since the latest fit
-started. The default instance (``max_time=None``) only records these times.
+started. ``Timer()`` (``max_time=None``) only records these times.
+
+Opt-in: installing the package registers nothing (``from_environment`` returns None;
+``nnx-trainer-plugins`` lists it as inactive with its ``activation`` sentence). Pass a
+configured instance, or request it by name (``plugins=["timer"]``: record times only).
 
 In multi-process runs the processes' clocks disagree slightly, so the decision is
 taken by process 0 and broadcast, at the trainer's log cadence and at epoch ends
@@ -101,6 +105,16 @@ class Timer:
     """
 
     name = "timer"
+    activation = (
+        "opt-in: pass a configured instance, e.g. "
+        "Trainer(plugins=[Timer(max_time='00:12:00:00')]), or request it by name: "
+        "plugins=['timer'] (records times only)"
+    )
+
+    @classmethod
+    def from_environment(cls) -> Timer | None:
+        """Never on by itself: it needs a budget (see :attr:`activation`)."""
+        return None
 
     def __init__(
         self,
@@ -207,21 +221,11 @@ class Timer:
         self._finish(stage)
 
     @hookimpl
-    def on_fit_end(self) -> None:
-        """Stop the fit clock."""
-        self._finish("fit")
-
-    @hookimpl
-    def on_save_checkpoint(self, reason: str) -> None:
-        """A preempted fit ends here (no ``on_fit_end``)."""
-        if reason == "preemption":
-            self._finish("fit")
-
-    @hookimpl
-    def on_exception(self) -> None:
-        """Close whatever spans the failed run left open."""
-        for stage in list(self._running):
-            self._finish(stage)
+    def on_run_end(self, stage: str) -> None:
+        """Close the spans the run left open (the fit clock after a fit, however it ended)."""
+        for running in list(self._running):
+            if stage == "fit" or running == stage:
+                self._finish(running)
 
     # ---------------------------------------------------------- checkpoint
 

@@ -1,15 +1,15 @@
 """Weights & Biases logging: config, metrics at the log cadence, summary, resume.
 
-Activation (decided at each fit start, so the default instance costs nothing):
+Opt-in (registered only when configured):
 
-- ``enabled=True``: always on; ``enabled=False``: always off.
-- ``enabled=None`` (the default instance): on when the user configured W&B, either
-  through the environment (``WANDB_MODE=online|offline``, ``WANDB_API_KEY`` or
-  ``WANDB_PROJECT`` set) or by passing ``project=`` or ``mode="online"|"offline"``
-  to a configured instance.
-- A resolved mode of ``"disabled"`` (``mode=`` or ``WANDB_MODE``) is always off.
-
-While off, the plugin never imports ``wandb`` and writes nothing.
+- Autoload registers it only when the environment configures W&B
+  (``from_environment``): ``WANDB_MODE=online|offline``, ``WANDB_API_KEY`` or
+  ``WANDB_PROJECT`` set, and ``WANDB_MODE`` is not ``disabled``. Otherwise it is not
+  registered, never imports ``wandb`` and writes nothing; ``nnx-trainer-plugins`` lists
+  it as inactive with its ``activation`` sentence.
+- A configured instance (``Trainer(plugins=[WandbLogger(project=...)])``) or a request
+  by name (``plugins=["wandb"]``) is on, unless its resolved mode (``mode=``, else
+  ``WANDB_MODE``) is ``"disabled"``.
 
 No prompt, ever: when the run would be online and no credentials are configured
 (``WANDB_API_KEY``, ``wandb login``'s netrc entry, a settings file), fit fails at
@@ -27,18 +27,25 @@ What is logged:
   W&B's own ``_step``. W&B drops rows whose ``step=`` goes backwards, which is
   exactly what a resumed run does (it repeats the steps after its checkpoint); a
   step metric accepts them, so curves stay correct after a resume.
-- ``run.summary`` at fit end: the latest value of every callback metric (final
-  validation metrics included), ``trainer/global_step``, ``total_steps``,
-  ``fit_seconds``, ``stop_reason`` and ``status``.
+- ``run.summary`` at the end of each fit/validate/test: the latest value of every
+  callback metric, ``trainer/global_step``, ``total_steps``, ``fit_seconds``,
+  ``stop_reason`` and ``status``.
 
-Run end: ``run.finish()`` after a successful fit; ``run.finish(exit_code=1)`` when fit
-raises (KeyboardInterrupt too); on preemption ``run.mark_preempting()``, then
-``finish(exit_code=1)``, which W&B shows as "preempted" rather than "finished".
+One W&B run per trainer's run directory: a fit and the evaluations after it (the
+example's final ``validate``) log into the same run, one run directory, one id. So
+a fit that completes (or stops early) does not finish the run; it is finished:
 
-Resume: the run id is written to ``run_dir/wandb_run_id.txt``; a later fit with the
-same run directory passes ``id=<that id>, resume="allow"`` and so continues the same
-W&B run (unless ``WANDB_RUN_ID`` is set, which wins). Metrics logged by a standalone
-``validate``/``test`` after fit briefly re-open that run, log and finish it again.
+- at interpreter exit (an ``atexit`` handler, registered when the run starts, finishes
+  it with exit code 0), or when :meth:`WandbLogger.finish` is called;
+- at once with ``exit_code=1`` when a fit/validate/test raises (KeyboardInterrupt
+  too): W&B marks it failed;
+- at once on preemption: ``run.mark_preempting()``, then ``finish(exit_code=1)``, which
+  W&B shows as "preempted" rather than "finished";
+- when a fit starts into another run directory (that run's own W&B run begins).
+
+Resume: the run id is written to ``run_dir/wandb_run_id.txt``; a later process with
+the same run directory passes ``id=<that id>, resume="allow"`` and so continues the
+same W&B run (unless ``WANDB_RUN_ID`` is set, which wins).
 
 If a W&B run is already active when fit starts (the user called ``wandb.init``),
 it is used and left open: the plugin only finishes runs it started.
@@ -46,6 +53,7 @@ it is used and left open: the plugin only finishes runs it started.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -71,6 +79,33 @@ def _env_mode() -> str | None:
     return mode or None
 
 
+def configured_by_environment() -> bool:
+    """Whether the environment asks for W&B logging (the autoload rule; see the module)."""
+    mode = _env_mode()
+    if mode == "disabled":
+        return False
+    return (
+        mode in ("online", "offline")
+        or bool(os.environ.get("WANDB_API_KEY"))
+        or bool(os.environ.get("WANDB_PROJECT"))
+    )
+
+
+# Loggers whose run is open, so a new run finishes another logger's first (one active
+# run per process) and the exit handler finishes what is left.
+_OPEN: list[WandbLogger] = []
+_EXIT_HANDLER_REGISTERED = False
+
+
+def _finish_open_runs() -> None:
+    """At interpreter exit: finish every run a logger left open (completed fits)."""
+    for logger in list(_OPEN):
+        try:
+            logger.finish()
+        except Exception:  # pragma: no cover - exit must go on
+            log.warning("wandb: could not finish the run at exit", exc_info=True)
+
+
 class WandbLogger:
     """Logs the run to Weights & Biases (see the module docstring for the rules).
 
@@ -78,7 +113,6 @@ class WandbLogger:
     :param entity: W&B entity (user or team).
     :param run_name: display name of the run (default: the run directory's name).
     :param mode: ``"online"``, ``"offline"`` or ``"disabled"`` (default: ``WANDB_MODE``).
-    :param enabled: force on (True) or off (False); None decides from the configuration.
     :param tags: run tags.
     :param dir: where W&B writes its ``wandb/`` folder (default: ``WANDB_DIR``, else
         ``trainer.run_dir``).
@@ -86,6 +120,15 @@ class WandbLogger:
     """
 
     name = "wandb"
+    activation = (
+        "opt-in: set WANDB_MODE=offline (or online), WANDB_API_KEY or WANDB_PROJECT, or "
+        "pass Trainer(plugins=[WandbLogger(project=...)])"
+    )
+
+    @classmethod
+    def from_environment(cls) -> WandbLogger | None:
+        """An instance when the environment configures W&B, else None (not registered)."""
+        return cls() if configured_by_environment() else None
 
     def __init__(
         self,
@@ -93,41 +136,25 @@ class WandbLogger:
         entity: str | None = None,
         run_name: str | None = None,
         mode: str | None = None,
-        enabled: bool | None = None,
         tags: Sequence[str] | None = None,
         dir: str | os.PathLike | None = None,
         init_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)} or None, got {mode!r}")
-        self.project = project
-        self.entity = entity
-        self.run_name = run_name
-        self.mode = mode
-        self.enabled = enabled
+        self.project, self.entity, self.run_name, self.mode = project, entity, run_name, mode
         self.tags = list(tags) if tags is not None else None
         self.dir = dir
         self.init_kwargs = dict(init_kwargs or {})
-        self.run: Any = None  # the live wandb Run while fit runs
+        self.run: Any = None  # the open wandb Run (from the first fit or log until finished)
+        self._run_dir: Path | None = None  # the trainer run directory the open run belongs to
         self._owns_run = False
         self._config: dict[str, Any] = {}
 
-    # ------------------------------------------------------------------ rules
-
     def is_active(self) -> bool:
-        """Whether this instance logs (reads the environment; never imports wandb)."""
-        mode = self.mode or _env_mode()
-        if mode == "disabled":
-            return False
-        if self.enabled is not None:
-            return self.enabled
-        if self.project or self.mode in ("online", "offline"):
-            return True
-        return (
-            mode in ("online", "offline")
-            or bool(os.environ.get("WANDB_API_KEY"))
-            or bool(os.environ.get("WANDB_PROJECT"))
-        )
+        """Whether this instance logs: unless its mode (``mode=``, else ``WANDB_MODE``) is
+        ``"disabled"``. Reads the environment; never imports wandb."""
+        return (self.mode or _env_mode()) != "disabled"
 
     def _should_log(self, trainer: Trainer) -> bool:
         return trainer.is_main_process and self.is_active()
@@ -157,9 +184,20 @@ class WandbLogger:
             "Trainer(disable_plugins=['wandb'])."
         )
 
+    def _ensure_run(self, trainer: Trainer, config: Mapping[str, Any] | None) -> None:
+        """The run of ``trainer.run_dir``: the open one, else a new (or resumed) one."""
+        if self.run is not None and self._run_dir == Path(trainer.run_dir):
+            return
+        self.finish()  # a run of another run directory
+        self._start(trainer, config)
+
     def _start(self, trainer: Trainer, config: Mapping[str, Any] | None) -> None:
+        global _EXIT_HANDLER_REGISTERED
         import wandb
 
+        for other in list(_OPEN):  # one active run per process: another logger's ends
+            if other is not self:
+                other.finish()
         if wandb.run is not None:
             # The user's own run: log into it, leave its lifetime to them.
             self.run, self._owns_run = wandb.run, False
@@ -189,27 +227,38 @@ class WandbLogger:
             if self.run is not None and getattr(self.run, "id", None):
                 id_path.parent.mkdir(parents=True, exist_ok=True)
                 id_path.write_text(f"{self.run.id}\n", encoding="utf-8")
+            _OPEN.append(self)
+            if not _EXIT_HANDLER_REGISTERED:
+                # Registered after wandb's own (atexit runs last-registered first), so
+                # our runs finish while wandb can still finish them.
+                atexit.register(_finish_open_runs)
+                _EXIT_HANDLER_REGISTERED = True
+        self._run_dir = Path(trainer.run_dir)
         # Every metric is plotted against the trainer's step: see the module docstring.
         self.run.define_metric(STEP_METRIC)
         self.run.define_metric("*", step_metric=STEP_METRIC)
 
-    def _finish(self, exit_code: int = 0) -> None:
-        run, self.run = self.run, None
+    def finish(self, exit_code: int = 0) -> None:
+        """Finish the open run now (done at interpreter exit otherwise); safe to call twice."""
+        run, self.run, self._run_dir = self.run, None, None
+        if self in _OPEN:
+            _OPEN.remove(self)
         if run is not None and self._owns_run:
             run.finish(exit_code=exit_code)
 
-    def _end(self, trainer: Trainer, status: str, exit_code: int) -> None:
-        """Write the summary and finish; never raises (it may run while an error unwinds)."""
+    def _summarize(self, trainer: Trainer, status: str | None) -> None:
+        """Write the summary (``status`` None: an evaluation's metrics only); never raises
+        (it may run while an error unwinds)."""
         if self.run is None:
             return
         try:
-            summary: dict[str, Any] = {
+            summary: dict[str, Any] = {} if status is None else {
                 STEP_METRIC: int(trainer.global_step),
                 "total_steps": int(trainer.total_steps),
                 "fit_seconds": float(trainer.fit_seconds),
                 "status": status,
             }
-            if trainer.stop_reason:
+            if status is not None and trainer.stop_reason:
                 summary["stop_reason"] = str(trainer.stop_reason)
             if status != "failed":  # reading device values after a failure may fail again
                 for key, value in trainer.callback_metrics.items():
@@ -221,10 +270,6 @@ class WandbLogger:
                 self.run.mark_preempting()
         except Exception:  # the run must still be finished
             log.warning("wandb: could not write the run summary", exc_info=True)
-        try:
-            self._finish(exit_code)
-        except Exception:
-            log.warning("wandb: could not finish the run", exc_info=True)
 
     # --------------------------------------------------------------- hooks
 
@@ -242,8 +287,7 @@ class WandbLogger:
         """Start (or resume) the W&B run."""
         if not self._should_log(trainer):
             return
-        if self.run is None:
-            self._start(trainer, self._config)
+        self._ensure_run(trainer, self._config)
 
     @hookimpl
     def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
@@ -252,33 +296,32 @@ class WandbLogger:
             return
         row = {str(k): metric_value(v) for k, v in metrics.items()}
         row[STEP_METRIC] = int(step)
-        if self.run is not None:
-            self.run.log(row)
+        # A standalone validate/test logs into the fit's run (still open), or opens
+        # (resumes, by the stored id) the run of this run directory.
+        self._ensure_run(trainer, None)
+        self.run.log(row)
+
+    @hookimpl
+    def on_run_end(self, trainer: Trainer, stage: str, outcome: str) -> None:
+        """Summary after every call; finish at once only on an exception or preemption.
+
+        A completed (or stopped) fit leaves the run open for the evaluations after it;
+        it is finished at interpreter exit (see the module docstring).
+        """
+        if not trainer.is_main_process or self.run is None:
             return
-        # Outside fit (standalone validate/test): re-open the run for this one row.
-        self._start(trainer, None)
+        if outcome == "exception":
+            status, exit_code = "failed", 1
+        elif outcome == "preempted":
+            status, exit_code = "preempted", 1
+        else:
+            self._summarize(trainer, "finished" if stage == "fit" else None)
+            return
+        self._summarize(trainer, status)
         try:
-            self.run.log(row)
-        finally:
-            self._finish()
-
-    @hookimpl
-    def on_fit_end(self, trainer: Trainer) -> None:
-        """Final summary, then finish the run cleanly."""
-        if trainer.is_main_process:
-            self._end(trainer, "finished", exit_code=0)
-
-    @hookimpl(trylast=True)  # after the checkpoint plugin has started its save
-    def on_save_checkpoint(self, trainer: Trainer, reason: str) -> None:
-        """On preemption: mark the run preempted and finish it (fit ends without on_fit_end)."""
-        if reason == "preemption" and trainer.is_main_process:
-            self._end(trainer, "preempted", exit_code=1)
-
-    @hookimpl
-    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
-        """Finish the run with exit code 1 so W&B marks it failed."""
-        if trainer.is_main_process:
-            self._end(trainer, "failed", exit_code=1)
+            self.finish(exit_code)
+        except Exception:
+            log.warning("wandb: could not finish the run", exc_info=True)
 
 
 def _has_credentials(settings: Any) -> bool:

@@ -11,6 +11,12 @@ All models take NHWC input and return float32 logits. ``dtype`` is the compute d
 ``dtype=jnp.bfloat16, param_dtype=jnp.float32``. BatchNorm running statistics are always float32
 (``nnx.BatchNorm`` allocates them as float32 whatever ``param_dtype`` is). Switch BatchNorm
 between batch and running statistics with ``model.train()`` / ``model.eval()``.
+
+``conv_impl`` selects the convolutions' implementation: "auto" (the default) uses
+``nnx_trainer.conv.conv_general_dilated`` on the CPU backend, whose backward pass XLA:CPU
+runs faster (same forward, gradients equal to float tolerance), and XLA's own convolution
+on GPU and TPU; "xla" and "custom" force one or the other. "xla" is also the choice for
+forward-mode differentiation (``jax.jvp``), which a ``custom_vjp`` does not support.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from nnx_trainer.conv import resolve_conv_impl
 
 Dtype = Any
 
@@ -42,6 +50,7 @@ def _conv(
     dtype: Dtype,
     param_dtype: Dtype,
     rngs: nnx.Rngs,
+    conv_impl: str = "auto",
 ) -> nnx.Conv:
     # No bias: every convolution here is followed by BatchNorm, whose bias makes it redundant.
     # Kernel init is He-normal over fan_out (untruncated), as torchvision's ResNets use.
@@ -55,6 +64,7 @@ def _conv(
         kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
         dtype=dtype,
         param_dtype=param_dtype,
+        conv_general_dilated=resolve_conv_impl(conv_impl),
         rngs=rngs,
     )
 
@@ -82,6 +92,7 @@ def _projection(
     dtype: Dtype,
     param_dtype: Dtype,
     rngs: nnx.Rngs,
+    conv_impl: str = "auto",
 ) -> nnx.Sequential | None:
     """The 1x1 conv + BN shortcut, or None when the identity already has the right shape."""
     if strides == 1 and in_features == out_features:
@@ -96,6 +107,7 @@ def _projection(
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
+            conv_impl=conv_impl,
         ),
         _batch_norm(
             out_features, zero_scale=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -117,20 +129,22 @@ class BasicBlock(nnx.Module):
         zero_init_residual: bool = False,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        conv_impl: str = "auto",
         rngs: nnx.Rngs,
     ) -> None:
         """Build the block; ``strides`` applies to the first 3x3 conv and the shortcut.
 
         ``zero_init_residual`` starts the last BatchNorm scale at zero so the block begins as
-        the identity (Goyal et al. 2017).
+        the identity (Goyal et al. 2017). ``conv_impl``: see the module docstring.
         """
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ckw = dict(kw, conv_impl=conv_impl)
         out_features = features * self.expansion
-        self.conv1 = _conv(in_features, features, 3, strides, _PAD_3X3, **kw)
+        self.conv1 = _conv(in_features, features, 3, strides, _PAD_3X3, **ckw)
         self.bn1 = _batch_norm(features, zero_scale=False, **kw)
-        self.conv2 = _conv(features, out_features, 3, 1, _PAD_3X3, **kw)
+        self.conv2 = _conv(features, out_features, 3, 1, _PAD_3X3, **ckw)
         self.bn2 = _batch_norm(out_features, zero_scale=zero_init_residual, **kw)
-        self.shortcut = _projection(in_features, out_features, strides, **kw)
+        self.shortcut = _projection(in_features, out_features, strides, **ckw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the block to an NHWC batch."""
@@ -157,18 +171,20 @@ class BottleneckBlock(nnx.Module):
         zero_init_residual: bool = False,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        conv_impl: str = "auto",
         rngs: nnx.Rngs,
     ) -> None:
         """Build the block; the output has ``features * 4`` channels."""
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ckw = dict(kw, conv_impl=conv_impl)
         out_features = features * self.expansion
-        self.conv1 = _conv(in_features, features, 1, 1, "VALID", **kw)
+        self.conv1 = _conv(in_features, features, 1, 1, "VALID", **ckw)
         self.bn1 = _batch_norm(features, zero_scale=False, **kw)
-        self.conv2 = _conv(features, features, 3, strides, _PAD_3X3, **kw)
+        self.conv2 = _conv(features, features, 3, strides, _PAD_3X3, **ckw)
         self.bn2 = _batch_norm(features, zero_scale=False, **kw)
-        self.conv3 = _conv(features, out_features, 1, 1, "VALID", **kw)
+        self.conv3 = _conv(features, out_features, 1, 1, "VALID", **ckw)
         self.bn3 = _batch_norm(out_features, zero_scale=zero_init_residual, **kw)
-        self.shortcut = _projection(in_features, out_features, strides, **kw)
+        self.shortcut = _projection(in_features, out_features, strides, **ckw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the block to an NHWC batch."""
@@ -218,14 +234,17 @@ class ResNet(nnx.Module):
         zero_init_residual: bool = False,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        conv_impl: str = "auto",
         rngs: nnx.Rngs,
     ) -> None:
         """Build a ResNet whose stage ``i`` has ``width * 2**i`` block features.
 
         ``stem="imagenet"``: 7x7/2 conv, BN, relu, 3x3/2 max-pool (for ~224 px images).
         ``stem="cifar"``: 3x3/1 conv, BN, relu, no pooling (for ~32 px images).
+        ``conv_impl``: "auto", "xla" or "custom" (see the module docstring).
         """
         _check_num_classes(num_classes)
+        resolve_conv_impl(conv_impl)  # an unknown name fails here, with the choices
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; choose one of: {', '.join(STEMS)}")
         if not stage_sizes or any(n < 1 for n in stage_sizes):
@@ -237,9 +256,9 @@ class ResNet(nnx.Module):
         self.dtype = dtype
         self.stem = stem
         if stem == "imagenet":
-            self.conv1 = _conv(in_channels, width, 7, 2, _PAD_7X7, **kw)
+            self.conv1 = _conv(in_channels, width, 7, 2, _PAD_7X7, conv_impl=conv_impl, **kw)
         else:
-            self.conv1 = _conv(in_channels, width, 3, 1, _PAD_3X3, **kw)
+            self.conv1 = _conv(in_channels, width, 3, 1, _PAD_3X3, conv_impl=conv_impl, **kw)
         self.bn1 = _batch_norm(width, zero_scale=False, **kw)
 
         stages = []
@@ -252,6 +271,7 @@ class ResNet(nnx.Module):
                 num_blocks,
                 1 if i == 0 else 2,
                 zero_init_residual=zero_init_residual,
+                conv_impl=conv_impl,
                 **kw,
             )
             stages.append(stage)
@@ -289,18 +309,25 @@ class SimpleResNet(nnx.Module):
         zero_init_residual: bool = False,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        conv_impl: str = "auto",
         rngs: nnx.Rngs,
     ) -> None:
-        """Build a ResNet with ``6 * num_blocks + 2`` weighted layers."""
+        """Build a ResNet with ``6 * num_blocks + 2`` weighted layers.
+
+        ``conv_impl``: "auto", "xla" or "custom" (see the module docstring).
+        """
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         if initial_features < 1:
             raise ValueError(f"initial_features must be at least 1, got {initial_features}")
         _check_num_classes(num_classes)
+        resolve_conv_impl(conv_impl)  # an unknown name fails here, with the choices
 
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
-        self.conv1 = _conv(in_channels, initial_features, 3, 1, _PAD_3X3, **kw)
+        self.conv1 = _conv(
+            in_channels, initial_features, 3, 1, _PAD_3X3, conv_impl=conv_impl, **kw
+        )
         self.bn1 = _batch_norm(initial_features, zero_scale=False, **kw)
         stages = []
         features = initial_features
@@ -312,6 +339,7 @@ class SimpleResNet(nnx.Module):
                 num_blocks,
                 1 if i == 0 else 2,
                 zero_init_residual=zero_init_residual,
+                conv_impl=conv_impl,
                 **kw,
             )
             stages.append(stage)

@@ -30,6 +30,8 @@ class ResNetConfig:
     model: str = "resnet20"
     stem: str = "cifar"
     model_kwargs: tuple[tuple[str, Any], ...] = ()
+    # "auto": nnx_trainer.conv's convolution (faster backward) on CPU, XLA's on GPU/TPU.
+    conv_impl: str = "auto"
     optimizer: str = "sgd"
     learning_rate: float = 0.1
     momentum: float = 0.9
@@ -62,6 +64,8 @@ def classification_loss(
 class ResNetTask(nnx_trainer.Task):
     """A ResNet classifier. The data is loaded (and checked) when the task is built."""
 
+    example_name = "images"
+
     def __init__(self, config: ResNetConfig | None = None, **overrides: Any) -> None:
         config = config or ResNetConfig()
         if overrides:
@@ -74,6 +78,12 @@ class ResNetTask(nnx_trainer.Task):
             raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
         if not 0.0 <= config.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {config.warmup_fraction}")
+        if not config.learning_rate > 0:
+            raise ValueError(
+                f"learning_rate must be positive, got {config.learning_rate} (e.g. --lr 0.1)"
+            )
+        if not config.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}")
         self.config = config
         self._train, self._val, self.info = load_dataset(
             config.dataset, config.data_dir, config.image_size, seed=config.seed,
@@ -92,7 +102,7 @@ class ResNetTask(nnx_trainer.Task):
         return create_model(
             self.config.model, num_classes=self.info.num_classes,
             in_channels=self.info.image_shape[-1], stem=self.config.stem, dtype=dtype,
-            rngs=rngs, **dict(self.config.model_kwargs),
+            rngs=rngs, **{"conv_impl": self.config.conv_impl, **dict(self.config.model_kwargs)},
         )
 
     def configure_model(self, rngs: nnx.Rngs) -> nnx.Module:

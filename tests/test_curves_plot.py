@@ -17,8 +17,8 @@ from tiny_task import TinyTask
 
 import nnx_trainer
 from nnx_trainer.plugin_manager import create_plugin_manager
-from plugins.curves_plot import CurvesPlot, draw, family_of, panels
-from plugins.jsonl_logger import JsonlLogger
+from nnx_trainer_plugins.curves_plot import CurvesPlot, draw, family_of, panels
+from nnx_trainer_plugins.jsonl_logger import JsonlLogger
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -98,32 +98,47 @@ def _hook(plot: CurvesPlot):
 def test_nothing_logged_nothing_drawn(tmp_path):
     hook, trainer = _hook(CurvesPlot()), _stub(tmp_path / "run")
     hook.on_fit_start(trainer=trainer, task=None)
-    hook.on_fit_end(trainer=trainer, task=None)
-    hook.on_save_checkpoint(trainer=trainer, step=0, reason="preemption")
+    for outcome in ("completed", "preempted"):
+        hook.on_run_end(trainer=trainer, stage="fit", outcome=outcome, exception=None)
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(("hook_name", "kwargs"), [
-    ("on_save_checkpoint", {"step": 4, "reason": "preemption"}),
-    ("on_exception", {"exception": RuntimeError("diverged")}),
-])
-def test_drawn_on_preemption_and_exception(tmp_path, hook_name, kwargs):
+@pytest.mark.parametrize("outcome", ["completed", "stopped", "preempted", "exception"])
+def test_drawn_when_the_fit_ends_whatever_the_outcome(tmp_path, outcome):
     plot = CurvesPlot(filename="c.png", title="custom")
     hook, trainer = _hook(plot), _stub(tmp_path)
     hook.on_fit_start(trainer=trainer, task=None)
     hook.log_metrics(trainer=trainer, metrics={"train/loss": jnp.asarray(1.0)}, step=2)
     hook.log_metrics(trainer=trainer, metrics={"train/loss": jnp.asarray(jnp.nan)}, step=4)
     assert not (tmp_path / "c.png").exists()  # inside fit: not drawn per log
-    getattr(hook, hook_name)(trainer=trainer, **kwargs)
+    exception = RuntimeError("diverged") if outcome == "exception" else None
+    hook.on_run_end(trainer=trainer, stage="fit", outcome=outcome, exception=exception)
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def test_checkpoint_step_only_does_not_draw(tmp_path):
+def test_checkpoint_saves_do_not_draw(tmp_path):
     hook, trainer = _hook(CurvesPlot()), _stub(tmp_path)
     hook.on_fit_start(trainer=trainer, task=None)
     hook.log_metrics(trainer=trainer, metrics={"train/loss": 1.0}, step=2)
-    hook.on_save_checkpoint(trainer=trainer, step=2, reason="step")
+    for reason in ("periodic", "preemption"):
+        hook.on_save_checkpoint(trainer=trainer, step=2, reason=reason)
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_a_real_preempted_fit_draws_its_curves(tmp_path):
+    class Preempt:
+        @nnx_trainer.hookimpl
+        def on_train_batch_end(self, trainer, step):
+            if step == 4:
+                trainer.preempted, trainer.stop_reason = True, "SIGTERM"
+
+    trainer = nnx_trainer.Trainer(
+        max_epochs=2, batch_size=8, log_every_n_steps=2, plugin_autoload=False,
+        plugins=[CurvesPlot(), Preempt()], run_dir=tmp_path,
+    )
+    trainer.fit(TinyTask())
+    assert trainer.global_step == 5
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_standalone_evaluation_draws_right_away(tmp_path):
@@ -158,7 +173,7 @@ def test_vectors_skipped_and_non_main_or_disabled_collect_nothing(tmp_path):
     for plot, trainer in [(CurvesPlot(), _stub(tmp_path, main=False)),
                           (CurvesPlot(enabled=False), _stub(tmp_path))]:
         plot.log_metrics(trainer=trainer, metrics={"val/loss": 1.0}, step=1)
-        plot.on_fit_end(trainer=trainer)
+        plot.on_run_end(trainer=trainer, stage="fit", outcome="completed")
         assert plot.history == {}
     assert not (tmp_path / "curves.png").exists()
 
@@ -172,9 +187,9 @@ def test_importing_the_logging_plugins_imports_no_heavy_library():
     """Autoload instantiates every plugin: it must not pay for matplotlib/tensorboardX/wandb."""
     code = (
         "import sys\n"
-        "from plugins.curves_plot import CurvesPlot\n"
-        "from plugins.tensorboard_logger import TensorBoardLogger\n"
-        "from plugins.wandb_logger import WandbLogger\n"
+        "from nnx_trainer_plugins.curves_plot import CurvesPlot\n"
+        "from nnx_trainer_plugins.tensorboard_logger import TensorBoardLogger\n"
+        "from nnx_trainer_plugins.wandb_logger import WandbLogger\n"
         "CurvesPlot(); TensorBoardLogger(); WandbLogger()\n"
         "print(sorted(m for m in ('matplotlib', 'tensorboardX', 'wandb') if m in sys.modules))\n"
     )

@@ -12,7 +12,7 @@ from flax import nnx
 from tiny_task import TinyModel, TinyTask
 
 import nnx_trainer
-from plugins.early_stopping import EarlyStopping
+from nnx_trainer_plugins.early_stopping import EarlyStopping
 
 
 def fake_trainer(**metrics) -> SimpleNamespace:
@@ -93,7 +93,7 @@ def test_monitors_callback_metrics_too_and_ignores_test_and_standalone_runs():
     assert es.best is None
     es.on_validation_end(trainer=trainer, stage="validate", metrics={})
     assert es.best == 1.0
-    es.on_fit_end(trainer=trainer)
+    es.on_run_end(trainer=trainer, stage="fit", outcome="completed")
     es.on_validation_end(trainer=trainer, stage="validate", metrics={})  # after fit
     assert es.wait == 0 and not trainer.should_stop
 
@@ -118,17 +118,38 @@ def test_state_round_trip_continues_the_count():
     assert other.best is None and other.wait == 0
 
 
-def test_default_instance_does_nothing():
-    es = EarlyStopping()
+@pytest.mark.parametrize("outcome", ["completed", "stopped", "preempted", "exception"])
+def test_the_fit_is_over_at_run_end_whatever_the_outcome(outcome):
+    es = EarlyStopping(monitor="val/loss", patience=0, verbose=False)
     trainer = fake_trainer()
-    drive(es, [1.0, 2.0, 3.0, 4.0, 5.0])
-    assert not trainer.should_stop and es.state_dict() is None
+    drive(es, [1.0])
+    es.on_run_end(trainer=trainer, stage="fit", outcome=outcome)
+    es.on_validation_end(trainer=trainer, stage="validate", metrics={"val/loss": 2.0})
+    assert es.wait == 0 and not trainer.should_stop  # a later validate does not count
+
+
+def test_opt_in_registered_only_when_configured(tmp_path, monkeypatch):
+    from nnx_trainer.plugin_manager import PluginError
+
+    monkeypatch.delenv("NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    assert EarlyStopping.from_environment() is None
+    trainer = nnx_trainer.Trainer(run_dir=tmp_path)
+    assert trainer.plugin_manager.get_plugin("early_stopping") is None
+    assert trainer.plugin_manager.inactive["early_stopping"] == EarlyStopping.activation
+    assert "EarlyStopping(monitor=" in EarlyStopping.activation
+    mine = EarlyStopping(monitor="val/accuracy", mode="max")
+    configured = nnx_trainer.Trainer(run_dir=tmp_path, plugins=[mine])
+    assert configured.plugin_manager.get_plugin("early_stopping") is mine
+    # Asked for by name, it cannot guess what to monitor: the error says what is missing.
+    with pytest.raises(PluginError, match="monitor"):
+        nnx_trainer.Trainer(run_dir=tmp_path, plugin_autoload=False, plugins=["early_stopping"])
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"monitor": ""}, "monitor must be a metric name"),
+        ({"monitor": ""}, "EarlyStopping needs monitor=, a metric name"),
+        ({"monitor": None}, "EarlyStopping needs monitor=, a metric name"),
         ({"mode": "minimize"}, "mode must be 'min'"),
         ({"patience": -1}, "patience must be an integer >= 0"),
         ({"patience": 2.5}, "patience must be an integer >= 0"),
@@ -138,7 +159,9 @@ def test_default_instance_does_nothing():
 )
 def test_bad_options_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        EarlyStopping(**kwargs)
+        EarlyStopping(**{"monitor": "val/loss", **kwargs})
+    with pytest.raises(TypeError, match="monitor"):
+        EarlyStopping()  # required: there is no inert default instance
 
 
 # ----------------------------------------------------------------- real fit

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -14,8 +13,8 @@ from flax import nnx
 from tiny_task import TinyTask
 
 import nnx_trainer
-from plugins.ema import EMA
-from plugins.orbax_checkpoint import OrbaxCheckpoint as _OrbaxCheckpoint
+from nnx_trainer_plugins.ema import EMA
+from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint as _OrbaxCheckpoint
 
 
 def OrbaxCheckpoint(**options):  # noqa: N802 - stands in for the class in these tests
@@ -41,11 +40,11 @@ class Snapshots:
 
     @nnx_trainer.hookimpl
     def on_fit_start(self, trainer):
-        self.params.append(params_of(trainer.state[0]))
+        self.params.append(params_of(trainer.state.model))
 
     @nnx_trainer.hookimpl
     def on_train_batch_end(self, trainer, loss):
-        self.params.append(params_of(trainer.state[0]))
+        self.params.append(params_of(trainer.state.model))
         self.losses.append(float(loss))
 
     @nnx_trainer.hookimpl
@@ -128,7 +127,7 @@ def test_evaluation_uses_the_average_and_training_is_unchanged(tmp_path):
     # Evaluation: the last validation (after the last step) ran on the average.
     assert len(snaps.val_loss) == 4
     averaged = evaluate_by_hand(trainer, task, ema.averaged_model_state(trainer))
-    raw = evaluate_by_hand(trainer, task, trainer.state[0])
+    raw = evaluate_by_hand(trainer, task, trainer.state.model)
     assert snaps.val_loss[-1] == pytest.approx(averaged, rel=1e-5)
     assert plain.val_loss[-1] == pytest.approx(raw, rel=1e-5)
     assert abs(averaged - raw) > 1e-4  # the check can tell them apart
@@ -141,18 +140,37 @@ def test_evaluation_uses_the_average_and_training_is_unchanged(tmp_path):
     assert trainer.validate(task)["val/loss"] == pytest.approx(raw, rel=1e-5)
 
 
-def test_default_instance_does_nothing():
-    ema = EMA()
-    trainer = SimpleNamespace(global_step=1)  # no state: any access would fail
-    ema.on_fit_start(trainer=trainer)
-    ema.on_train_batch_end(trainer=trainer)
-    ema.on_validation_start(trainer=trainer)
-    ema.on_validation_end(trainer=trainer)
-    ema.on_fit_end(trainer=trainer)
-    assert ema.array_state_dict(trainer=trainer) is None  # nothing saved in checkpoints
-    ema.load_array_state_dict(trainer=trainer, state={"ema": (np.zeros(3),)})
-    with pytest.raises(RuntimeError, match=r"configure EMA\(decay=...\)"):
-        ema.averaged_model_state(trainer)
+def test_opt_in_registered_only_when_configured_or_requested(tmp_path, monkeypatch):
+    monkeypatch.delenv("NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    assert EMA.from_environment() is None
+    trainer = nnx_trainer.Trainer(run_dir=tmp_path)
+    assert trainer.plugin_manager.get_plugin("ema") is None  # no inert instance
+    assert trainer.plugin_manager.inactive["ema"] == EMA.activation
+    by_name = nnx_trainer.Trainer(run_dir=tmp_path, plugin_autoload=False, plugins=["ema"])
+    assert by_name.plugin_manager.get_plugin("ema").decay == 0.999
+    mine = EMA(decay=0.9)
+    assert nnx_trainer.Trainer(run_dir=tmp_path, plugins=[mine]).plugin_manager.get_plugin(
+        "ema") is mine
+
+
+def test_a_failed_evaluation_puts_the_training_weights_back_at_run_end(tmp_path):
+    class FailAfterFirstBatch:
+        active = False
+
+        @nnx_trainer.hookimpl
+        def on_validation_batch_end(self, stage):
+            if self.active:
+                raise RuntimeError("eval failed")
+
+    fail = FailAfterFirstBatch()
+    trainer = make_trainer(tmp_path, [EMA(decay=0.5), fail], max_steps=4)
+    trainer.fit(TinyTask(n_val=20))
+    trained = [np.asarray(x).copy() for x in jax.tree.leaves(trainer.state)]
+    fail.active = True
+    with pytest.raises(RuntimeError, match="eval failed"):
+        trainer.validate(TinyTask(n_val=20))
+    for a, b in zip(jax.tree.leaves(trainer.state), trained, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
 
 
 # ------------------------------------------------------------ checkpoints
@@ -221,7 +239,7 @@ def test_a_checkpoint_without_an_average_warns_and_starts_it_from_the_restored_w
     first_two = EveryTwo(decay=0.75, update_every=2)
     first = make_trainer(tmp_path, [first_two, OrbaxCheckpoint()], max_steps=6)
     first.fit(task)
-    saved_params, saved_two = params_of(first.state[0]), averages(first_two)
+    saved_params, saved_two = params_of(first.state.model), averages(first_two)
     assert saved_plugin_arrays(tmp_path / "checkpoints" / "6") == ["ema_every_two"]
 
     caplog.set_level(logging.WARNING, logger="nnx_trainer.checkpoint")
@@ -253,15 +271,15 @@ def test_a_checkpoint_with_an_average_resumes_without_the_plugin(tmp_path, caplo
     saved = [np.asarray(x).copy() for x in jax.tree.leaves(first.state)]
     assert saved_plugin_arrays(tmp_path / "checkpoints" / "6") == ["ema"]
 
-    # No averaging plugin (the default EMA instance is off): the average stays on disk.
+    # No averaging plugin: the average stays on disk.
     caplog.set_level(logging.INFO, logger="nnx_trainer.checkpoint")
     snaps = Snapshots()
-    trainer = make_trainer(tmp_path, [EMA(), snaps, OrbaxCheckpoint(keep_last=2)], max_steps=8)
+    trainer = make_trainer(tmp_path, [snaps, OrbaxCheckpoint(keep_last=2)], max_steps=8)
     trainer.fit(task, ckpt_path="last")
     assert "not restoring plugin arrays 'ema'" in caplog.text
     assert trainer.global_step == 8 and len(snaps.losses) == 2
     # It restored the training state exactly; its own checkpoint has no plugin arrays.
-    for a, b in zip(snaps.params[0], params_of(first.state[0]), strict=True):
+    for a, b in zip(snaps.params[0], params_of(first.state.model), strict=True):
         np.testing.assert_array_equal(a, b)
     assert saved_plugin_arrays(tmp_path / "checkpoints" / "8") == []
     restored = make_trainer(tmp_path / "probe", [OrbaxCheckpoint()])

@@ -1,4 +1,4 @@
-"""JsonlLogger: valid JSON lines at the log cadence, validation lines, hparams, NaN, appends."""
+"""JsonlLogger: JSON lines at the log cadence, validation lines, hparams, NaN, one file per fit."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from tiny_task import TinyTask
 
 import nnx_trainer
-from plugins.jsonl_logger import JsonlLogger
+from nnx_trainer_plugins.jsonl_logger import JsonlLogger
 
 
 def _strict_loads(line: str) -> dict:
@@ -49,7 +49,8 @@ def runs(tmp_path_factory):
     end = time.time()
     _fit(run_dir, max_epochs=1)
     second = _read(run_dir / "metrics.jsonl")
-    return SimpleNamespace(run_dir=run_dir, first=first, second=second, start=start, end=end)
+    return SimpleNamespace(run_dir=run_dir, first=first, second=second, start=start, end=end,
+                           moved=_read(run_dir / "metrics.1.jsonl"))
 
 
 def test_every_line_is_json_with_step_and_time(runs):
@@ -79,19 +80,66 @@ def test_validation_lines_after_each_epoch(runs):
 def test_hparams_json_written(runs):
     params = json.loads((runs.run_dir / "hparams.json").read_text(encoding="utf-8"))
     assert params["trainer"]["batch_size"] == 8
-    assert params["trainer"]["max_epochs"] == 1  # rewritten by the latest fit
+    assert params["trainer"]["max_epochs"] == 1  # the latest fit's
     assert params["task"] == {"lr": 0.1, "n_train": 64}
+    earlier = json.loads((runs.run_dir / "hparams.1.json").read_text(encoding="utf-8"))
+    assert earlier["trainer"]["max_epochs"] == 2  # the first fit's, moved aside with it
 
 
-def test_second_run_appends(runs):
-    assert runs.second[: len(runs.first)] == runs.first
-    added = runs.second[len(runs.first):]
-    assert [r["step"] for r in added if "train/loss" in r] == [3, 6, 8]
-    assert [r["step"] for r in added if "val/loss" in r] == [8]
+def test_a_second_fit_has_its_own_file_and_the_first_is_moved_aside(runs):
+    assert runs.moved == runs.first  # metrics.1.jsonl: the first fit, untouched
+    assert [r["step"] for r in runs.second if "train/loss" in r] == [3, 6, 8]
+    assert [r["step"] for r in runs.second if "val/loss" in r] == [8]
+    _fit(runs.run_dir, max_epochs=1)  # a third: numbered after the others
+    assert _read(runs.run_dir / "metrics.2.jsonl") == runs.second
+
+
+def test_a_resumed_fit_drops_the_rows_after_its_checkpoint(tmp_path):
+    rows = [{"step": s, "time": 0.0, "train/loss": 1.0} for s in (3, 6, 8, 9, 12)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 1', encoding="utf-8")
+    logger = JsonlLogger()
+    resumed = SimpleNamespace(run_dir=tmp_path, is_main_process=True, global_step=8,
+                              resumed_from=str(tmp_path / "checkpoints" / "8"))
+    logger.log_hyperparams(trainer=resumed, params={})
+    assert [r["step"] for r in _read(path)] == [3, 6, 8]
+    assert not (tmp_path / "metrics.1.jsonl").exists()  # same fit, continued: same file
+    logger.log_metrics(trainer=resumed, metrics={"train/loss": 0.5}, step=9)
+    assert [r["step"] for r in _read(path)] == [3, 6, 8, 9]
+
+
+def test_a_run_killed_and_resumed_holds_each_step_once(tmp_path):
+    from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
+
+    class Crash:
+        @nnx_trainer.hookimpl
+        def on_train_batch_start(self, step):
+            if step == 10:  # steps 0..9 ran and were logged; the checkpoint is at 8
+                raise RuntimeError("killed")
+
+    def trainer(*extra):
+        return nnx_trainer.Trainer(
+            max_epochs=2, batch_size=8, log_every_n_steps=1, plugin_autoload=False,
+            run_dir=tmp_path, plugins=[JsonlLogger(), *extra, OrbaxCheckpoint(
+                every_n_steps=4, min_seconds_between_saves=0, async_save=False)],
+        )
+
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(Crash()).fit(TinyTask())
+    assert [r["step"] for r in _read(tmp_path / "metrics.jsonl") if "train/loss" in r] == \
+        list(range(1, 11))
+    resumed = trainer()
+    resumed.fit(TinyTask(), ckpt_path="last")
+    assert resumed.resumed_from is not None
+    records = _read(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 17))
+    assert [r["step"] for r in records if "val/loss" in r] == [8, 16]
+    assert not (tmp_path / "metrics.1.jsonl").exists()
 
 
 def _stub(run_dir, main: bool = True) -> SimpleNamespace:
-    return SimpleNamespace(run_dir=run_dir, is_main_process=main)
+    return SimpleNamespace(run_dir=run_dir, is_main_process=main, global_step=0,
+                           resumed_from=None)
 
 
 def test_non_finite_and_vector_values_stay_valid_json(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from tiny_task import TinyTask
 
 import nnx_trainer
-from plugins.lr_monitor import LearningRateMonitor
+from nnx_trainer_plugins.lr_monitor import LearningRateMonitor
 
 
 class KeepLogged:

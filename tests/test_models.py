@@ -386,3 +386,50 @@ def test_cifar_family_rejects_other_stems_and_simple_needs_num_blocks() -> None:
         create_model("resnet20", num_classes=10, stem="imagenet", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="needs num_blocks"):
         create_model("simple", num_classes=10, rngs=nnx.Rngs(0))
+
+
+# --- convolution implementation -------------------------------------------------------------
+
+
+def _conv_fns(model: nnx.Module) -> set:
+    return {m.conv_general_dilated for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv)}
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet20"])
+def test_conv_impl_selects_every_convolution(name: str) -> None:
+    from nnx_trainer.conv import conv_general_dilated, default_conv_for_backend
+
+    def build(**kw):
+        return nnx.eval_shape(lambda: create_model(name, num_classes=10, rngs=_rngs(), **kw))
+
+    # "auto" (the default): the engine's convolution on CPU, XLA's on GPU and TPU.
+    assert _conv_fns(build()) == {default_conv_for_backend()}
+    assert _conv_fns(build(conv_impl="custom")) == {conv_general_dilated}
+    # The opt-out: XLA's own convolution and autodiff everywhere.
+    assert _conv_fns(build(conv_impl="xla")) == {jax.lax.conv_general_dilated}
+
+
+def test_unknown_conv_impl_lists_choices() -> None:
+    message = re.escape("unknown conv_impl 'fast'; choose one of: auto, xla, custom")
+    with pytest.raises(ValueError, match=message):
+        create_model("resnet18", num_classes=10, conv_impl="fast", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=message):
+        SimpleResNet(1, num_classes=10, conv_impl="fast", rngs=nnx.Rngs(0))
+
+
+def test_xla_conv_impl_supports_forward_mode_differentiation() -> None:
+    # A custom_vjp has no forward-mode rule; the opt-out is what jax.jvp needs.
+    model = _init_tiny_with("xla")
+    model.eval()
+    x = _images(0, batch=2, size=8)
+    graphdef, state = nnx.split(model)
+
+    def logits(x):
+        return nnx.merge(graphdef, state)(x)
+
+    _, tangent = jax.jvp(logits, (x,), (jnp.ones_like(x),))
+    assert tangent.shape == (2, 3)
+
+
+def _init_tiny_with(conv_impl: str) -> SimpleResNet:
+    return SimpleResNet(1, initial_features=4, num_classes=3, conv_impl=conv_impl, rngs=_rngs())

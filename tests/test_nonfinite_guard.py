@@ -12,7 +12,7 @@ from tiny_task import TinyModel, TinyTask
 import nnx_trainer
 from nnx_trainer.plugin_manager import create_plugin_manager
 from nnx_trainer.trainer import _record_nonfinite
-from plugins.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
+from nnx_trainer_plugins.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 
 
 class StepCount(nnx.Variable):
@@ -182,3 +182,21 @@ def test_the_train_step_records_the_first_nonfinite_loss_without_the_plugin(tmp_
     assert step == 5 and loss != loss  # NaN
     trainer.fit(NaNFrom(None))
     assert trainer.first_nonfinite_loss() is None  # a new fit starts a fresh record
+
+
+def test_nothing_is_checked_after_the_fit_ended():
+    guard = NonFiniteGuard(check_every_n_steps=1)
+
+    class FakeTrainer:
+        global_step = 0
+        log_every_n_steps = 50
+
+        def first_nonfinite_loss(self):
+            return (0, float("nan"))  # a record a finished fit left behind
+
+    trainer = FakeTrainer()
+    guard.on_fit_start(trainer)
+    guard.on_run_end(stage="fit")
+    trainer.global_step = 3
+    guard.check(trainer)  # no fit running: no read, no error
+    guard.on_train_batch_end(trainer)

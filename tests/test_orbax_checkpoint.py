@@ -1,13 +1,16 @@
-"""The Orbax checkpoint plugin in one process: options, cadence, retention, restore paths,
-weights-only, non-finite state, plugin state, and the data iterator position.
+"""The Orbax checkpoint plugin in one process: options, cadence (Orbax's save-decision
+policies), retention, restore paths, weights-only, non-finite state, plugin state, the
+data iterator position, and the plugin modules' size.
 
 Crash/kill/SIGTERM tests with real processes are in test_resume.py.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grain
@@ -16,19 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from fake_clock import FakeClock
 from flax import nnx
 from tiny_task import TinyTask
 
 import nnx_trainer
 from nnx_trainer import data as data_lib
-from plugins.orbax_checkpoint import KeepLatestAndBest
-from plugins.orbax_checkpoint import OrbaxCheckpoint as _OrbaxCheckpoint
+from nnx_trainer_plugins.orbax_checkpoint import AllSavePolicy
+from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint as _OrbaxCheckpoint
 
 CKPT_LOG = "nnx_trainer.checkpoint"
 
 
 def OrbaxCheckpoint(**options):  # noqa: N802 - stands in for the class in these tests
-    """The plugin saving at every cadence point: these tests count and time saves."""
+    """The plugin with the default cadence unthrottled: these tests count saves."""
     return _OrbaxCheckpoint(**{"min_seconds_between_saves": 0, **options})
 
 
@@ -83,7 +87,7 @@ def read_meta(step_dir) -> dict[str, Any]:
 
 
 def arrays(trainer) -> list[np.ndarray]:
-    return [np.asarray(x) for x in jax.tree.leaves(trainer.checkpoint_state()["state"])]
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.checkpoint_state().arrays())]
 
 
 # ---------------------------------------------------------------- options
@@ -93,7 +97,7 @@ def arrays(trainer) -> list[np.ndarray]:
     ("kwargs", "message"),
     [
         ({"every_n_steps": 0}, "every_n_steps must be a positive integer or None"),
-        ({"every_n_epochs": 1.5}, "every_n_epochs must be a positive integer or None"),
+        ({"every_n_epochs": 1.5}, r"every_n_epochs must be a positive integer, 0 \(no epoch"),
         ({"keep_last": 0}, "keep_last must be a positive integer"),
         ({"mode": "median"}, "mode must be 'min' or 'max'"),
         ({"keep_best": 3}, r"keep_best=3 ranks checkpoints by a metric: also pass monitor="),
@@ -120,23 +124,29 @@ def test_default_instance_is_the_entry_point_and_monitor_implies_keep_best_one()
 class Info:
     step: int
     metrics: Any
+    time: datetime.datetime = datetime.datetime.now(datetime.UTC)
+
+
+def preserved(plugin, infos) -> list[int]:
+    policy = plugin._options(4).preservation_policy  # what Orbax applies after each commit
+    return [i.step for i, k in zip(infos, policy.should_preserve(infos, context=None),
+                                   strict=True) if k]
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])
-def test_retention_keeps_the_best_k_plus_the_latest_k(mode):
+def test_retention_is_orbax_latest_n_plus_best_n(mode):
     sign = 1 if mode == "min" else -1
     vals = {4: 0.9, 8: 0.3, 12: float("nan"), 16: 0.5, 20: 0.3, 24: 0.8}
     infos = [Info(s, {"val/loss": sign * v}) for s, v in vals.items()]
     infos[3:3] = [Info(14, {}), Info(15, None)]  # mid-epoch saves: no metric
     infos.append(Info(26, {}))
-    policy = KeepLatestAndBest(keep_last=2, keep_best=2, monitor="val/loss", mode=mode)
-    kept = [i.step for i, k in zip(infos, policy.should_preserve(infos), strict=True) if k]
+    two = OrbaxCheckpoint(keep_last=2, keep_best=2, monitor="val/loss", mode=mode)
     # Best two: 8 and 20 tie at 0.3 (both kept), NaN never counts; latest two: 24, 26.
-    assert kept == [8, 20, 24, 26]
-    policy = KeepLatestAndBest(keep_last=1, keep_best=1, monitor="val/loss", mode=mode)
-    kept = [i.step for i, k in zip(infos, policy.should_preserve(infos), strict=True) if k]
-    assert kept == [8, 26]  # a tie goes to the earlier step
-    assert KeepLatestAndBest(keep_last=3).should_preserve(infos[:2]) == [True, True]
+    assert preserved(two, infos) == [8, 20, 24, 26]
+    one = OrbaxCheckpoint(keep_last=1, keep_best=1, monitor="val/loss", mode=mode)
+    assert preserved(one, infos) == [20, 26]  # Orbax's BestN: a tie goes to the later step
+    assert preserved(OrbaxCheckpoint(keep_last=3), infos[:2]) == [4, 8]
+    assert preserved(OrbaxCheckpoint(keep_last=1), infos) == [26]
 
 
 # --------------------------------------------------------- cadence, resume
@@ -189,7 +199,7 @@ def test_crash_mid_epoch_resumes_losses_train_metrics_and_validation_exactly(tmp
         make_trainer(tmp_path, crashed, OrbaxCheckpoint(every_n_steps=3), **opts).fit(
             NoisyTask()
         )
-    assert committed(tmp_path / "run" / "checkpoints") == [6]  # 3 and 4 dropped (keep_last=1)
+    assert committed(tmp_path / "run" / "checkpoints") == [6]  # 3 dropped (keep_last=1)
 
     resumed = Record()
     trainer = make_trainer(tmp_path, resumed, OrbaxCheckpoint(every_n_steps=3), **opts)
@@ -415,47 +425,95 @@ def test_data_state_of_a_consumed_batch_resumes_a_fresh_loader_exactly(workers):
     assert rest == expected[5:]
 
 
-# ------------------------------------------------------------ save throttle
+# ------------------------------------------------- save decisions (Orbax policies)
 
 
-def test_default_throttle_skips_periodic_saves_within_a_minute_but_never_the_end(tmp_path):
-    plugin = _OrbaxCheckpoint(keep_last=5)  # the defaults: every epoch, >= 60 s apart
-    assert plugin.min_seconds_between_saves == 60
-    plugin._clock = lambda: 0.0  # the whole fit within the same second, however slow the CI
-    make_trainer(tmp_path, plugin, max_epochs=3).fit(TinyTask())
-    assert plugin.skipped_steps == [4, 8] and plugin.saved_steps == [12]
-    assert committed(tmp_path / "run" / "checkpoints") == [12]
+class Clocked:
+    """Advances a fake clock by ``seconds_per_step`` after every step."""
+
+    name = "clocked"
+
+    def __init__(self, clock: FakeClock, seconds_per_step: float) -> None:
+        self.clock, self.per_step = clock, seconds_per_step
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer):
+        self.clock.seconds = trainer.global_step * self.per_step
 
 
-def test_throttle_saves_once_the_interval_has_passed(tmp_path):
-    plugin = _OrbaxCheckpoint(keep_last=5, min_seconds_between_saves=6)
-    trainer = make_trainer(tmp_path, plugin, max_epochs=4)
-    plugin._clock = lambda: float(trainer.global_step)  # one "second" per step
+def decisions(plugin, steps_per_epoch: int):
+    return plugin._decision(steps_per_epoch)
+
+
+def test_the_policies_are_orbaxs_and_only_the_default_cadence_is_throttled():
+    policies = ocp.checkpoint_managers
+    default = decisions(_OrbaxCheckpoint(), 4)
+    assert isinstance(default, AllSavePolicy)
+    fixed, throttle = default.policies  # the deterministic one first (asked on every process)
+    assert isinstance(fixed, policies.FixedIntervalPolicy) and fixed.interval == 4
+    assert isinstance(throttle, policies.ContinuousCheckpointingPolicy)
+    assert throttle.minimum_interval_secs == 60
+    explicit = decisions(_OrbaxCheckpoint(every_n_steps=10, every_n_epochs=2), 4)
+    assert isinstance(explicit, policies.AnySavePolicy)
+    assert [(type(p), p.interval) for p in explicit.policies] == [
+        (policies.FixedIntervalPolicy, 10), (policies.FixedIntervalPolicy, 8)
+    ]
+    unthrottled = decisions(_OrbaxCheckpoint(min_seconds_between_saves=0), 4)
+    assert isinstance(unthrottled, policies.FixedIntervalPolicy)
+
+
+def test_explicit_every_n_steps_saves_every_10th_step_mid_epoch_despite_the_throttle(
+    tmp_path, monkeypatch
+):
+    FakeClock(0.0).install(monkeypatch.setattr)  # frozen: every save within the same second
+    plugin = _OrbaxCheckpoint(every_n_steps=10, keep_last=10)  # min_seconds 60 (default)
+    trainer = make_trainer(tmp_path, plugin, batch_size=4, max_epochs=3)  # 16 steps/epoch
     trainer.fit(TinyTask())
-    # Epoch saves at steps 4, 8, 12, 16 (4 steps per epoch): 4 is 4 s after the start,
-    # 8 is 8 s (saved), 12 is 4 s after 8, 16 is the end (always saved).
-    assert plugin.skipped_steps == [4, 12] and plugin.saved_steps == [8, 16]
+    assert trainer.steps_per_epoch == 16
+    assert plugin.saved_steps == [10, 20, 30, 40, 48]  # 48: the end of fit
+    assert committed(tmp_path / "run" / "checkpoints") == [10, 20, 30, 40, 48]
 
 
-def test_throttle_never_skips_a_save_that_would_be_kept_as_best(tmp_path):
-    record = Record()
-    # mode="max" on a falling val/loss: only a value above the kept best is a new best.
-    plugin = _OrbaxCheckpoint(monitor="val/loss", mode="max", keep_best=1,
-                              min_seconds_between_saves=3600)
-    make_trainer(tmp_path, record, plugin, max_epochs=4).fit(TinyTask())
-    vals = {step: m["val/loss"] for step, m in record.logged if "val/loss" in m}
-    assert sorted(vals) == [4, 8, 12, 16]
-    best, expected = None, []
-    for step in (4, 8, 12):
-        if best is None or vals[step] > best:
-            best = vals[step]
-            expected.append(step)
-    assert plugin.saved_steps == [*expected, 16]  # the end always saves
-    assert plugin.skipped_steps == [s for s in (4, 8, 12) if s not in expected]
-    assert len(plugin.skipped_steps) >= 1  # the run did exercise a skip
+def test_default_cadence_is_throttled_by_the_clock_but_the_end_always_saves(
+    tmp_path, monkeypatch
+):
+    clock = FakeClock(0.0).install(monkeypatch.setattr)
+    plugin = _OrbaxCheckpoint(keep_last=10)  # the defaults: every epoch, >= 60 s apart
+    make_trainer(tmp_path, plugin, Clocked(clock, 10.0), max_epochs=5).fit(TinyTask())
+    # Epoch ends at steps 4, 8, 12, 16 (t = 40, 80, 120, 160 s): 4 is the first save,
+    # 8 is 40 s after it, 12 is 80 s after 4, 16 is 40 s after 12; 20 is the end.
+    assert plugin.saved_steps == [4, 12, 20]
+
+    frozen = _OrbaxCheckpoint(keep_last=10)
+    clock.seconds = 0.0
+    make_trainer(tmp_path, frozen, run="frozen", max_epochs=3).fit(TinyTask())
+    assert frozen.saved_steps == [4, 12]  # the first epoch, then only the end
+
+
+def test_a_step_already_saved_is_not_saved_again_and_amending_a_metric_is_atomic(tmp_path):
+    from nnx_trainer_plugins import checkpoint_layout
+
+    plugin = OrbaxCheckpoint(monitor="val/loss", every_n_epochs=1)
+    make_trainer(tmp_path, plugin, max_epochs=1).fit(TinyTask())
+    step_dir = tmp_path / "run" / "checkpoints" / "4"
+    assert plugin.saved_steps == [4]  # the epoch save; the end of fit found it saved
+    assert not checkpoint_layout.amend_metrics(step_dir, "val/loss", 1.0)  # has its value
+    metrics = step_dir / "metrics" / "metrics"
+    metrics.write_text("{}")
+    assert checkpoint_layout.amend_metrics(step_dir, "val/loss", 0.5)
+    assert metrics.read_text() == '{"val/loss": 0.5}'
+    assert not list(metrics.parent.glob("*.tmp"))
 
 
 def test_bad_throttle_value_says_what_to_change():
     for bad in (-1, "60", True, float("nan")):
         with pytest.raises(ValueError, match="min_seconds_between_saves must be a number"):
             _OrbaxCheckpoint(min_seconds_between_saves=bad)
+
+
+PLUGIN_DIR = Path(nnx_trainer.__file__).resolve().parents[1] / "plugins"
+
+
+@pytest.mark.parametrize("module", sorted(p.name for p in PLUGIN_DIR.glob("*.py")))
+def test_every_plugin_module_is_at_most_350_lines(module):
+    assert len((PLUGIN_DIR / module).read_text().splitlines()) <= 350

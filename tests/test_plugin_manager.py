@@ -151,7 +151,7 @@ def test_listing_command_shows_plugins_and_their_hooks(third_party, capsys):
     out = capsys.readouterr().out
     assert "acme  [acme-plugin]" in out
     assert "    on_train_batch_end" in out
-    assert "not loaded: acme_broken" in out
+    assert "acme_broken: disabled" in out
     assert main([]) == 2  # the broken plugin: reported, not a traceback
     assert "on_trian_batch_end" in capsys.readouterr().err
 
@@ -162,3 +162,68 @@ def test_listing_command_is_installed_as_a_console_script(monkeypatch):
         ["nnx-trainer-plugins"], capture_output=True, text=True, check=True, timeout=120
     ).stdout
     assert "progress  [nnx-trainer]" in out
+
+
+def test_env_no_name_blocks_and_bare_name_requests(third_party, monkeypatch):
+    monkeypatch.setenv("NNX_TRAINER_PLUGINS", "no:acme_broken, no:progress")
+    pm = create_plugin_manager()
+    names = {name for name, _, _ in describe_plugins(pm)}
+    assert "progress" not in names and "acme" in names
+    assert pm.inactive["progress"] == "disabled"
+    monkeypatch.setenv("NNX_TRAINER_PLUGINS", "acme")
+    pm = create_plugin_manager(autoload=False)
+    names = {name for name, _, _ in describe_plugins(pm)}
+    assert names == {"strategies", "acme"}
+    assert "autoload is off" in pm.inactive["progress"]
+
+
+def test_env_unknown_name_fails_naming_the_installed_ones(monkeypatch):
+    monkeypatch.setenv("NNX_TRAINER_PLUGINS", "no:progres")
+    with pytest.raises(PluginError, match="unknown plugin 'progres'.*progress"):
+        create_plugin_manager()
+
+
+def test_opt_in_plugins_are_not_registered_until_configured(monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT", "NNX_TRAINER_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    pm = create_plugin_manager()
+    names = {name for name, _, _ in describe_plugins(pm)}
+    for opt_in in ("ema", "early_stopping", "timer", "wandb"):
+        assert opt_in not in names
+        assert pm.inactive[opt_in] and pm.inactive[opt_in] != "disabled"
+    pm = create_plugin_manager(plugins=["ema"])
+    assert "ema" in {name for name, _, _ in describe_plugins(pm)}
+
+
+def test_the_listing_shows_installed_versus_active_with_reasons(capsys, monkeypatch):
+    monkeypatch.delenv("NNX_TRAINER_PLUGINS", raising=False)
+    assert main(["--disable", "progress"]) == 0
+    out = capsys.readouterr().out
+    active, inactive = out.split("installed, not active:")
+    assert "metrics_jsonl" in active and "progress" not in active
+    assert "progress: disabled" in inactive and "ema:" in inactive
+
+
+def test_the_suite_blocks_third_party_plugins_installed_beside_it(tmp_path):
+    """conftest blocks every entry point of another distribution (here: one on PYTHONPATH)."""
+    site = tmp_path / "site"
+    dist = site / "stray-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (site / "stray_plugin.py").write_text("")
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stray\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[nnx_trainer]\nstray = stray_plugin\n")
+    (tmp_path / "test_probe.py").write_text(
+        "import os\ndef test_probe():\n"
+        "    assert 'no:stray' in os.environ.get('NNX_TRAINER_PLUGINS', '')\n"
+    )
+    import os
+    from pathlib import Path
+
+    conftest = Path(__file__).with_name("conftest.py")
+    (tmp_path / "conftest.py").write_text(conftest.read_text())
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:]

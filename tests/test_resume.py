@@ -1,5 +1,6 @@
 """Exact resume through real processes: SIGKILL between saves, SIGKILL during an
-asynchronous save, SIGTERM from the parent, and Grain worker processes.
+asynchronous save, SIGTERM from the parent, and Grain worker processes; and the save
+decision of two real processes whose clocks disagree.
 
 Every run is ``tests/scripts/ckpt_train.py`` (TinyTask, 64 examples, batch 16: four
 steps per epoch, 20 steps, validation after each epoch). A run that was stopped and
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -282,3 +284,40 @@ def test_checkpoint_restores_onto_another_device_count_and_strategy(tmp_path):
         "SingleDeviceSharding"
     ]
     assert report["fsdp_to_single_finite"]
+
+
+def test_two_processes_with_clocks_across_the_throttle_boundary_save_the_same_steps(tmp_path):
+    # Default cadence (every epoch = 4 steps), at most one save per 60 s. Process 0's clock
+    # (as Orbax's checkpoint manager reads it) gives 10 s per step, process 1's 16 s: on
+    # its own, process 0 would save epochs at steps 4, 12, 20 and process 1 at every one
+    # (64 s apart), so per-process decisions would send process 1 into a collective save
+    # alone (a hang). Orbax's ContinuousCheckpointingPolicy decides on process 0 and
+    # broadcasts: both save 4, 12, 20 and the end, 24.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = SCRIPT.with_name("multiprocess_run.py")
+    env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+    procs, outs = [], [tmp_path / f"p{i}.json" for i in range(2)]
+    for i, seconds in enumerate((10, 16)):
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), "--port", str(port), "--count", "2", "--index", str(i),
+             "--out", str(outs[i]), "--run-dir", str(tmp_path / "run"), "--max-steps", "24",
+             "--clock-seconds-per-step", str(seconds), "--ckpt-min-seconds", "60"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail("a process hung: the processes disagreed about a save\n"
+                    + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs))
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+    reports = [json.loads(o.read_text()) for o in outs]
+    assert [r["process_count"] for r in reports] == [2, 2]
+    assert reports[0]["saved_steps"] == reports[1]["saved_steps"] == [4, 12, 20, 24]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4, 12, 20, 24]

@@ -13,7 +13,7 @@ from rich.console import Console
 from tiny_task import TinyTask
 
 import nnx_trainer
-from plugins.rich_progress import RichProgress
+from nnx_trainer_plugins.rich_progress import RichProgress
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -66,7 +66,9 @@ def test_terminal_fit_shows_bar_validation_tables_and_summary(tmp_path):
     assert "Validate metrics, step 8" in text and "Validate metrics, step 16" in text
     assert "val/accuracy" in text and "val/loss" in text
     assert "Fit summary" in text
-    for row in ("steps/s", "images/s", "data wait", "compile", "last train loss"):
+    # The tiny task is tabular: examples/s, never images/s (the engine names no modality).
+    assert "images/s" not in text
+    for row in ("steps/s", "examples/s", "data wait", "compile", "last train loss"):
         assert row in text
     assert not plugin.progress.live.is_started
     # The loss shown is a real host float: the last step's loss, read from the device.
@@ -92,7 +94,8 @@ def test_plain_output_has_no_control_codes_and_one_line_per_epoch(tmp_path):
     assert [line.split()[2] for line in val_lines] == ["4", "8", "12"]
     assert all("val/accuracy" in line and "val/loss" in line for line in val_lines)
     assert "fit summary" in lines
-    assert any(re.fullmatch(r"  images/s\s+[\d.]+", line) for line in lines)
+    assert any(re.fullmatch(r"  examples/s\s+[\d.]+", line) for line in lines)
+    assert "compiling the train step…" in lines  # said once, before the first step
     assert len(lines) < 25  # short CI logs
 
 
@@ -165,7 +168,8 @@ def test_loss_fetch_cadence_follows_refresh_interval():
         trainer.global_step += 1
         trainer.batch_in_epoch += 1
         plugin.on_train_batch_end(trainer=trainer, loss=jnp.asarray(float(step)))
-    plugin.on_exception(trainer=trainer, exception=KeyboardInterrupt())
+    plugin.on_run_end(trainer=trainer, stage="fit", outcome="exception",
+                      exception=KeyboardInterrupt())
     # Interval 1 s = 4 calls: fetched after steps 4, 8, ..., 48 (12 of 50 steps).
     assert fetched == list(range(4, 49, 4))
     assert plugin.loss == 47.0
@@ -182,7 +186,8 @@ def test_force_overrides_terminal_detection():
     plugin = RichProgress(console=console, force=True)
     plugin.on_fit_start(trainer=_stub_trainer())
     assert plugin.progress.live.is_started
-    plugin.on_exception(trainer=_stub_trainer(), exception=RuntimeError())
+    plugin.on_run_end(trainer=_stub_trainer(), stage="fit", outcome="exception",
+                      exception=RuntimeError())
     assert not plugin.progress.live.is_started
 
 
@@ -208,3 +213,107 @@ def test_defaults_entry_point_and_options(monkeypatch):
     mine = RichProgress(refresh_per_second=2)
     replaced = nnx_trainer.Trainer(plugin_autoload=False, plugins=[mine, "progress"])
     assert replaced.plugin_manager.get_plugin("progress") is mine
+
+
+class FakeCheckpoint:
+    """Stands in for the checkpoint plugin: only its directory matters here."""
+
+    name = "checkpoint"
+
+    def __init__(self, directory) -> None:
+        self.directory = directory
+
+    def checkpoint_dir(self, trainer):
+        return self.directory
+
+
+class ImageTask(TinyTask):
+    example_name = "images"
+
+
+def test_checkpoint_directory_saves_compile_notice_and_the_tasks_example_name(tmp_path):
+    console, buf = _console(terminal=True)
+    plugin = RichProgress(console=console)
+    seen = []
+
+    class Descriptions:
+        @nnx_trainer.hookimpl
+        def on_train_batch_start(self, step):
+            if plugin._train_task is not None:
+                seen.append(plugin.progress.tasks[0].description)
+
+    ckpt_dir = tmp_path / "ckpts"
+    _trainer([plugin, FakeCheckpoint(ckpt_dir), Descriptions()], tmp_path,
+             max_epochs=2).fit(ImageTask())
+    text = ANSI.sub("", buf.getvalue())
+    assert f"checkpoints: {ckpt_dir}" in text
+    assert "checkpoint: saving step 16 (end)" in text
+    # The first step's bar says it is compiling; once the step is back it is the epoch.
+    assert seen[0] == "Epoch 1/2 · compiling the train step…"
+    assert seen[1:] == ["Epoch 1/2"] * 7 + ["Epoch 2/2"] * 8
+    assert "images/s" in text and "examples/s" not in text
+
+
+def test_resumed_fit_says_where_from(tmp_path):
+    console, buf = _console(terminal=False)
+    plugin = RichProgress(console=console)
+    trainer = _stub_trainer(global_step=12, current_epoch=1, batch_in_epoch=2,
+                            steps_per_epoch=10, total_steps=30,
+                            resumed_from=str(tmp_path / "checkpoints" / "12"))
+    plugin.on_fit_start(trainer=trainer)
+    assert f"resumed from {tmp_path / 'checkpoints' / '12'} at step 12 (epoch 2/3, 2 of " \
+        "its batches done)" in buf.getvalue()
+    fresh = RichProgress(console=_console(terminal=False)[0])
+    fresh.on_fit_start(trainer=_stub_trainer(resumed_from=None))
+    assert "resumed" not in fresh.console.file.getvalue()
+
+
+def test_stop_signal_notice_is_printed_once_on_its_own_line():
+    import logging
+
+    console, buf = _console(terminal=True)
+    plugin = RichProgress(console=console)
+    trainer = _stub_trainer(preempted=False, stop_reason=None)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    engine_log = logging.getLogger("nnx_trainer")
+    engine_log.addHandler(handler)
+    try:
+        plugin.on_fit_start(trainer=trainer)
+        plugin.on_train_epoch_start(trainer=trainer, epoch=0)
+        trainer.global_step = trainer.batch_in_epoch = 1
+        plugin.on_train_batch_end(trainer=trainer, loss=jnp.asarray(1.0))
+        # What the engine's SIGINT handler does mid-step: log, then set the flags.
+        engine_log.warning("received %s: stopping after the current step", "SIGINT")
+        trainer.preempted, trainer.stop_reason = True, "SIGINT"
+        trainer.global_step = trainer.batch_in_epoch = 2
+        plugin.on_train_batch_end(trainer=trainer, loss=jnp.asarray(1.0))
+        plugin.on_save_checkpoint(trainer=trainer, step=2, reason="preemption")
+        plugin.on_run_end(trainer=trainer, stage="fit", outcome="preempted", exception=None)
+        engine_log.warning("received %s: after the display", "SIGINT")
+    finally:
+        engine_log.removeHandler(handler)
+    # Held back while the bar ran (it would land inside it); let through afterwards.
+    assert [r.getMessage() for r in records] == ["received SIGINT: after the display"]
+    lines = ANSI.sub("", buf.getvalue()).replace("\r", "\n").splitlines()
+    notice = [ln for ln in lines if "received SIGINT" in ln]
+    assert len(notice) == 1
+    assert notice[0].strip() == ("received SIGINT: stopping after the current step and saving "
+                                 "a checkpoint; press Ctrl-C again to kill the run at once")
+    assert any(ln.startswith("preempted (SIGINT) at step 2") for ln in lines)
+    assert not plugin.progress.live.is_started
+
+
+def test_one_line_per_saved_step():
+    console, buf = _console(terminal=False)
+    plugin = RichProgress(console=console)
+    checkpoint = FakeCheckpoint("/ckpts")
+    trainer = _stub_trainer(plugin_manager=SimpleNamespace(get_plugin=lambda name: checkpoint))
+    plugin.on_fit_start(trainer=trainer)
+    for step, reason in [(4, "periodic"), (8, "periodic"), (8, "end")]:  # 8: one save
+        plugin.on_save_checkpoint(trainer=trainer, step=step, reason=reason)
+    assert [ln for ln in buf.getvalue().splitlines() if ln.startswith("checkpoint")] == [
+        "checkpoints: /ckpts", "checkpoint: saving step 4 (periodic)",
+        "checkpoint: saving step 8 (periodic)",
+    ]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import nnx_trainer
-from plugins.strategies import DataParallel
+from nnx_trainer_plugins.strategies import DataParallel
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -144,3 +144,107 @@ def test_checkpoint_moves_between_two_processes_and_one(report, tmp_path, first,
         np.testing.assert_allclose(
             _losses(r), report["single_device"]["losses"][4:8], rtol=1e-5, atol=1e-6
         )
+
+
+# ------------------------------------------------------------ cluster detection
+
+_SLURM_PORT_BASE = 65535 - 2**12 + 1  # JAX derives the port from the job id in this range
+
+
+def _slurm_env(ntasks: int, procid: int, job_id: int = 1234) -> dict[str, str]:
+    return {
+        "SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": str(ntasks), "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid),
+        "SLURM_STEP_NUM_NODES": "1",
+    }
+
+
+def test_cluster_detection_picks_slurm_and_open_mpi_with_more_than_one_process():
+    from nnx_trainer_plugins.strategies import detect_cluster
+
+    assert detect_cluster({}) is None
+    assert detect_cluster(_slurm_env(2, 1)) == "slurm"
+    assert detect_cluster(_slurm_env(1, 0)) is None  # one task: not a multi-process run
+    assert detect_cluster({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "2"}) is None  # not under srun
+    ompi = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:4000", "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_RANK": "3"}
+    assert detect_cluster(ompi) == "ompi"
+
+
+def test_a_slurm_environment_initializes_jax_distributed_with_its_id_count_and_coordinator(
+    monkeypatch,
+):
+    """Under srun, initialize_distributed calls jax.distributed.initialize() and JAX's
+    auto-detection (what the real call runs) derives coordinator, count and id from SLURM."""
+    import jax
+    from jax._src import clusters
+
+    from nnx_trainer_plugins import strategies
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "JAX_"))]:
+        monkeypatch.delenv(key)
+    for key, value in _slurm_env(2, 1, job_id=77).items():
+        monkeypatch.setenv(key, value)
+    calls = []
+
+    def fake_initialize(**kwargs):
+        # What jax.distributed.initialize does with the arguments it was not given.
+        detected = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            kwargs.get("coordinator_address"), kwargs.get("num_processes"),
+            kwargs.get("process_id"), None, None, 300,
+        )
+        calls.append((kwargs, detected))
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", fake_initialize)
+    monkeypatch.setattr(jax.config, "update", lambda *a, **k: None)
+    assert strategies.initialize_distributed() is True
+    [(kwargs, (address, count, index, _))] = calls
+    assert kwargs == {}  # nothing forced: JAX's own detection decides
+    assert (address, count, index) == (f"localhost:{_SLURM_PORT_BASE + 77}", 2, 1)
+
+    calls.clear()
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert strategies.initialize_distributed() is False and calls == []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert strategies.initialize_distributed() is True and calls == []  # already joined
+
+
+_SLURM_CHILD = """
+import json, sys
+import jax
+from nnx_trainer_plugins.strategies import DataParallel, initialize_distributed
+assert initialize_distributed()
+strategy = DataParallel()
+print("RESULT " + json.dumps({"count": jax.process_count(), "index": jax.process_index(),
+                              "devices": strategy.num_devices}))
+jax.distributed.shutdown()
+"""
+
+
+def _free_slurm_job_id() -> int:
+    for offset in range(2**12):
+        with socket.socket() as s:
+            try:
+                s.bind(("", _SLURM_PORT_BASE + offset))
+            except OSError:
+                continue
+        return offset
+    pytest.skip("no free port in JAX's SLURM port range")
+
+
+def test_two_processes_join_from_a_simulated_slurm_environment(tmp_path):
+    job_id = _free_slurm_job_id()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SLURM_CHILD], env={**_env(), **_slurm_env(2, i, job_id)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-2000:] for x in logs)
+    results = [json.loads(next(ln for ln in log.splitlines() if ln.startswith("RESULT "))[7:])
+               for log in logs]
+    assert results == [{"count": 2, "index": i, "devices": 2} for i in range(2)]

@@ -22,8 +22,8 @@ from tiny_task import TinyTask
 
 import nnx_trainer
 from nnx_trainer.plugin_manager import create_plugin_manager
-from plugins.jsonl_logger import JsonlLogger
-from plugins.tensorboard_logger import TensorBoardLogger, flatten_hparams
+from nnx_trainer_plugins.jsonl_logger import JsonlLogger
+from nnx_trainer_plugins.tensorboard_logger import TensorBoardLogger, flatten_hparams
 
 
 def _events(log_dir: Path) -> list[Event]:
@@ -116,19 +116,69 @@ def test_writer_closed_after_fit_and_one_file_per_fit(run):
 
 
 def _stub(run_dir: Path, step: int = 0, main: bool = True) -> SimpleNamespace:
-    return SimpleNamespace(run_dir=run_dir, global_step=step, is_main_process=main)
+    resumed_from = str(run_dir / "checkpoints" / str(step)) if step else None
+    return SimpleNamespace(run_dir=run_dir, global_step=step, is_main_process=main,
+                           resumed_from=resumed_from)
 
 
 def test_resumed_fit_purges_the_steps_it_will_redo(tmp_path):
     logger, trainer = TensorBoardLogger(), _stub(tmp_path, step=8)
     logger.log_hyperparams(trainer=trainer, params={"trainer": {"seed": 0}})
     logger.log_metrics(trainer=trainer, metrics={"train/loss": 0.5}, step=9)
-    logger.on_fit_end(trainer=trainer)
+    logger.on_run_end(outcome="completed")
     events = _events(tmp_path / "tensorboard")
     (purge,) = [e for e in events if e.HasField("session_log")]
     # TensorBoard drops earlier events with step >= 9; step 8 was logged before the checkpoint.
     assert purge.step == 9 and purge.session_log.status == purge.session_log.START
     assert _scalars(events) == {"train/loss": [(9, 0.5)]}
+
+
+def _scalar_steps(log_dir: Path) -> list[int]:
+    """The steps of ``train/loss`` as TensorBoard shows them: a ``SessionLog(START)`` at
+    step p drops the earlier events at steps >= p (what ``purge_step`` asks for)."""
+    shown: list[int] = []
+    for event in _events(log_dir):
+        if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+            shown = [s for s in shown if s < event.step]
+        shown += [event.step for v in event.summary.value if v.tag == "train/loss"]
+    return shown
+
+
+def _fit_with(run_dir: Path, *extra, max_epochs: int = 2, ckpt_path=None):
+    from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
+
+    trainer = nnx_trainer.Trainer(
+        max_epochs=max_epochs, batch_size=8, log_every_n_steps=1, plugin_autoload=False,
+        run_dir=run_dir, plugins=[TensorBoardLogger(), *extra, OrbaxCheckpoint(
+            every_n_steps=4, min_seconds_between_saves=0, async_save=False)],
+    )
+    return trainer.fit(TinyTask(), ckpt_path=ckpt_path)
+
+
+def test_a_run_killed_and_resumed_shows_each_step_once(tmp_path):
+    class Crash:
+        @nnx_trainer.hookimpl
+        def on_train_batch_start(self, step):
+            if step == 10:  # steps 0..9 ran and were logged; the checkpoint is at 8
+                raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _fit_with(tmp_path, Crash())
+    assert _scalar_steps(tmp_path / "tensorboard") == list(range(1, 11))
+    assert _fit_with(tmp_path, ckpt_path="last").resumed_from is not None
+    assert _scalar_steps(tmp_path / "tensorboard") == list(range(1, 17))
+    assert not (tmp_path / "tensorboard.1").exists()  # the same fit, continued
+
+
+def test_a_second_fit_into_the_same_run_dir_gets_its_own_event_files(tmp_path):
+    _fit_with(tmp_path, max_epochs=1)
+    first = sorted(p.name for p in (tmp_path / "tensorboard").iterdir())
+    _fit_with(tmp_path, max_epochs=1)  # fresh: not resumed
+    # The first fit's files moved aside, unchanged; the new folder holds only the second.
+    assert sorted(p.name for p in (tmp_path / "tensorboard.1").iterdir()) == first
+    assert _scalar_steps(tmp_path / "tensorboard.1") == list(range(1, 9))
+    assert _scalar_steps(tmp_path / "tensorboard") == list(range(1, 9))
+    assert not set(first) & {p.name for p in (tmp_path / "tensorboard").iterdir()}
 
 
 def test_device_scalars_logged_vectors_skipped(tmp_path):
@@ -145,11 +195,13 @@ def test_device_scalars_logged_vectors_skipped(tmp_path):
 
 
 @pytest.mark.parametrize(("hook", "kwargs", "closed"), [
-    ("on_exception", {"exception": RuntimeError("x")}, True),
-    ("on_save_checkpoint", {"step": 3, "reason": "preemption"}, True),
-    ("on_save_checkpoint", {"step": 3, "reason": "step"}, False),
+    ("on_run_end", {"stage": "fit", "outcome": "exception", "exception": RuntimeError()}, True),
+    ("on_run_end", {"stage": "fit", "outcome": "preempted", "exception": None}, True),
+    ("on_run_end", {"stage": "test", "outcome": "completed", "exception": None}, True),
+    ("on_save_checkpoint", {"step": 3, "reason": "preemption"}, False),
+    ("on_save_checkpoint", {"step": 3, "reason": "periodic"}, False),
 ])
-def test_closed_on_exception_and_preemption(tmp_path, hook, kwargs, closed):
+def test_closed_when_the_run_ends_whatever_the_outcome(tmp_path, hook, kwargs, closed):
     logger, trainer = TensorBoardLogger(), _stub(tmp_path)
     logger.log_metrics(trainer=trainer, metrics={"train/loss": 1.0}, step=3)
     # Through pluggy, as the engine calls it (full spec arguments).
@@ -202,7 +254,7 @@ def test_logging_does_not_import_pytorch(tmp_path):
 import sys
 from tiny_task import TinyTask
 import nnx_trainer
-from plugins.tensorboard_logger import TensorBoardLogger
+from nnx_trainer_plugins.tensorboard_logger import TensorBoardLogger
 nnx_trainer.Trainer(run_dir={str(tmp_path)!r}, max_steps=2, batch_size=16, log_every_n_steps=1,
                     plugin_autoload=False, plugins=[TensorBoardLogger()]).fit(TinyTask())
 assert "tensorboardX" in sys.modules and "torch" not in sys.modules, "torch was imported"

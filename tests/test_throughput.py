@@ -6,7 +6,7 @@ import pytest
 from tiny_task import TinyTask
 
 import nnx_trainer
-from plugins.throughput import Throughput
+from nnx_trainer_plugins.throughput import Throughput
 
 
 class Logged:
@@ -34,7 +34,9 @@ def test_rates_are_logged_at_the_cadence_after_the_compile_window(tmp_path):
     assert [step for step, _ in perf] == [4, 6, 8]  # the window ending at 2 holds compilation
     for _, m in perf:
         assert all(isinstance(v, float) for v in m.values())  # host numbers, no device reads
-        assert m["perf/images_per_sec"] == pytest.approx(16 * m["perf/steps_per_sec"])
+        # Examples, not images: the engine names no modality (the tiny task is tabular).
+        assert m["perf/examples_per_sec"] == pytest.approx(16 * m["perf/steps_per_sec"])
+        assert not any("image" in name for name in m)
         assert 0.0 <= m["perf/data_wait_share"] <= 1.0
         assert m["perf/compile_seconds"] == trainer.compile_seconds["train"] > 0
     assert 0.0 < trainer.data_wait_seconds < trainer.fit_seconds

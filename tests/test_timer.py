@@ -10,7 +10,7 @@ import pytest
 from tiny_task import TinyTask
 
 import nnx_trainer
-from plugins.timer import Timer, parse_max_time
+from nnx_trainer_plugins.timer import Timer, parse_max_time
 
 
 class FakeClock:
@@ -114,7 +114,7 @@ def test_records_fit_and_validation_time():
         timer.on_validation_start(stage="validate")
         clock.now += 3
         timer.on_validation_end(stage="validate")
-    timer.on_fit_end()
+    timer.on_run_end(stage="fit")
     clock.now += 100  # after the fit: not counted
     timer.on_validation_start(stage="test")
     clock.now += 4
@@ -131,7 +131,9 @@ def test_resumed_run_counts_the_checkpointed_time():
     first.on_fit_start(trainer=trainer)
     clock.now += 60
     saved = json.loads(json.dumps(first.state_dict()))  # saved mid-fit (preemption)
-    first.on_save_checkpoint(reason="preemption")
+    first.on_run_end(stage="fit")  # the preempted fit ends
+    clock.now += 5
+    assert first.time_elapsed("fit") == 60  # the clock stopped with the fit
     assert saved["timer"]["time_elapsed"]["fit"] == 60
 
     resumed = Timer(max_time=100, clock=clock, verbose=False)
@@ -180,3 +182,41 @@ def test_stops_a_real_fit_and_the_run_ends_normally(tmp_path):
     trainer.fit(TinyTask(n_val=0))
     assert trainer.global_step == 4 and ended == ["max_time"]
     assert timer.time_elapsed("fit") == 40
+
+
+@pytest.mark.parametrize("outcome", ["preempted", "exception"])
+def test_the_fit_clock_stops_when_the_fit_ends_however_it_ends(tmp_path, outcome):
+    clock = FakeClock()
+
+    class EndEarly:
+        @nnx_trainer.hookimpl
+        def on_train_batch_start(self, trainer, step):
+            clock.now += 10
+            if step == 2 and outcome == "exception":
+                raise RuntimeError("crash")
+
+        @nnx_trainer.hookimpl
+        def on_train_batch_end(self, trainer, step):
+            if step == 2 and outcome == "preempted":
+                trainer.preempted, trainer.stop_reason = True, "SIGTERM"
+
+    timer = Timer(clock=clock)
+    trainer = nnx_trainer.Trainer(run_dir=tmp_path, batch_size=16, plugin_autoload=False,
+                                  plugins=[timer, EndEarly()])
+    if outcome == "exception":
+        with pytest.raises(RuntimeError, match="crash"):
+            trainer.fit(TinyTask(n_val=0))
+    else:
+        trainer.fit(TinyTask(n_val=0))
+    clock.now += 1000  # after the fit: not counted
+    assert timer.time_elapsed("fit") == 30
+
+
+def test_opt_in_registered_only_when_configured_or_requested(tmp_path, monkeypatch):
+    monkeypatch.delenv("NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    assert Timer.from_environment() is None
+    trainer = nnx_trainer.Trainer(run_dir=tmp_path)
+    assert trainer.plugin_manager.get_plugin("timer") is None
+    assert trainer.plugin_manager.inactive["timer"] == Timer.activation
+    by_name = nnx_trainer.Trainer(run_dir=tmp_path, plugin_autoload=False, plugins=["timer"])
+    assert by_name.plugin_manager.get_plugin("timer").max_seconds is None

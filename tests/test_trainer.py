@@ -75,6 +75,10 @@ class Recorder:
     def on_exception(self, exception):
         self.calls.append(("exception", type(exception).__name__))
 
+    @nnx_trainer.hookimpl
+    def on_run_end(self, stage, outcome, exception):
+        self.calls.append(("run_end", stage, str(outcome), type(exception).__name__))
+
 
 def make_trainer(tmp_path, recorder=None, **kwargs) -> nnx_trainer.Trainer:
     kwargs.setdefault("batch_size", 16)
@@ -158,6 +162,7 @@ def test_hooks_fire_in_the_documented_order(tmp_path):
         ("validation_start", "validate"), ("validation_end", "validate"),
         ("save_checkpoint", 4, "end"),
         ("fit_end",),
+        ("run_end", "fit", "completed", "NoneType"),
     ]
 
 
@@ -169,7 +174,9 @@ def test_exception_hook_sees_the_error_and_it_propagates(tmp_path):
     rec = Recorder()
     with pytest.raises(RuntimeError, match="boom in the step"):
         make_trainer(tmp_path, rec).fit(Broken())
-    assert rec.calls[-1] == ("exception", "RuntimeError")
+    assert rec.calls[-2:] == [
+        ("exception", "RuntimeError"), ("run_end", "fit", "exception", "RuntimeError")
+    ]
 
 
 def test_steps_compile_once_including_the_padded_last_eval_batch(tmp_path):
@@ -242,7 +249,9 @@ def test_gradient_clipping_bounds_the_first_update(tmp_path):
 
 def test_predict_returns_one_row_per_example_without_padding(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=2, eval_batch_size=8)
-    out = trainer.predict(TinyTask(n_val=21))
+    task = TinyTask(n_val=21)
+    trainer.fit(task)
+    out = trainer.predict(task)
     assert out.shape == (21, 3)
 
 
@@ -445,3 +454,159 @@ def test_prefetch_keeps_batches_on_device_ahead_of_the_step():
     assert pulled == [0, 1, 2]
     assert isinstance(next(prefetcher)[0]["x"], jax.Array)
     prefetcher.close()
+
+
+# ---- evaluation after fit uses the trained state (issue 9, item 1) -----------------
+
+
+def _val_loss_by_hand(trainer, task) -> float:
+    model = trainer.model
+    model.eval()
+    examples = [task.val_data()[i] for i in range(len(task.val_data()))]
+    x = np.stack([e["image"] for e in examples])
+    y = np.stack([e["label"] for e in examples])
+    return float(optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean())
+
+
+def test_evaluating_a_new_instance_after_fit_uses_the_trained_weights(tmp_path):
+    trainer = make_trainer(tmp_path, max_epochs=4)
+    fitted = TinyTask()
+    trainer.fit(fitted)
+    trained = trainer.validate(fitted)
+    assert trained["val/loss"] == pytest.approx(_val_loss_by_hand(trainer, fitted), rel=1e-5)
+    fresh_instance = trainer.validate(TinyTask())
+    assert fresh_instance == pytest.approx(trained)
+    assert trainer.test(TinyTask()) == pytest.approx(
+        {k.replace("val/", "test/"): v for k, v in trained.items()}
+    )
+    assert trainer.validate(fitted) == pytest.approx(trained)  # not replaced either
+    untrained = make_trainer(tmp_path / "u").validate(TinyTask(), untrained=True)
+    assert untrained["val/loss"] > trained["val/loss"] + 0.1  # the check can fail
+    predictions = trainer.predict(TinyTask())
+    assert np.allclose(predictions, trainer.predict(fitted))
+
+
+def test_a_structurally_different_model_fails_naming_the_mismatch(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(TinyTask())
+    with pytest.raises(ValueError, match=r"does not have the structure.*\(8, 16\).*\(5, 16\)"):
+        trainer.validate(TinyTask(dim=5))
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_an_unfitted_trainer_refuses_to_evaluate_random_weights(tmp_path, stage):
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(RuntimeError, match="untrained .*fit first.*ckpt_path.*untrained=True"):
+        getattr(trainer, stage)(TinyTask())
+    getattr(trainer, stage)(TinyTask(), untrained=True)  # on purpose: allowed
+
+
+def test_run_end_reports_a_stopped_fit_and_each_evaluation(tmp_path):
+    class StopAtTwo:
+        @nnx_trainer.hookimpl
+        def on_train_batch_end(self, trainer, step):
+            if step == 1:
+                trainer.should_stop = True
+
+    rec = Recorder()
+    trainer = nnx_trainer.Trainer(run_dir=tmp_path, batch_size=16, plugin_autoload=False,
+                                  plugins=[rec, StopAtTwo()], max_epochs=3)
+    task = TinyTask()
+    trainer.fit(task)
+    trainer.validate(task)
+    ends = [c for c in rec.calls if c[0] == "run_end"]
+    assert ends == [("run_end", "fit", "stopped", "NoneType"),
+                    ("run_end", "validate", "completed", "NoneType")]
+
+
+def test_trainer_state_has_named_parts(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(TinyTask())
+    state = trainer.state
+    assert isinstance(state, nnx_trainer.TrainState)
+    assert "fc1" in state.model and "opt_state" in state.optimizer
+    content = trainer.checkpoint_state()
+    assert content.meta.global_step == 1 and content.meta.batch_in_epoch == 1
+    assert set(content.arrays()) == {"model", "optimizer", "train_metrics"}
+
+
+# ---- options a user mistypes (issue 9, item 7) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"limit_train_batches": 1.5}, r"a float is a fraction and must be in \(0, 1\]"),
+        ({"limit_val_batches": 0}, "must be a positive count"),
+        ({"val_check_interval": True}, "must be an int"),
+        ({"eval_batch_size": -8}, "eval_batch_size must be positive"),
+    ],
+)
+def test_bad_counts_and_fractions_fail_with_the_fix(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, **kwargs)
+
+
+def test_fractions_are_shares_of_the_epoch_as_in_lightning(tmp_path):
+    rec = Recorder()
+    # 64 examples / 16 = 4 batches: 0.5 -> 2 batches an epoch; validation every 0.5 epoch.
+    trainer = make_trainer(tmp_path, rec, max_epochs=2, limit_train_batches=0.5,
+                           val_check_interval=0.5, limit_val_batches=0.5, eval_batch_size=4)
+    trainer.fit(TinyTask())
+    assert trainer.steps_per_epoch == 2 and trainer.global_step == 4
+    validations = [c for c in rec.calls if c == ("validation_start", "validate")]
+    assert len(validations) == 4  # steps 1 and 3 mid-epoch, plus the two epoch ends
+    assert trainer.callback_metrics["val/loss"] is not None
+
+
+def test_an_eval_batch_not_divisible_by_the_devices_fails_before_training(tmp_path):
+    class FourDevices(nnx_trainer.SingleDeviceStrategy):
+        num_devices = 4
+
+    built = []
+
+    class Watching(TinyTask):
+        def configure_model(self, rngs):
+            built.append(True)
+            return super().configure_model(rngs)
+
+    trainer = make_trainer(tmp_path, strategy=FourDevices(), batch_size=16, eval_batch_size=10)
+    with pytest.raises(ValueError, match="eval_batch_size 10 is not divisible by the 4 devices"
+                                         ".*eval_batch_size=8"):
+        trainer.fit(Watching())
+    assert built == []
+
+
+def test_the_engine_names_no_modality():
+    class Tabular(nnx_trainer.Task):
+        pass
+
+    assert Tabular.example_name == "examples"
+    with pytest.raises(NotImplementedError, match="predict_step"):
+        Tabular().predict_step(None, {"x": np.zeros(2)})
+
+
+def test_processes_of_one_run_agree_on_the_default_run_dir(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(__file__).parent / "scripts" / "default_run_dir.py"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), "--port", str(port), "--index", str(i),
+             "--skew", str(7.0 * i)],  # seven seconds apart: different stamps if unagreed
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    dirs = [next(x for x in o.splitlines() if x.startswith("RUN_DIR")) for o in outs]
+    assert dirs[0] == dirs[1], dirs

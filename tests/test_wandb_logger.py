@@ -25,8 +25,8 @@ import pytest
 from tiny_task import TinyTask
 
 import nnx_trainer
-from plugins.jsonl_logger import JsonlLogger
-from plugins.wandb_logger import RUN_ID_FILE, STEP_METRIC, WandbLogger
+from nnx_trainer_plugins.jsonl_logger import JsonlLogger
+from nnx_trainer_plugins.wandb_logger import RUN_ID_FILE, STEP_METRIC, WandbLogger
 
 REPO = Path(__file__).resolve().parents[1]
 _WANDB_VARS = [k for k in os.environ if k.startswith("WANDB_")]
@@ -165,17 +165,21 @@ def _trainer(run_dir, *plugins, **options) -> nnx_trainer.Trainer:
 
 @pytest.fixture(scope="module")
 def runs(offline_wandb, tmp_path_factory):
-    """A 2-epoch fit, then a standalone validate that re-opens the run (as a resume does)."""
+    """A 2-epoch fit, then a standalone validate into the same, still open, run."""
     run_dir = tmp_path_factory.mktemp("wandb_run") / "exp-1"
     task = TinyTask()
-    trainer = _trainer(run_dir, WandbLogger(project="nnx-tests", tags=["tiny"]), JsonlLogger())
+    logger = WandbLogger(project="nnx-tests", tags=["tiny"])
+    trainer = _trainer(run_dir, logger, JsonlLogger())
     trainer.fit(task)  # 8 steps per epoch, val after each epoch
     first_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    open_after_fit = logger.run is not None
     validated = trainer.validate(task)
+    logger.finish()  # what the exit handler does at interpreter exit
     files = _offline_runs(offline_wandb, first_id)
     jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return SimpleNamespace(run_dir=run_dir, run_id=first_id, files=files, jsonl=jsonl,
-                           validated=validated, sessions=[_parse(f) for f in files])
+                           validated=validated, sessions=[_parse(f) for f in files],
+                           open_after_fit=open_after_fit)
 
 
 def test_config_and_run_identity(runs):
@@ -193,10 +197,11 @@ def test_metrics_rows_match_the_logged_values_and_steps(runs):
     train = [r for r in rows if "train/loss" in r]
     val = [r for r in rows if "val/loss" in r]
     assert [r[STEP_METRIC] for r in train] == [3, 6, 9, 12, 15, 16]
-    assert [r[STEP_METRIC] for r in val] == [8, 16]
-    # Same numbers as the JSONL logger saw in the same fit (first 8 lines: the fit).
+    assert [r[STEP_METRIC] for r in val] == [8, 16, 16]  # the fit's two, then validate's
+    # Same numbers as the JSONL logger saw (8 lines of the fit, then the validate's).
     expected = [{k: v for k, v in line.items() if k not in ("step", "time")}
-                for line in runs.jsonl[:8]]
+                for line in runs.jsonl]
+    assert len(runs.jsonl) == 9
     got = [{k: v for k, v in r.items() if not k.startswith("_") and k != STEP_METRIC}
            for r in rows]
     assert len(got) == len(expected)
@@ -221,16 +226,49 @@ def test_final_summary_and_clean_finish(runs):
     assert [e.exit_code for e in fit.exits] == [0]
 
 
-def test_standalone_validate_resumes_the_same_run(runs):
-    # Same path as a resumed fit: the id in run_dir/wandb_run_id.txt, resume="allow".
-    assert len(runs.files) == 2  # two offline sessions of one W&B run id
-    validate = runs.sessions[1]
-    assert validate.run.run_id == runs.run_id
-    (row,) = validate.rows
-    assert row[STEP_METRIC] == 16
+def test_fit_then_validate_is_one_run(runs):
+    # The fit does not finish the run: the validate after it logs into the same one.
+    assert runs.open_after_fit
+    assert len(runs.files) == 1  # one offline run directory, one id
+    (session,) = runs.sessions
+    assert session.run.run_id == runs.run_id
+    row = session.rows[-1]
+    assert row[STEP_METRIC] == 16 and "train/loss" not in row
     assert math.isclose(row["val/loss"], runs.validated["val/loss"], rel_tol=1e-6)
-    assert [e.exit_code for e in validate.exits] == [0]
+    assert [e.exit_code for e in session.exits] == [0]
     assert (runs.run_dir / RUN_ID_FILE).read_text().strip() == runs.run_id
+
+
+FIT_THEN_VALIDATE = """
+import sys
+import nnx_trainer
+from tiny_task import TinyTask
+from nnx_trainer_plugins.wandb_logger import WandbLogger
+
+trainer = nnx_trainer.Trainer(max_steps=3, batch_size=8, log_every_n_steps=1,
+                              plugin_autoload=False, plugins=[WandbLogger(dir=sys.argv[1])],
+                              run_dir=sys.argv[1])
+task = TinyTask()
+trainer.fit(task)
+trainer.validate(task)
+# No finish: the run ends with the interpreter.
+"""
+
+
+def test_fit_then_validate_in_one_process_is_one_run_finished_at_exit(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-c", FIT_THEN_VALIDATE, str(tmp_path)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = (tmp_path / RUN_ID_FILE).read_text().strip()
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1  # one run directory
+    (path,) = _offline_runs(tmp_path, run_id)
+    session = _parse(path)
+    assert [r[STEP_METRIC] for r in session.rows if "train/loss" in r] == [1, 2, 3]
+    # The validate's row (the fit stopped mid-epoch, before any validation of its own).
+    assert [r[STEP_METRIC] for r in session.rows if "val/loss" in r] == [3]
+    assert [e.exit_code for e in session.exits] == [0]
+    assert session.summary["status"] == "finished"
 
 
 def test_resume_passes_the_stored_id(tmp_path, monkeypatch):
@@ -240,7 +278,8 @@ def test_resume_passes_the_stored_id(tmp_path, monkeypatch):
 
     def fake_init(**kwargs):
         seen.update(kwargs)
-        return SimpleNamespace(id=kwargs["id"], define_metric=lambda *a, **k: None)
+        return SimpleNamespace(id=kwargs["id"], define_metric=lambda *a, **k: None,
+                               finish=lambda **k: None)
 
     monkeypatch.setattr(wandb, "init", fake_init)
     (tmp_path / RUN_ID_FILE).write_text("abc123\n")
@@ -251,6 +290,7 @@ def test_resume_passes_the_stored_id(tmp_path, monkeypatch):
     assert seen["id"] == "abc123" and seen["resume"] == "allow"
     assert seen["config"] == {"trainer": {"seed": 0}} and seen["mode"] == "offline"
     assert seen["dir"] == os.environ["WANDB_DIR"]  # WANDB_DIR wins over run_dir
+    logger.finish()
 
 
 def test_exception_finishes_the_run_with_exit_code_1(tmp_path):
@@ -284,26 +324,43 @@ def test_preemption_marks_and_finishes_the_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("env", "options", "active"),
+    ("env", "registered"),
     [
-        ({}, {}, False),
-        ({"WANDB_MODE": "offline"}, {}, True),
-        ({"WANDB_MODE": "online"}, {}, True),
-        ({"WANDB_API_KEY": "k" * 40}, {}, True),
-        ({"WANDB_PROJECT": "p"}, {}, True),
-        ({"WANDB_MODE": "disabled", "WANDB_PROJECT": "p"}, {}, False),
-        ({"WANDB_MODE": "disabled"}, {"enabled": True}, False),
-        ({"WANDB_MODE": "disabled"}, {"mode": "offline"}, True),
-        ({}, {"enabled": True}, True),
-        ({"WANDB_MODE": "offline"}, {"enabled": False}, False),
-        ({}, {"project": "p"}, True),
-        ({}, {"mode": "offline"}, True),
-        ({}, {"mode": "disabled", "enabled": True}, False),
+        ({}, False),
+        ({"WANDB_MODE": "offline"}, True),
+        ({"WANDB_MODE": "online"}, True),
+        ({"WANDB_API_KEY": "k" * 40}, True),
+        ({"WANDB_PROJECT": "p"}, True),
+        ({"WANDB_MODE": "disabled", "WANDB_PROJECT": "p"}, False),
     ],
 )
-def test_activation_rules(monkeypatch, env, options, active):
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT"):
+def test_autoload_registers_it_only_when_the_environment_configures_wandb(
+    monkeypatch, tmp_path, env, registered
+):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_PROJECT",
+                "NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD"):
         monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert (WandbLogger.from_environment() is not None) is registered
+    manager = nnx_trainer.Trainer(run_dir=tmp_path).plugin_manager
+    assert isinstance(manager.get_plugin("wandb"), WandbLogger) is registered
+    if not registered:
+        assert manager.inactive["wandb"] == WandbLogger.activation
+
+
+@pytest.mark.parametrize(
+    ("env", "options", "active"),
+    [
+        ({}, {}, True),  # configured (or requested by name): on
+        ({"WANDB_MODE": "disabled"}, {}, False),
+        ({"WANDB_MODE": "disabled"}, {"mode": "offline"}, True),
+        ({}, {"mode": "disabled"}, False),
+    ],
+)
+def test_a_configured_instance_logs_unless_its_mode_is_disabled(monkeypatch, env, options,
+                                                                 active):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert WandbLogger(**options).is_active() is active
@@ -316,7 +373,7 @@ def test_bad_mode_is_rejected():
 
 def test_non_main_process_does_nothing(tmp_path):
     stub = SimpleNamespace(run_dir=tmp_path / "run", is_main_process=False)
-    logger = WandbLogger(enabled=True)
+    logger = WandbLogger()
     logger.log_hyperparams(trainer=stub, params={"a": 1})
     logger.on_fit_start(trainer=stub)
     logger.log_metrics(trainer=stub, metrics={"train/loss": 1.0}, step=1)
@@ -327,23 +384,16 @@ FRESH_PROCESS = """
 import json, os, sys
 import nnx_trainer
 from tiny_task import TinyTask
-from plugins.wandb_logger import WandbLogger
+from nnx_trainer_plugins.wandb_logger import WandbLogger
 
 run_dir = sys.argv[1]
-# 1. The entry point's default instance, no WANDB_* variable: every hook it implements,
-# called through the trainer's hook relay as fit calls them (no compile: fast).
-trainer = nnx_trainer.Trainer(plugin_autoload=False, plugins=["wandb"],
-                              run_dir=run_dir + "/default")
-plugin = trainer.plugin_manager.get_plugin("wandb")
-assert type(plugin) is WandbLogger
-hooks = sorted(c.name for c in trainer.plugin_manager.get_hookcallers(plugin))
-args = dict(trainer=trainer, task=TinyTask(), params={"a": 1}, metrics={"train/loss": 1.0},
-            step=1, reason="preemption", exception=RuntimeError("x"))
-for name in hooks:
-    caller = getattr(trainer.hook, name)
-    caller(**{k: args[k] for k in caller.spec.argnames})
-print(json.dumps({"default_hooks": hooks, "default_imported_wandb": "wandb" in sys.modules}),
-      flush=True)
+# 1. Autoload with no WANDB_* variable: not registered, wandb never imported.
+os.environ.pop("NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD", None)
+trainer = nnx_trainer.Trainer(run_dir=run_dir + "/default")
+manager = trainer.plugin_manager
+print(json.dumps({"default_registered": manager.get_plugin("wandb") is not None,
+                  "default_reason": manager.inactive.get("wandb"),
+                  "default_imported_wandb": "wandb" in sys.modules}), flush=True)
 
 # 2. WANDB_PROJECT activates it; the mode stays online and no key exists anywhere.
 os.environ["WANDB_PROJECT"] = "p"
@@ -417,11 +467,9 @@ def fresh_process(_fresh_process_started):
     return SimpleNamespace(results=results, shown=shown, runs=started.home / "runs")
 
 
-def test_default_instance_without_wandb_env_never_imports_wandb(fresh_process):
-    assert fresh_process.results["default_hooks"] == [
-        "log_hyperparams", "log_metrics", "on_exception", "on_fit_end", "on_fit_start",
-        "on_save_checkpoint",
-    ]
+def test_without_wandb_env_it_is_not_registered_and_never_imports_wandb(fresh_process):
+    assert fresh_process.results["default_registered"] is False
+    assert fresh_process.results["default_reason"] == WandbLogger.activation
     assert fresh_process.results["default_imported_wandb"] is False
     assert not any((fresh_process.runs / "default").glob("*"))  # wrote nothing at all
 

@@ -65,5 +65,8 @@ class TinyTask(nnx_trainer.Task):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         return {"loss": loss, "logits": logits, "labels": batch["label"]}
 
+    def predict_step(self, model, batch):
+        return model(batch["image"])
+
     def hparams(self):
         return {"lr": self.lr, "n_train": self.n_train}

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_task import TinyTask  # noqa: E402
 
 import nnx_trainer  # noqa: E402
-from plugins.orbax_checkpoint import OrbaxCheckpoint  # noqa: E402
-from plugins.strategies import FullyShardedDataParallel  # noqa: E402
+from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint  # noqa: E402
+from nnx_trainer_plugins.strategies import FullyShardedDataParallel  # noqa: E402
 
 
 class AtStart:
@@ -31,7 +31,7 @@ class AtStart:
 
     @nnx_trainer.hookimpl
     def on_fit_start(self, trainer) -> None:
-        leaves = jax.tree.leaves(trainer.checkpoint_state()["state"])
+        leaves = jax.tree.leaves(trainer.checkpoint_state().arrays())
         self.arrays = [np.asarray(x) for x in leaves]
         self.shardings = sorted({type(x.sharding).__name__ for x in leaves})
 
@@ -43,7 +43,7 @@ def fit(run_dir: Path, strategy, max_steps: int, resume: str | None):
         plugin_autoload=False, plugins=[OrbaxCheckpoint(min_seconds_between_saves=0), start],
     )
     trainer.fit(TinyTask(n_train=64, dim=64), ckpt_path=resume)
-    final = [np.asarray(x) for x in jax.tree.leaves(trainer.checkpoint_state()["state"])]
+    final = [np.asarray(x) for x in jax.tree.leaves(trainer.checkpoint_state().arrays())]
     return start, final, trainer
 
 

@@ -140,7 +140,7 @@ def main() -> int:
     from tiny_task import TinyTask
 
     import nnx_trainer
-    from plugins.orbax_checkpoint import OrbaxCheckpoint
+    from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 
     if args.hang_save_at is not None:
         hang_commit_of(args.hang_save_at, args.run_dir)
@@ -157,7 +157,7 @@ def main() -> int:
     )
     trainer.fit(TinyTask(), ckpt_path=args.resume)
     if args.params:
-        leaves = jax.tree.leaves(trainer.checkpoint_state()["state"])
+        leaves = jax.tree.leaves(trainer.checkpoint_state().arrays())
         np.savez(args.params, *[np.asarray(x) for x in leaves])
     if args.out:
         Path(args.out).write_text(json.dumps({

@@ -2,6 +2,11 @@
 
 With ``--count 1`` it is a plain single-device run (no jax.distributed), so a test can
 hand checkpoints between a 2-process run and a 1-process run in either direction.
+
+``--clock-seconds-per-step S`` gives Orbax's checkpoint manager in this process a fake
+wall clock reading ``global_step * S`` (see tests/fake_clock.py), so two processes can
+disagree about the time; the checkpoint plugin then uses the default cadence (every
+epoch, throttled by ``--ckpt-min-seconds``) and the report lists the steps it saved.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--max-steps", type=int, default=8)
 parser.add_argument("--run-dir", default=None, help="enables the checkpoint plugin")
 parser.add_argument("--resume", default=None)
+parser.add_argument("--clock-seconds-per-step", type=float, default=None)
+parser.add_argument("--ckpt-min-seconds", type=float, default=60.0)
 args = parser.parse_args()
 if args.count > 1:
     os.environ.update(
@@ -43,9 +50,26 @@ class Record:
         self.losses[step] = float(loss)
 
 
+class Clocked:
+    def __init__(self, clock) -> None:
+        self.clock = clock
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer):
+        self.clock.seconds = trainer.global_step * args.clock_seconds_per_step
+
+
 rec = Record()
 plugins: list = ["strategies", rec]
-if args.run_dir:
+checkpoint = None
+if args.run_dir and args.clock_seconds_per_step is not None:
+    from fake_clock import FakeClock
+
+    from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
+
+    checkpoint = OrbaxCheckpoint(min_seconds_between_saves=args.ckpt_min_seconds, keep_last=50)
+    plugins += [checkpoint, Clocked(FakeClock().install())]
+elif args.run_dir:
     plugins.append("checkpoint")
 trainer = nnx_trainer.Trainer(
     max_steps=args.max_steps, batch_size=16, plugin_autoload=False, plugins=plugins,
@@ -58,5 +82,6 @@ import jax  # noqa: E402
 Path(args.out).write_text(json.dumps({
     "losses": rec.losses, "process_count": jax.process_count(),
     "devices": jax.device_count(),
+    "saved_steps": checkpoint.saved_steps if checkpoint is not None else None,
     "val_accuracy": float(trainer.validate(trainer.task)["val/accuracy"]),
 }))

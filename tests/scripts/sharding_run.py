@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_task import TinyTask  # noqa: E402
 
 import nnx_trainer  # noqa: E402
-from plugins.strategies import DataParallel, FullyShardedDataParallel  # noqa: E402
+from nnx_trainer_plugins.strategies import DataParallel, FullyShardedDataParallel  # noqa: E402
 
 
 class Record:

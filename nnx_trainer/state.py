@@ -1,0 +1,118 @@
+"""Named contracts between the loop and plugins: the training state and a checkpoint's content."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+from flax import nnx
+
+
+class Outcome(enum.StrEnum):
+    """How a fit/validate/test/predict call ended (``on_run_end``'s ``outcome``)."""
+
+    COMPLETED = "completed"  # ran to its end (max_epochs/max_steps, or all evaluation data)
+    STOPPED = "stopped"  # a plugin set trainer.should_stop (early stopping, a time budget)
+    PREEMPTED = "preempted"  # SIGTERM/SIGINT: the state was saved, the run can resume
+    EXCEPTION = "exception"  # an exception (KeyboardInterrupt too) ended it; re-raised after
+
+
+class TrainState(NamedTuple):
+    """What one train step updates: ``trainer.state.model`` and ``trainer.state.optimizer``.
+
+    Each is an ``nnx.State`` of device arrays. A NamedTuple is a pytree, so
+    ``jax.tree.map`` and shardings work on it as on any tuple.
+    """
+
+    model: nnx.State
+    optimizer: nnx.State
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """The JSON part of a checkpoint: counters (which are the data position) and plugin state.
+
+    :param global_step: steps completed.
+    :param epoch: the epoch the next step belongs to.
+    :param batch_in_epoch: batches of that epoch already consumed.
+    :param seed: the Trainer's seed (data order and augmentation derive from it).
+    :param validation_pending: preempted on an epoch's last batch, before its validation;
+        the resumed fit runs that validation first.
+    :param plugins: every plugin's ``state_dict``, merged.
+    """
+
+    global_step: int
+    epoch: int
+    batch_in_epoch: int
+    seed: int
+    validation_pending: bool = False
+    plugins: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (field name to value)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CheckpointMeta:
+        """Read back :meth:`to_json`'s dict; unknown keys (a newer writer) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointContent:
+    """Everything a checkpoint holds.
+
+    :param model: the model's state (``TrainState.model``).
+    :param optimizer: the optimizer's state.
+    :param train_metrics: the training metrics' accumulators.
+    :param plugin_arrays: plugin name to a pytree of device arrays (e.g. an EMA).
+    :param meta: counters and plugin JSON state.
+    :param source: where it was read from (a restored checkpoint's directory), if anywhere.
+    """
+
+    model: Any
+    optimizer: Any
+    train_metrics: Any
+    plugin_arrays: Mapping[str, Any]
+    meta: CheckpointMeta
+    source: str | None = None
+
+    def arrays(self) -> dict[str, Any]:
+        """The array part as one named pytree (what is written as the checkpoint's state)."""
+        tree = {"model": self.model, "optimizer": self.optimizer,
+                "train_metrics": self.train_metrics}
+        if self.plugin_arrays:
+            tree["plugins"] = dict(self.plugin_arrays)
+        return tree
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, Any], meta: CheckpointMeta, source: str | None = None
+    ) -> CheckpointContent:
+        """The inverse of :meth:`arrays`."""
+        return cls(model=arrays["model"], optimizer=arrays["optimizer"],
+                   train_metrics=arrays["train_metrics"],
+                   plugin_arrays=dict(arrays.get("plugins", {})), meta=meta, source=source)
+
+
+def structure_mismatch(expected: Any, got: Any) -> str | None:
+    """Describe the first difference in structure, shape or dtype between two pytrees, or None."""
+    flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+    missing = [jax.tree_util.keystr(k) for k in flat_expected if k not in flat_got]
+    extra = [jax.tree_util.keystr(k) for k in flat_got if k not in flat_expected]
+    if missing or extra:
+        return (f"missing {missing[:3] or 'nothing'}, unexpected {extra[:3] or 'nothing'}")
+    for key, a in flat_expected.items():
+        b = flat_got[key]
+        if (getattr(a, "shape", None), getattr(a, "dtype", None)) != (
+            getattr(b, "shape", None), getattr(b, "dtype", None)
+        ):
+            return (f"{jax.tree_util.keystr(key)} is {getattr(a, 'shape', '?')} "
+                    f"{getattr(a, 'dtype', '?')} in the trained state but "
+                    f"{getattr(b, 'shape', '?')} {getattr(b, 'dtype', '?')} here")
+    return None

@@ -1,0 +1,301 @@
+"""nnx_trainer.conv: same forward and gradients as autodiff of jax.lax.conv_general_dilated.
+
+Shapes are tiny (a few images of 7x8 pixels, a few channels) so the whole file runs in
+seconds. At such sizes ``_shifted_products_pay`` would send most kernels to XLA's
+kernel-gradient rule (and ``_phases_pay`` to XLA's input-gradient rule), so the shape
+grid forces the custom forms on, and a smaller grid checks the other branches. No test
+asserts a speed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from nnx_trainer import conv as conv_mod
+from nnx_trainer.conv import (
+    conv_general_dilated,
+    default_conv_for_backend,
+    resolve_conv_impl,
+)
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+TOLERANCE = {jnp.float32: 2e-6, jnp.bfloat16: 2e-2}
+
+
+def _arrays(batch, h, w, ci, co, k, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, h, w, ci), np.float32), dtype)
+    kern = jnp.asarray(rng.standard_normal((k, k, ci, co), np.float32) / k, dtype)
+    return x, kern
+
+
+def _value_and_grads(fn, x, w, *args, **kwargs):
+    """Forward output and (dx, dw) for a fixed pseudo-random cotangent, in one jit.
+
+    (Jitted because eager dispatch compiles each of a 7x7 kernel's 49 tap slices apart.)
+    """
+    y_shape = jax.eval_shape(lambda a, b: fn(a, b, *args, **kwargs), x, w)
+    ct = np.random.default_rng(1).standard_normal(y_shape.shape, np.float32)
+    ct = jnp.asarray(ct, y_shape.dtype)
+
+    @jax.jit
+    def run(x, w, ct):
+        y, vjp = jax.vjp(lambda a, b: fn(a, b, *args, **kwargs), x, w)
+        return (y, *vjp(ct))
+
+    return run(x, w, ct)
+
+
+def _assert_close(got, want, tol):
+    for g, e in zip(got, want, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        g, e = np.asarray(g, np.float32), np.asarray(e, np.float32)
+        scale = max(float(np.max(np.abs(e))), 1e-6)
+        np.testing.assert_allclose(g / scale, e / scale, rtol=0, atol=tol)
+
+
+@pytest.fixture
+def custom_paths(monkeypatch):
+    """Force the shifted-product kernel gradient and the stride-phase input gradient."""
+    monkeypatch.setattr(conv_mod, "_shifted_products_pay", lambda *a: True)
+    monkeypatch.setattr(conv_mod, "_phases_pay", lambda *a: True)
+
+
+PADDINGS = ["SAME", "VALID", "sym", ((0, 2), (1, 0)), ((0, 0), (0, 0))]
+
+
+def _padding(p, k):
+    return ((k // 2, k // 2), (k // 2, k // 2)) if p == "sym" else p
+
+
+def _compare_paddings(k, stride, paddings, dtype, shape):
+    """Ours against lax for each padding; all of them in one compiled program."""
+    x, w = _arrays(*shape, k, dtype)
+    ct_rng = np.random.default_rng(1)
+    cts = []
+    for p in paddings:
+        y = jax.eval_shape(lambda x, w, p=p: lax.conv_general_dilated(
+            x, w, (stride, stride), _padding(p, k), dimension_numbers=NHWC), x, w)
+        cts.append(jnp.asarray(ct_rng.standard_normal(y.shape, np.float32), dtype))
+
+    @jax.jit
+    def both(x, w, cts):
+        out = []
+        for p, ct in zip(paddings, cts, strict=True):
+            for fn in (lax.conv_general_dilated, conv_general_dilated):
+                y, vjp = jax.vjp(lambda a, b, fn=fn, p=p: fn(
+                    a, b, (stride, stride), _padding(p, k), dimension_numbers=NHWC), x, w)
+                out.append((y, *vjp(ct)))
+        return out
+
+    out = both(x, w, cts)
+    for i, p in enumerate(paddings):
+        want, got = out[2 * i], out[2 * i + 1]
+        try:
+            _assert_close(got, want, TOLERANCE[dtype])
+        except AssertionError as err:
+            raise AssertionError(f"k={k} stride={stride} padding={p}: {err}") from None
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_forward_and_gradients_match_autodiff_float32(k, stride, custom_paths):
+    # 7 x 8 images: one odd and one even side in every case.
+    _compare_paddings(k, stride, PADDINGS, jnp.float32, (3, 7, 8, 3, 4))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_forward_and_gradients_match_autodiff_bfloat16(k, stride, custom_paths):
+    _compare_paddings(k, stride, ["SAME", ((0, 2), (1, 0))], jnp.bfloat16, (2, 9, 8, 4, 5))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_xla_gradient_branches_match_autodiff(dtype, monkeypatch):
+    # Where the custom forms do not pay, the gradients are XLA's transposes.
+    monkeypatch.setattr(conv_mod, "_shifted_products_pay", lambda *a: False)
+    monkeypatch.setattr(conv_mod, "_phases_pay", lambda *a: False)
+    for k, stride in ((3, 1), (3, 2)):
+        _compare_paddings(k, stride, ["SAME", ((0, 2), (1, 0))], dtype, (2, 7, 8, 3, 4))
+
+
+def test_the_shifted_products_pay_where_measured():
+    geo = conv_mod._Geometry((1, 1), ((1, 1), (1, 1)), None)
+    geo2 = conv_mod._Geometry((2, 2), ((1, 1), (1, 1)), None)
+    pay = conv_mod._shifted_products_pay
+    assert pay((8, 32, 32, 16), (1, 1, 16, 32), (8, 32, 32, 32), geo)  # every 1x1
+    assert not pay((8, 32, 32, 16), (3, 3, 16, 16), (8, 32, 32, 16), geo)  # few channels
+    assert pay((8, 32, 32, 64), (3, 3, 64, 64), (8, 32, 32, 64), geo)
+    assert not pay((8, 16, 16, 64), (3, 3, 64, 64), (8, 16, 16, 64), geo)
+    assert pay((8, 8, 8, 128), (3, 3, 128, 128), (8, 8, 8, 128), geo)
+    assert not pay((8, 4, 4, 512), (3, 3, 512, 512), (8, 4, 4, 512), geo)
+    assert pay((8, 16, 16, 64), (3, 3, 64, 128), (8, 8, 8, 128), geo2)
+    phases = conv_mod._phases_pay
+    assert phases((3, 3, 64, 128), (8, 8, 8, 128), geo2)
+    assert not phases((3, 3, 256, 512), (8, 4, 4, 512), geo2)  # tiny outputs
+    assert not phases((1, 1, 64, 128), (8, 16, 16, 128), geo2)  # 1x1: a single phase
+    assert not phases((3, 3, 64, 64), (8, 16, 16, 64), geo)  # stride 1
+
+
+def test_kernel_gradient_loops_over_chunks_with_a_remainder(custom_paths, monkeypatch):
+    # Chunks of 2 images over a batch of 5: two loop steps and a remainder of one.
+    monkeypatch.setattr(conv_mod, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_mod, "_MIN_CHUNK_ROWS", 2 * 4 * 4)
+    x, w = _arrays(5, 8, 8, 3, 4, 3, jnp.float32)
+    args = ((2, 2), ((1, 1), (1, 1)))
+    want = _value_and_grads(lax.conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
+    got = _value_and_grads(conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
+    _assert_close(got, want, TOLERANCE[jnp.float32])
+
+
+def test_eager_and_with_precision_and_a_list_padding(custom_paths):
+    x, w = _arrays(2, 6, 6, 3, 4, 3, jnp.float32)
+    kwargs = dict(dimension_numbers=NHWC, precision=lax.Precision.HIGHEST)
+    want = _value_and_grads(lax.conv_general_dilated, x, w, (1, 1), [(1, 1), (1, 1)], **kwargs)
+    y, vjp = jax.vjp(lambda a, b: conv_general_dilated(
+        a, b, (1, 1), [(1, 1), (1, 1)], **kwargs), x, w)
+    _assert_close([y, *vjp(jnp.asarray(np.random.default_rng(1).standard_normal(
+        y.shape, np.float32)))], want, TOLERANCE[jnp.float32])
+
+
+# --- what nnx.Conv passes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", ["SAME", "VALID", 1, ((0, 1), (2, 0)), "CIRCULAR"], ids=str)
+def test_nnx_conv_takes_the_custom_path_and_matches(padding, custom_paths, monkeypatch):
+    taken = []
+    real_conv = conv_mod._conv
+    monkeypatch.setattr(conv_mod, "_conv", lambda *a: taken.append(1) or real_conv(*a))
+    layers = {
+        impl: nnx.Conv(3, 4, (3, 3), strides=2, padding=padding, rngs=nnx.Rngs(0),
+                       conv_general_dilated=impl)
+        for impl in (lax.conv_general_dilated, conv_general_dilated)
+    }
+    x = _arrays(2, 7, 8, 3, 1, 1, jnp.float32)[0]
+
+    def grads(layer):
+        def loss(layer, x):
+            return jnp.sum(jnp.sin(layer(x)))
+        return nnx.grad(loss, argnums=(0, 1))(layer, x)
+
+    (want_m, want_x), (got_m, got_x) = (grads(layers[f]) for f in layers)
+    assert taken, "nnx.Conv's call did not take the custom path"
+    _assert_close([got_m["kernel"][...], got_m["bias"][...], got_x],
+                  [want_m["kernel"][...], want_m["bias"][...], want_x], 2e-6)
+
+
+# --- everything else goes to XLA ----------------------------------------------------------
+
+FALLBACKS = {
+    "kernel dilation": (dict(rhs_dilation=(2, 2)), (1, 8, 8, 4), (3, 3, 4, 6)),
+    "input dilation": (dict(lhs_dilation=(2, 1)), (1, 5, 5, 4), (3, 3, 4, 6)),
+    "feature groups": (dict(feature_group_count=2), (1, 6, 6, 4), (3, 3, 2, 6)),
+    "batch groups": (dict(batch_group_count=2), (2, 6, 6, 4), (3, 3, 4, 6)),
+    "NCHW": (dict(dimension_numbers=("NCHW", "OIHW", "NCHW")), (1, 4, 6, 6), (6, 4, 3, 3)),
+    "lax default layout": (dict(dimension_numbers=None), (1, 4, 6, 6), (6, 4, 3, 3)),
+    "NHWC out NCHW": (dict(dimension_numbers=("NHWC", "HWIO", "NCHW")), (1, 6, 6, 4),
+                      (3, 3, 4, 6)),
+    "3-D": (dict(dimension_numbers=("NDHWC", "DHWIO", "NDHWC")), (1, 4, 4, 4, 2),
+            (3, 3, 3, 2, 3)),
+    "1-D": (dict(dimension_numbers=("NWC", "WIO", "NWC")), (1, 6, 2), (3, 2, 3)),
+    "negative padding": (dict(padding=((-1, 0), (0, 0))), (1, 6, 6, 4), (3, 3, 4, 6)),
+    "preferred float32": (dict(preferred_element_type=jnp.float32, dtype=jnp.bfloat16),
+                          (1, 6, 6, 4), (3, 3, 4, 6)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALLBACKS))
+def test_other_convolutions_fall_back_to_xla(case, monkeypatch):
+    kwargs, x_shape, w_shape = FALLBACKS[case]
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype", jnp.float32)
+    kwargs.setdefault("dimension_numbers", NHWC if len(x_shape) == 4 else None)
+    padding = kwargs.pop("padding", "SAME" if "lhs_dilation" not in kwargs else ((1, 1),) * 2)
+    strides = (1,) * (len(x_shape) - 2)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape, np.float32), dtype)
+    w = jnp.asarray(rng.standard_normal(w_shape, np.float32), dtype)
+
+    def forbidden(*args):
+        raise AssertionError("took the custom path")
+
+    monkeypatch.setattr(conv_mod, "_conv", forbidden)
+    want = _value_and_grads(lax.conv_general_dilated, x, w, strides, padding, **kwargs)
+    got = _value_and_grads(conv_general_dilated, x, w, strides, padding, **kwargs)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(e, np.float32))
+
+
+def test_mixed_dtypes_fall_back():
+    x = jnp.ones((1, 5, 5, 2), jnp.bfloat16)
+    w = jnp.ones((3, 3, 2, 2), jnp.float32)
+    assert conv_mod._geometry(x, w, (1, 1), "SAME", None, None, NHWC, 1, 1,
+                              None, None, None) is None
+
+
+# --- choosing the implementation ----------------------------------------------------------
+
+
+def test_default_follows_the_backend():
+    assert default_conv_for_backend("cpu") is conv_general_dilated
+    assert default_conv_for_backend("gpu") is lax.conv_general_dilated
+    assert default_conv_for_backend("tpu") is lax.conv_general_dilated
+    assert default_conv_for_backend() is default_conv_for_backend(jax.default_backend())
+
+
+def test_resolve_conv_impl():
+    assert resolve_conv_impl("xla") is lax.conv_general_dilated
+    assert resolve_conv_impl("custom") is conv_general_dilated
+    assert resolve_conv_impl("auto") is default_conv_for_backend()
+    with pytest.raises(ValueError, match="unknown conv_impl 'fast'.*auto, xla, custom"):
+        resolve_conv_impl("fast")
+
+
+# --- a whole train step ---------------------------------------------------------------------
+
+
+def _tiny_resnet_grads(conv_impl: str, dtype) -> tuple:
+    from resnet_task.models import BottleneckBlock, ResNet
+
+    # Every kind of convolution ResNets have: the ImageNet stem's 7x7/2 (then max-pool), and
+    # bottlenecks' 1x1, 3x3 at strides 1 and 2, and 1x1 projections at strides 1 and 2.
+    model = ResNet((1, 1), BottleneckBlock, num_classes=3, stem="imagenet", width=4,
+                   conv_impl=conv_impl, dtype=dtype, param_dtype=dtype,
+                   rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+    model.train()  # batch statistics, as in a train step
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 16, 3)), dtype)
+    labels = jnp.asarray([0, 1, 2, 1])
+
+    @nnx.jit
+    def step(model):
+        def loss_fn(model):
+            logits = model(images).astype(dtype)
+            return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+        return nnx.value_and_grad(loss_fn)(model)
+
+    loss, grads = step(model)
+    return float(loss), jax.tree.leaves(grads)
+
+
+# nnx.BatchNorm keeps float32 running statistics, which float64 updates warn about.
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_resnet_train_step_gradients_match_autodiff(dtype, custom_paths):
+    # float64 shows the formulations are exact (any difference is rounding); float32 is the
+    # real step, where batch norm over 4 images of 2x2 pixels amplifies rounding ~10x.
+    tol = {"float64": 1e-12, "float32": 1e-4}[dtype]
+    with jax.enable_x64(dtype == "float64"):
+        (loss_x, grads_x), (loss_c, grads_c) = (
+            _tiny_resnet_grads(impl, jnp.dtype(dtype)) for impl in ("xla", "custom"))
+    np.testing.assert_allclose(loss_c, loss_x, rtol=tol)
+    assert len(grads_x) == len(grads_c) > 10
+    for gx, gc in zip(grads_x, grads_c, strict=True):
+        assert gc.dtype == gx.dtype == jnp.dtype(dtype)
+        scale = max(float(jnp.max(jnp.abs(gx))), 1e-30)
+        np.testing.assert_allclose(np.asarray(gc) / scale, np.asarray(gx) / scale, atol=tol)
