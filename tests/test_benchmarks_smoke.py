@@ -25,6 +25,7 @@ SCRIPTS = {
     "memory.py": "ratio peak RSS example/hand",
     "strategies_throughput.py": "ratio fsdp/single_device",
     "resnet50_gpu.py": "images/s",
+    "conv_grad.py": "ratio custom/xla",
 }
 
 
