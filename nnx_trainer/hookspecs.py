@@ -145,7 +145,8 @@ def on_train_batch_start(trainer: Trainer, step: int, batch: Mapping[str, Any]) 
 
     :param trainer: the running trainer.
     :param step: the global step about to run (zero-based).
-    :param batch: the batch, already on device.
+    :param batch: the batch as the compiled step takes it: device arrays, or NumPy
+        arrays on a single CPU device (whose memory is host memory).
     """
 
 

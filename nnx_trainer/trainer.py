@@ -11,7 +11,9 @@ Ordering invariants of the training loop (each one is relied on elsewhere):
    one pipeline per fit starts exactly there (``train_pipeline(start_batch=...)``).
 4. Metrics stay on device between log steps; the host reads them only at the
    log cadence, at evaluation end, or when a plugin asks.
-5. Preemption is checked after a step completes: the state is always whole.
+5. Preemption is checked after a step completes: the state is always whole. With
+   more than one process, a SIGTERM seen by any of them stops every one after the
+   same step (JAX's preemption sync point), so they all save together.
 6. The train and eval steps are traced once each: shapes never change (train
    drops the remainder, eval pads and masks).
 7. One checkpoint save point per step (``_save_point``): after that step's logging
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from nnx_trainer import data as data_lib
 from nnx_trainer.plugin_manager import create_plugin_manager
@@ -175,6 +178,7 @@ class Trainer:
         self.should_stop = False
         self.stop_reason: str | None = None
         self.preempted = False
+        self._preemption_sync = False  # fit sets it: consult JAX's preemption sync point
         self.stage: str | None = None  # "fit", "validate", "test" or "predict": the latest call
         self.callback_metrics: dict[str, Any] = {}
         self.fit_seconds = 0.0
@@ -509,7 +513,8 @@ class Trainer:
             self._val_examples = task.val_data()
             self.hook.log_hyperparams(trainer=self, params=self.hyperparameters())
             self.hook.on_fit_start(trainer=self, task=task)
-            with _preemption_signals(self):
+            with _preemption_signals(self) as signals:
+                self._preemption_sync = signals.coordinated
                 start = time.perf_counter()
                 self._fit_loop()
                 self.fit_seconds = time.perf_counter() - start
@@ -636,6 +641,9 @@ class Trainer:
             prefetcher.refill()
             self.global_step += 1
             self.batch_in_epoch += 1
+            if self._preemption_sync and multihost_utils.reached_preemption_sync_point(
+                    self.global_step):
+                self._preempted_together()
             self.hook.on_train_batch_end(trainer=self, step=step, loss=loss)
             if self.global_step % self.log_every_n_steps == 0:
                 self._log_train_metrics()
@@ -651,6 +659,14 @@ class Trainer:
                 self._save_point()
             if self._done():
                 break
+
+    def _preempted_together(self) -> None:
+        """Every process reached the agreed step after a preemption notice: stop here."""
+        log.warning("preemption notice (SIGTERM to one of %d processes): every process "
+                    "stops after step %d and saves", self.strategy.process_count,
+                    self.global_step)
+        self.preempted = True
+        self.stop_reason = "SIGTERM"
 
     def _save_point(self) -> None:
         """The loop's one checkpoint save point (invariant 7): ask, then save.
@@ -865,13 +881,22 @@ class _preemption_signals:
 
     A second SIGINT falls through to the default handler, so Ctrl-C twice still
     kills a stuck run. Handlers are only installed from the main thread.
-    """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    With more than one process and JAX's preemption service on (``jax.distributed``
+    starts it by default), SIGTERM is left to that service (``coordinated``): it
+    catches the signal in whichever process gets it, tells every process, and agrees
+    on the step after which all of them stop (``reached_preemption_sync_point``).
+    A Python handler here would replace its handler and stop one process alone, which
+    the others' next collective would then wait for forever.
+    """
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.previous: dict[int, Any] = {}
+        self.coordinated = (trainer.strategy.process_count > 1
+                            and bool(jax.config.jax_enable_preemption_service))
+        self.signals = (signal.SIGINT,) if self.coordinated else (
+            signal.SIGTERM, signal.SIGINT)
 
     def _handler(self, signum, frame) -> None:
         log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
@@ -881,7 +906,7 @@ class _preemption_signals:
 
     def __enter__(self) -> _preemption_signals:
         try:
-            for sig in self.SIGNALS:
+            for sig in self.signals:
                 self.previous[sig] = signal.signal(sig, self._handler)
         except ValueError:  # not the main thread: leave signals to the host program
             self.previous.clear()

@@ -321,3 +321,84 @@ def test_two_processes_with_clocks_across_the_throttle_boundary_save_the_same_st
     assert reports[0]["saved_steps"] == reports[1]["saved_steps"] == [4, 12, 20, 24]
     ckpt = tmp_path / "run" / "checkpoints"
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4, 12, 20, 24]
+
+
+def _start_processes(script: Path, port: int, outs: list[Path], *extra: str) -> list:
+    env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+    return [
+        subprocess.Popen(
+            [sys.executable, str(script), "--port", str(port), "--count", str(len(outs)),
+             "--index", str(i), "--out", str(out), *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i, out in enumerate(outs)
+    ]
+
+
+def _finish(procs: list, timeout: float = 240) -> list[str]:
+    try:
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        pytest.fail("a process hung: the processes did not stop together\n"
+                    + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resumes(tmp_path):
+    # Only process 1 gets SIGTERM. Without agreement it would stop and save alone while
+    # process 0 waited in the next step's gradient all-reduce forever.
+    script = SCRIPT.with_name("multiprocess_run.py")
+    run_dir, marker = tmp_path / "run", tmp_path / "marker"
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = _start_processes(script, _port(), outs, "--run-dir", str(run_dir),
+                             "--max-steps", "40", "--marker", str(marker), "--marker-step", "6")
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail("process 1 never reached step 6:\n"
+                        + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs))
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    logs = _finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+    first = [json.loads(o.read_text()) for o in outs]
+    stop = first[0]["global_step"]
+    assert first[1]["global_step"] == stop and 6 <= stop < 40
+    assert [r["preempted"] for r in first] == [True, True]
+    assert [r["stop_reason"] for r in first] == ["SIGTERM", "SIGTERM"]
+    assert sorted(int(k) for k in first[0]["losses"]) == list(range(stop))
+    assert "stops after step" in logs[0]  # process 0, never signalled, was told
+    committed = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
+                       if p.name.isdigit())
+    assert committed[-1] == stop  # the preemption checkpoint, saved by both together
+
+    # Both resume from it and finish; their losses are the uninterrupted run's.
+    resumed_outs = [tmp_path / f"r{i}.json" for i in range(2)]
+    logs = _finish(_start_processes(script, _port(), resumed_outs, "--run-dir", str(run_dir),
+                                    "--max-steps", "40", "--resume", "last"))
+    resumed = [json.loads(o.read_text()) for o in resumed_outs]
+    whole = tmp_path / "whole.json"
+    single = subprocess.run(
+        [sys.executable, str(script), "--out", str(whole), "--max-steps", "40"],
+        env=_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    reference = json.loads(whole.read_text())["losses"]
+    for r in resumed:
+        assert sorted(int(k) for k in r["losses"]) == list(range(stop, 40))
+        np.testing.assert_allclose(
+            [r["losses"][str(k)] for k in range(stop, 40)],
+            [reference[str(k)] for k in range(stop, 40)], rtol=1e-5, atol=1e-6,
+        )
+    # And before the preemption too: the interrupted run was the same run.
+    np.testing.assert_allclose([first[0]["losses"][str(k)] for k in range(stop)],
+                               [reference[str(k)] for k in range(stop)], rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -248,3 +249,18 @@ def test_two_processes_join_from_a_simulated_slurm_environment(tmp_path):
     results = [json.loads(next(ln for ln in log.splitlines() if ln.startswith("RESULT "))[7:])
                for log in logs]
     assert results == [{"count": 2, "index": i, "devices": 2} for i in range(2)]
+
+
+def test_one_cpu_device_hands_the_host_batch_to_the_step_unless_transfers_are_guarded():
+    from nnx_trainer.strategy import SingleDeviceStrategy
+
+    strategy = SingleDeviceStrategy()
+    batch = {"image": np.ones((4, 2), np.float32), "label": [0, 1, 2, 3]}
+    host = strategy.shard_batch(batch)
+    # CPU device memory is host memory: the compiled step reads NumPy arguments directly.
+    assert all(isinstance(v, np.ndarray) for v in host.values())
+    np.testing.assert_array_equal(host["label"], [0, 1, 2, 3])
+    with jax.transfer_guard_host_to_device("disallow"):
+        placed = strategy.shard_batch(batch)  # explicit device_put: allowed by the guard
+    assert all(isinstance(v, jax.Array) for v in placed.values())
+    assert placed["image"].devices() == {strategy.device}

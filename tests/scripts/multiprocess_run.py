@@ -7,6 +7,10 @@ hand checkpoints between a 2-process run and a 1-process run in either direction
 wall clock reading ``global_step * S`` (see tests/fake_clock.py), so two processes can
 disagree about the time; the checkpoint plugin then uses the default cadence (every
 epoch, throttled by ``--ckpt-min-seconds``) and the report lists the steps it saved.
+
+``--marker PATH --marker-step K``: after step K this process writes PATH (a parent
+waits for it, then signals this process) and every step from there on sleeps
+``--step-sleep`` seconds, so a preemption notice has time to reach every process.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,6 +34,9 @@ parser.add_argument("--run-dir", default=None, help="enables the checkpoint plug
 parser.add_argument("--resume", default=None)
 parser.add_argument("--clock-seconds-per-step", type=float, default=None)
 parser.add_argument("--ckpt-min-seconds", type=float, default=60.0)
+parser.add_argument("--marker", default=None)
+parser.add_argument("--marker-step", type=int, default=4)
+parser.add_argument("--step-sleep", type=float, default=0.05)
 args = parser.parse_args()
 if args.count > 1:
     os.environ.update(
@@ -59,8 +67,19 @@ class Clocked:
         self.clock.seconds = trainer.global_step * args.clock_seconds_per_step
 
 
+class Marker:
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer):
+        if trainer.global_step == args.marker_step:
+            Path(args.marker).write_text(str(os.getpid()))
+        if trainer.global_step >= args.marker_step:
+            time.sleep(args.step_sleep)
+
+
 rec = Record()
 plugins: list = ["strategies", rec]
+if args.marker and args.index == 1:
+    plugins.append(Marker())
 checkpoint = None
 if args.run_dir and args.clock_seconds_per_step is not None:
     from fake_clock import FakeClock
@@ -83,5 +102,7 @@ Path(args.out).write_text(json.dumps({
     "losses": rec.losses, "process_count": jax.process_count(),
     "devices": jax.device_count(),
     "saved_steps": checkpoint.saved_steps if checkpoint is not None else None,
+    "global_step": trainer.global_step, "preempted": trainer.preempted,
+    "stop_reason": trainer.stop_reason,
     "val_accuracy": float(trainer.validate(trainer.task)["val/accuracy"]),
 }))

@@ -31,7 +31,9 @@ class Record:
     @nnx_trainer.hookimpl
     def on_train_batch_start(self, batch):
         if self.batch_sharding is None:
-            self.batch_sharding = str(getattr(batch["image"].sharding, "spec", "single"))
+            # On one CPU device the step takes the host (NumPy) batch, which has no sharding.
+            sharding = getattr(batch["image"], "sharding", None)
+            self.batch_sharding = str(getattr(sharding, "spec", "single"))
 
     @nnx_trainer.hookimpl
     def on_train_batch_end(self, loss):
