@@ -38,6 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="directory of cifar10/cifar100/folder data (not needed for digits)")
     data.add_argument("--image-size", type=int, default=None,
                       help="resize images to this size (default: the dataset's own)")
+    data.add_argument("--bad-images", choices=("stop", "skip"), default="stop",
+                      help="folder: a file that fails to decode stops the run naming it, or "
+                           "is replaced by the next good one (same on every process/resume)")
+    data.add_argument("--max-bad-images-fraction", type=float, default=0.01,
+                      help="folder, with --bad-images skip: stop once more than this share "
+                           "of the files turned out bad")
+    data.add_argument("--verify-images", action="store_true",
+                      help="folder: check every file before training and list all bad ones "
+                           "(a full read of the data; building otherwise only lists folders)")
     data.add_argument("--workers", type=int, default=0,
                       help="Grain worker processes for decoding and augmentation")
     model = p.add_argument_group("model")
@@ -114,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "simple":
         model_kwargs = (("num_blocks", args.num_blocks),
                         ("initial_features", args.initial_features))
+    folder_options = {"bad_images": args.bad_images, "verify": args.verify_images,
+                      "max_bad_fraction": args.max_bad_images_fraction}
+    if args.dataset != "folder" and (args.verify_images or args.bad_images != "stop"):
+        print("error: --verify-images and --bad-images apply to --dataset folder only",
+              file=sys.stderr)
+        return 2
     try:
         task = ResNetTask(ResNetConfig(
             dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
@@ -121,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             optimizer=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay,
             label_smoothing=args.label_smoothing, warmup_fraction=args.warmup_fraction,
             seed=args.seed,
+            dataset_kwargs=tuple(folder_options.items()) if args.dataset == "folder" else (),
         ))
         disable = list(args.disable_plugin)
         plugins = []

@@ -18,7 +18,16 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from resnet_task.errors import DataError
+from resnet_task.image_folder import (
+    IMAGE_EXTENSIONS,
+    ImageFileSource,
+    check_bad_image_policy,
+    scan_folder,
+    verify_images,
+)
 
 __all__ = [
     "DataError",
@@ -32,9 +41,9 @@ __all__ = [
     "load_synthetic",
     "load_dataset",
     "DATASET_NAMES",
+    "IMAGE_EXTENSIONS",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 # Standard per-channel statistics in [0, 1] pixel units.
 # CIFAR: mean and per-pixel std over the 50,000 training images (e.g. the values used by
@@ -47,10 +56,6 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 # ImageNet statistics (torchvision's), a reasonable default for arbitrary natural images.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """The data a loader was pointed at is missing or malformed; the message says the fix."""
 
 
 @dataclass(frozen=True)
@@ -123,47 +128,6 @@ class ArraySource:
 
     def __repr__(self) -> str:
         return f"ArraySource(n={len(self)}, image_shape={self._images.shape[1:]})"
-
-
-class ImageFileSource:
-    """Examples decoded lazily from image files (in Grain's worker processes, not up front).
-
-    Each image is converted to RGB, resized so its shorter side is ``image_size`` and centre
-    cropped to ``image_size`` x ``image_size``; cropping rather than squashing keeps the
-    aspect ratio, as ImageNet-style evaluation does.
-    """
-
-    def __init__(self, paths: Sequence[str], labels: np.ndarray, image_size: int):
-        self._paths = [str(p) for p in paths]
-        self._labels = np.asarray(labels, dtype=np.int32)
-        self._image_size = int(image_size)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        path = self._paths[index]
-        size = (self._image_size, self._image_size)
-        try:
-            with Image.open(path) as img:
-                # For JPEG, decode at a reduced scale that is still >= size: much faster for
-                # large photos; no-op for other formats.
-                img.draft("RGB", size)
-                img = ImageOps.fit(img.convert("RGB"), size, Image.Resampling.BILINEAR)
-                image = np.asarray(img, dtype=np.uint8)
-        except Exception as e:  # any decoder failure: name the file
-            raise DataError(
-                f"cannot decode image '{path}' ({e}); delete or replace that file"
-            ) from e
-        return {"image": image, "label": self._labels[index]}
-
-    @property
-    def labels(self) -> np.ndarray:
-        """All labels, (N,) int32."""
-        return self._labels
-
-    def __repr__(self) -> str:
-        return f"ImageFileSource(n={len(self)}, image_size={self._image_size})"
 
 
 class SyntheticSource:
@@ -462,72 +426,29 @@ def load_cifar(
 # ---- image folder ------------------------------------------------------------------------------
 
 
-def _class_dirs(root: Path) -> list[Path]:
-    # Hidden folders (.ipynb_checkpoints, .DS_Store dirs...) are never classes.
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _image_files(class_dir: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in class_dir.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
-
-
-def _scan_folder(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
-    """Class names (sorted), image paths and labels of a ``root/<class>/*.<ext>`` tree."""
-    classes = _class_dirs(root)
-    if not classes:
-        raise DataError(
-            f"image folder '{root}' has no class sub-folders: expected "
-            f"'{root}/<class_name>/<image>' with extensions {', '.join(IMAGE_EXTENSIONS)} "
-            "(or 'train/' and 'val/' folders holding such class folders); "
-            "pass --data-dir pointing at the folder that contains the class folders"
-        )
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, class_dir in enumerate(classes):
-        files = _image_files(class_dir)
-        if not files:
-            raise DataError(
-                f"class folder '{class_dir}' contains no images (looked for "
-                f"{', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
-            )
-        paths += files
-        labels += [label] * len(files)
-    return [c.name for c in classes], paths, np.asarray(labels, dtype=np.int32)
-
-
-def _verify_images(paths: Sequence[Path]) -> None:
-    """Open every file and let Pillow check it without decoding pixels (headers, PNG CRCs)."""
-    bad: list[str] = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.verify()
-        except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError...
-            bad.append(f"'{path}' ({type(e).__name__}: {e})")
-    if bad:
-        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(
-            f"{len(bad)} unreadable or corrupt image file(s): {shown}; "
-            "delete or replace them (re-save them as PNG/JPEG)"
-        )
-
-
 def load_image_folder(
-    root: str | Path, image_size: int = 64, val_fraction: float = 0.1, seed: int = 0
+    root: str | Path,
+    image_size: int = 64,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    verify: bool = False,
+    bad_images: str = "stop",
+    max_bad_fraction: float = 0.01,
 ) -> tuple[grain.MapDataset, grain.MapDataset, DatasetInfo]:
     """Images in ``root/<class_name>/*.{png,jpg,jpeg,bmp,gif,webp}``, labels by sorted class
     name; split per class into train/val by ``val_fraction`` and ``seed``. If ``root/train/``
     and ``root/val/`` exist they are used as the splits instead (same class names required).
 
-    Every file is checked with Pillow's ``verify()`` here; decoding (to RGB, resized and
-    centre-cropped to ``image_size``) happens lazily per element, in Grain's workers.
+    Building lists the directories and opens no file; decoding (to RGB, resized and
+    centre-cropped to ``image_size``) happens lazily per element, in Grain's readers,
+    where an undecodable file follows ``bad_images`` (``"stop"`` or ``"skip"``, bounded
+    by ``max_bad_fraction``; see :mod:`resnet_task.image_folder`). ``verify=True`` checks
+    every file with Pillow's ``verify()`` first and lists every bad one.
     Normalisation uses ImageNet's mean/std.
     """
     _check_image_size(image_size)
+    check_bad_image_policy(bad_images, max_bad_fraction)
     image_size = int(image_size)
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
@@ -538,8 +459,8 @@ def load_image_folder(
         )
     has_train, has_val = (root_path / "train").is_dir(), (root_path / "val").is_dir()
     if has_train and has_val:
-        class_names, train_paths, train_labels = _scan_folder(root_path / "train")
-        val_names, val_paths, val_labels = _scan_folder(root_path / "val")
+        class_names, train_paths, train_labels = scan_folder(root_path / "train")
+        val_names, val_paths, val_labels = scan_folder(root_path / "val")
         if class_names != val_names:
             only_train = sorted(set(class_names) - set(val_names))
             only_val = sorted(set(val_names) - set(class_names))
@@ -548,7 +469,8 @@ def load_image_folder(
                 f"(only in train: {only_train}, only in val: {only_val}); "
                 "make both hold the same class folders"
             )
-        _verify_images(train_paths + val_paths)
+        if verify:
+            verify_images(train_paths + val_paths)
     elif has_train != has_val:
         present, absent = ("train", "val") if has_train else ("val", "train")
         raise DataError(
@@ -558,8 +480,9 @@ def load_image_folder(
         )
     else:
         _check_fraction(val_fraction)
-        class_names, paths, labels = _scan_folder(root_path)
-        _verify_images(paths)
+        class_names, paths, labels = scan_folder(root_path)
+        if verify:
+            verify_images(paths)
         train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
         train_paths = [paths[i] for i in train_idx]
         val_paths = [paths[i] for i in val_idx]
@@ -575,8 +498,10 @@ def load_image_folder(
         num_val=len(val_paths),
         class_names=tuple(class_names),
     )
-    train = grain.MapDataset.source(ImageFileSource(train_paths, train_labels, image_size))
-    val = grain.MapDataset.source(ImageFileSource(val_paths, val_labels, image_size))
+    policy = {"bad_images": bad_images, "max_bad_fraction": max_bad_fraction}
+    train = grain.MapDataset.source(
+        ImageFileSource(train_paths, train_labels, image_size, **policy))
+    val = grain.MapDataset.source(ImageFileSource(val_paths, val_labels, image_size, **policy))
     return train, val, info
 
 

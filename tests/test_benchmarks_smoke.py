@@ -26,6 +26,7 @@ SCRIPTS = {
     "strategies_throughput.py": "ratio fsdp/single_device",
     "resnet50_gpu.py": "images/s",
     "conv_grad.py": "ratio custom/xla",
+    "folder_startup.py": "seconds to first step",
 }
 
 

@@ -348,11 +348,55 @@ def test_image_folder_corrupt_images_are_named(tmp_path):
     good = tmp_path / "dog" / "0.png"
     truncated = tmp_path / "dog" / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:-20])
+    load_image_folder(tmp_path)  # building only lists the folders: no file is opened
     with pytest.raises(DataError) as e:
-        load_image_folder(tmp_path)
+        load_image_folder(tmp_path, verify=True)  # --verify-images: every bad file at once
     msg = str(e.value)
     assert "2 unreadable or corrupt" in msg and "delete or replace" in msg
     assert str(garbage) in msg and str(truncated) in msg
+
+
+def _folder_with_a_bad_file(root: Path) -> Path:
+    make_folder(root, per_class=6)
+    bad = root / "cat" / "0b-broken.png"  # sorts between 0.png and 1.jpg
+    bad.write_bytes((root / "cat" / "0.png").read_bytes()[:-40])
+    return bad
+
+
+def test_an_undecodable_file_stops_the_read_naming_it_by_default(tmp_path):
+    bad = _folder_with_a_bad_file(tmp_path)
+    train, val, _ = load_image_folder(tmp_path, image_size=16, val_fraction=0.25)
+    with pytest.raises(DataError) as e:
+        for ds in (train, val):
+            for i in range(len(ds)):
+                ds[i]
+    assert str(bad) in str(e.value) and "--bad-images skip" in str(e.value)
+    with pytest.raises(DataError, match="choose one of stop, skip"):
+        load_image_folder(tmp_path, bad_images="ignore")
+
+
+def test_skip_replaces_a_bad_file_deterministically_and_stops_past_the_bound(tmp_path, caplog):
+    from resnet_task.image_folder import ImageFileSource, scan_folder
+
+    bad = _folder_with_a_bad_file(tmp_path)
+    names, paths, labels = scan_folder(tmp_path)
+    index = paths.index(str(bad))
+    first = ImageFileSource(paths, labels, 16, bad_images="skip", max_bad_fraction=0.1)
+    with caplog.at_level("WARNING", logger="resnet_task"):
+        replaced = first[index]
+    assert str(bad) in caplog.text and "skipped undecodable image" in caplog.text
+    # The replacement is the next file in index order, on any reader (another process,
+    # a resumed run): a fresh source gives the same example.
+    np.testing.assert_array_equal(replaced["image"], first[index + 1]["image"])
+    assert int(replaced["label"]) == int(labels[index + 1])
+    again = ImageFileSource(paths, labels, 16, bad_images="skip", max_bad_fraction=0.1)
+    np.testing.assert_array_equal(again[index]["image"], replaced["image"])
+    assert list(first.skipped) == [str(bad)]
+    # Past the bound (here: any bad file at all), the reader stops, naming the files.
+    strict = ImageFileSource(paths, labels, 16, bad_images="skip", max_bad_fraction=0.0)
+    with pytest.raises(DataError, match="more than max_bad_fraction=0.0") as e:
+        strict[index]
+    assert str(bad) in str(e.value)
 
 
 # ---- synthetic -------------------------------------------------------------------------------
