@@ -52,6 +52,8 @@ def prepare_runtime(*, quick: bool = False, xla_flags: Sequence[str] = ()) -> No
     if flags:
         os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
     os.environ.setdefault("WANDB_MODE", "disabled")  # never upload from a benchmark
+    # Compile times are part of what benchmarks report: cold unless a script asks.
+    os.environ.setdefault("NNX_TRAINER_COMPILATION_CACHE", "off")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 

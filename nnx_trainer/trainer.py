@@ -45,6 +45,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from nnx_trainer import data as data_lib
+from nnx_trainer.compile_cache import enable_compilation_cache
 from nnx_trainer.plugin_manager import create_plugin_manager
 from nnx_trainer.state import (
     CheckpointContent,
@@ -89,6 +90,10 @@ class Trainer:
         ``NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD`` is set).
     :param worker_count: Grain worker processes for loading (0: in this process).
     :param prefetch: batches kept on device ahead of the step.
+    :param compilation_cache: JAX's persistent compilation cache: ``None`` (default: on
+        in ``~/.cache/nnx_trainer/jax`` unless ``NNX_TRAINER_COMPILATION_CACHE`` says a
+        directory or ``off``), ``True``, ``False`` or a directory; see
+        :mod:`nnx_trainer.compile_cache`.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class Trainer:
         plugin_autoload: bool | None = None,
         worker_count: int = 0,
         prefetch: int = 2,
+        compilation_cache: bool | str | os.PathLike | None = None,
     ) -> None:
         if max_epochs is None:
             max_epochs = 1 if max_steps is None else math.ceil(max_steps)
@@ -158,6 +164,7 @@ class Trainer:
         self.compute_dtype = jnp.dtype(PRECISIONS[precision])
         self.worker_count = worker_count
         self.prefetch = prefetch
+        self.compilation_cache_dir = enable_compilation_cache(compilation_cache)
         self.plugin_manager = create_plugin_manager(
             plugins=plugins, disable=disable_plugins, autoload=plugin_autoload
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import tempfile
 
 from nnx_trainer.plugin_manager import ENTRY_POINT_GROUP, PLUGINS_ENV
 
@@ -27,6 +28,10 @@ def _foreign_plugin_names() -> list[str]:
 
 
 def pytest_configure(config) -> None:
+    # JAX's compilation cache (on by default) goes to a directory of this session, not
+    # the user's ~/.cache; subprocesses inherit it.
+    os.environ.setdefault("NNX_TRAINER_COMPILATION_CACHE",
+                          tempfile.mkdtemp(prefix="nnx-trainer-test-jax-cache-"))
     blocked = [f"no:{name}" for name in _foreign_plugin_names()]
     if blocked:
         existing = [x for x in os.environ.get(PLUGINS_ENV, "").split(",") if x]
