@@ -58,11 +58,14 @@ class Task:
         """Training examples, one dict per example, before augmentation."""
         raise NotImplementedError(f"{type(self).__name__} must implement train_data()")
 
-    def val_data(self) -> grain.MapDataset | None:
-        """Validation examples, or None for no validation."""
+    def val_data(self) -> grain.MapDataset | Mapping[str, grain.MapDataset] | None:
+        """Validation examples, ``{name: examples}`` for several sets, or None for none.
+
+        Several sets log ``val/<name>/<metric>`` each, in one evaluation.
+        """
         return None
 
-    def test_data(self) -> grain.MapDataset | None:
+    def test_data(self) -> grain.MapDataset | Mapping[str, grain.MapDataset] | None:
         """Test examples; defaults to the validation examples."""
         return self.val_data()
 

@@ -32,7 +32,7 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ class Trainer:
     :param plugin_autoload: load all installed plugins (default: unless
         ``NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD`` is set).
     :param worker_count: Grain worker processes for loading (0: in this process).
-    :param prefetch: batches kept on device ahead of the step.
+    :param prefetch: batches read (and placed, off CPU) ahead of the step.
     :param compilation_cache: JAX's persistent compilation cache: ``None`` (default: on
         in ``~/.cache/nnx_trainer/jax`` unless ``NNX_TRAINER_COMPILATION_CACHE`` says a
         directory or ``off``), ``True``, ``False`` or a directory; see
@@ -789,32 +789,47 @@ class Trainer:
             return {k: float(v) for k, v in metrics.items()}
 
     def _run_eval(self, stage: str, in_fit: bool) -> dict[str, Any]:
+        """One evaluation: every set of ``val_data()`` (or ``test_data()``), one start/end.
+
+        A dataset gives ``val/<metric>``; a ``{name: dataset}`` mapping gives
+        ``val/<name>/<metric>`` for each set, all in one ``on_validation_end``, so a
+        checkpoint monitor or early stopping can name any of them.
+        """
         examples = self._val_examples if stage == "validate" else self.task.test_data()
         if examples is None:
             return {}
-        iterator, num_batches = data_lib.eval_pipeline(
-            examples, self.task.eval_transforms(), self._pipeline_config(self.eval_batch_size),
-            limit_batches=_resolve_limit(
-                self.limit_val_batches, math.ceil(len(examples) / self.eval_batch_size)
-            ),
-        )
-        eval_step = self._compiled(stage)
-        # Fresh metric state each evaluation: the eval step donates (consumes) it.
-        metrics_state = self.strategy.place_state(nnx.state(self.task.configure_metrics()))
-        self.hook.on_validation_start(trainer=self, stage=stage)
-        with data_lib.DevicePrefetcher(
-            iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
-        ) as prefetcher:
-            for index, (batch, _) in enumerate(prefetcher):
-                t0 = time.perf_counter()
-                metrics_state = eval_step(self._state, metrics_state, batch)
-                if stage not in self.compile_seconds:  # the first call traces and compiles
-                    self.compile_seconds[stage] = time.perf_counter() - t0
-                prefetcher.refill()
-                self.hook.on_validation_batch_end(trainer=self, stage=stage, batch_index=index)
         prefix = "val" if stage == "validate" else "test"
-        values = self._compiled("compute_eval_metrics")(metrics_state)
-        results = {f"{prefix}/{k}": v for k, v in values.items()}
+        sets = _named_eval_sets(examples, f"{type(self.task).__name__}."
+                                f"{'val_data' if stage == 'validate' else 'test_data'}()")
+        eval_step = self._compiled(stage)
+        self.hook.on_validation_start(trainer=self, stage=stage)
+        results: dict[str, Any] = {}
+        batch_index = 0
+        for name, dataset in sets.items():
+            iterator, num_batches = data_lib.eval_pipeline(
+                dataset, self.task.eval_transforms(),
+                self._pipeline_config(self.eval_batch_size),
+                limit_batches=_resolve_limit(
+                    self.limit_val_batches, math.ceil(len(dataset) / self.eval_batch_size)
+                ),
+            )
+            # Fresh metric state each evaluation: the eval step donates (consumes) it.
+            metrics_state = self.strategy.place_state(nnx.state(self.task.configure_metrics()))
+            with data_lib.DevicePrefetcher(
+                iter(iterator), self.strategy.shard_batch, size=self.prefetch, limit=num_batches
+            ) as prefetcher:
+                for batch, _ in prefetcher:
+                    t0 = time.perf_counter()
+                    metrics_state = eval_step(self._state, metrics_state, batch)
+                    if stage not in self.compile_seconds:  # the first call traces and compiles
+                        self.compile_seconds[stage] = time.perf_counter() - t0
+                    prefetcher.refill()
+                    self.hook.on_validation_batch_end(trainer=self, stage=stage,
+                                                      batch_index=batch_index)
+                    batch_index += 1
+            values = self._compiled("compute_eval_metrics")(metrics_state)
+            tag = prefix if name is None else f"{prefix}/{name}"
+            results.update({f"{tag}/{k}": v for k, v in values.items()})
         self.callback_metrics.update(results)
         self.hook.on_validation_end(trainer=self, stage=stage, metrics=results)
         self.hook.log_metrics(trainer=self, metrics=results, step=self.global_step)
@@ -922,6 +937,25 @@ class _preemption_signals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _named_eval_sets(examples: Any, where: str) -> dict[str | None, grain.MapDataset]:
+    """``{None: dataset}`` for one dataset, or the checked ``{name: dataset}`` mapping."""
+    if isinstance(examples, grain.MapDataset):
+        return {None: examples}
+    if not isinstance(examples, Mapping) or not examples:
+        raise TypeError(
+            f"{where} must return a grain.MapDataset, a non-empty {{name: grain.MapDataset}} "
+            f"dict, or None; got {type(examples).__name__}"
+        )
+    for name, dataset in examples.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"{where}: set name {name!r} must be a non-empty string "
+                             "without '/' (it becomes val/<name>/<metric>)")
+        if not isinstance(dataset, grain.MapDataset):
+            raise TypeError(f"{where}[{name!r}] must be a grain.MapDataset, got "
+                            f"{type(dataset).__name__}")
+    return dict(examples)
 
 
 def _check_positive(**values: int) -> None:

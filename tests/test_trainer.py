@@ -83,8 +83,8 @@ class Recorder:
 def make_trainer(tmp_path, recorder=None, **kwargs) -> nnx_trainer.Trainer:
     kwargs.setdefault("batch_size", 16)
     kwargs.setdefault("plugin_autoload", False)
-    plugins = [recorder] if recorder is not None else []
-    return nnx_trainer.Trainer(run_dir=tmp_path, plugins=plugins, **kwargs)
+    kwargs.setdefault("plugins", [recorder] if recorder is not None else [])
+    return nnx_trainer.Trainer(run_dir=tmp_path, **kwargs)
 
 
 def test_training_lowers_the_loss(tmp_path):
@@ -610,3 +610,52 @@ def test_processes_of_one_run_agree_on_the_default_run_dir(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     dirs = [next(x for x in o.splitlines() if x.startswith("RUN_DIR")) for o in outs]
     assert dirs[0] == dirs[1], dirs
+
+
+class TwoValSets(TinyTask):
+    """Validation on two named sets: the usual one and a shifted copy of it."""
+
+    def val_data(self):
+        usual = make_examples(self.n_val, seed=1, dim=self.dim)
+        other = make_examples(12, seed=5, dim=self.dim)
+        return {"usual": usual, "other": other}
+
+
+def test_several_validation_sets_log_each_under_its_name_and_any_can_be_monitored(tmp_path):
+    from nnx_trainer_plugins.early_stopping import EarlyStopping
+    from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
+
+    rec = Recorder()
+    checkpoint = OrbaxCheckpoint(monitor="val/other/loss", keep_best=1, keep_last=1)
+    stopper = EarlyStopping(monitor="val/other/accuracy", mode="max", patience=50)
+    trainer = make_trainer(tmp_path, max_epochs=3, plugins=[rec, checkpoint, stopper])
+    task = TwoValSets()
+    trainer.fit(task)
+    logged = [m for _, m in rec.logged if any(k.startswith("val/") for k in m)]
+    assert len(logged) == 3  # one evaluation per epoch, both sets in it
+    assert {k for k in logged[-1] if k.startswith("val/")} >= {
+        "val/usual/accuracy", "val/usual/loss", "val/other/accuracy", "val/other/loss"}
+    # Each set's numbers are that set's alone: the same as a one-set evaluation of it.
+    both = trainer.validate(task)
+    alone = trainer.validate(TinyTask())  # val_data() = the "usual" set
+    assert float(both["val/usual/loss"]) == pytest.approx(float(alone["val/loss"]), rel=1e-6)
+    assert float(both["val/other/loss"]) != pytest.approx(float(alone["val/loss"]), rel=1e-3)
+    # The best checkpoint by val/other/loss restores; test_data() = both sets as well.
+    best = trainer.test(task, ckpt_path="best")
+    assert {"test/usual/accuracy", "test/other/accuracy"} <= set(best)
+    assert stopper.monitor in trainer.callback_metrics  # early stopping read it each epoch
+
+
+def test_a_bad_validation_set_name_or_type_fails_naming_it(tmp_path):
+    class BadName(TinyTask):
+        def val_data(self):
+            return {"a/b": make_examples(8, seed=1, dim=self.dim)}
+
+    class BadType(TinyTask):
+        def val_data(self):
+            return {"a": [1, 2, 3]}
+
+    with pytest.raises(ValueError, match="'a/b' must be a non-empty string without '/'"):
+        make_trainer(tmp_path / "1", max_epochs=1).fit(BadName())
+    with pytest.raises(TypeError, match=r"val_data\(\)\['a'\] must be a grain.MapDataset"):
+        make_trainer(tmp_path / "2", max_epochs=1).fit(BadType())
