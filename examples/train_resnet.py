@@ -20,6 +20,7 @@ import time
 import nnx_trainer
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 from resnet_task.data import DATASET_NAMES
+from resnet_task.image_folder import BAD_IMAGE_POLICIES
 from resnet_task.models import MODEL_NAMES, STEMS
 from resnet_task.task import OPTIMIZERS, ResNetConfig, ResNetTask
 
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="directory of cifar10/cifar100/folder data (not needed for digits)")
     data.add_argument("--image-size", type=int, default=None,
                       help="resize images to this size (default: the dataset's own)")
-    data.add_argument("--bad-images", choices=("stop", "skip"), default="stop",
+    data.add_argument("--bad-images", choices=BAD_IMAGE_POLICIES, default="stop",
                       help="folder: a file that fails to decode stops the run naming it, or "
                            "is replaced by the next good one (same on every process/resume)")
     data.add_argument("--max-bad-images-fraction", type=float, default=0.01,

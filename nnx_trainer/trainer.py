@@ -795,12 +795,12 @@ class Trainer:
         ``val/<name>/<metric>`` for each set, all in one ``on_validation_end``, so a
         checkpoint monitor or early stopping can name any of them.
         """
-        examples = self._val_examples if stage == "validate" else self.task.test_data()
+        validating = stage == "validate"
+        examples = self._val_examples if validating else self.task.test_data()
         if examples is None:
             return {}
-        prefix = "val" if stage == "validate" else "test"
-        sets = _named_eval_sets(examples, f"{type(self.task).__name__}."
-                                f"{'val_data' if stage == 'validate' else 'test_data'}()")
+        prefix, source = ("val", "val_data") if validating else ("test", "test_data")
+        sets = _named_eval_sets(examples, f"{type(self.task).__name__}.{source}()")
         eval_step = self._compiled(stage)
         self.hook.on_validation_start(trainer=self, stage=stage)
         results: dict[str, Any] = {}

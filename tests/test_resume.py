@@ -286,43 +286,6 @@ def test_checkpoint_restores_onto_another_device_count_and_strategy(tmp_path):
     assert report["fsdp_to_single_finite"]
 
 
-def test_two_processes_with_clocks_across_the_throttle_boundary_save_the_same_steps(tmp_path):
-    # Default cadence (every epoch = 4 steps), at most one save per 60 s. Process 0's clock
-    # (as Orbax's checkpoint manager reads it) gives 10 s per step, process 1's 16 s: on
-    # its own, process 0 would save epochs at steps 4, 12, 20 and process 1 at every one
-    # (64 s apart), so per-process decisions would send process 1 into a collective save
-    # alone (a hang). Orbax's ContinuousCheckpointingPolicy decides on process 0 and
-    # broadcasts: both save 4, 12, 20 and the end, 24.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = SCRIPT.with_name("multiprocess_run.py")
-    env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
-    procs, outs = [], [tmp_path / f"p{i}.json" for i in range(2)]
-    for i, seconds in enumerate((10, 16)):
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), "--port", str(port), "--count", "2", "--index", str(i),
-             "--out", str(outs[i]), "--run-dir", str(tmp_path / "run"), "--max-steps", "24",
-             "--clock-seconds-per-step", str(seconds), "--ckpt-min-seconds", "60"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=240)[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        pytest.fail("a process hung: the processes disagreed about a save\n"
-                    + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs))
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
-    reports = [json.loads(o.read_text()) for o in outs]
-    assert [r["process_count"] for r in reports] == [2, 2]
-    assert reports[0]["saved_steps"] == reports[1]["saved_steps"] == [4, 12, 20, 24]
-    ckpt = tmp_path / "run" / "checkpoints"
-    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4, 12, 20, 24]
-
-
 def _start_processes(script: Path, port: int, outs: list[Path], *extra: str) -> list:
     env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
     return [
@@ -335,13 +298,14 @@ def _start_processes(script: Path, port: int, outs: list[Path], *extra: str) -> 
     ]
 
 
-def _finish(procs: list, timeout: float = 240) -> list[str]:
+def _finish(procs: list, hang: str, timeout: float = 240) -> list[str]:
+    """Each process's output; kill them all and fail with ``hang`` if one does not end."""
     try:
         return [proc.communicate(timeout=timeout)[0] for proc in procs]
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
-        pytest.fail("a process hung: the processes did not stop together\n"
+        pytest.fail(f"a process hung: {hang}\n"
                     + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs))
 
 
@@ -349,6 +313,33 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_two_processes_with_clocks_across_the_throttle_boundary_save_the_same_steps(tmp_path):
+    # Default cadence (every epoch = 4 steps), at most one save per 60 s. Process 0's clock
+    # (as Orbax's checkpoint manager reads it) gives 10 s per step, process 1's 16 s: on
+    # its own, process 0 would save epochs at steps 4, 12, 20 and process 1 at every one
+    # (64 s apart), so per-process decisions would send process 1 into a collective save
+    # alone (a hang). Orbax's ContinuousCheckpointingPolicy decides on process 0 and
+    # broadcasts: both save 4, 12, 20 and the end, 24.
+    port = _port()
+    script = SCRIPT.with_name("multiprocess_run.py")
+    env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+    procs, outs = [], [tmp_path / f"p{i}.json" for i in range(2)]
+    for i, seconds in enumerate((10, 16)):
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), "--port", str(port), "--count", "2", "--index", str(i),
+             "--out", str(outs[i]), "--run-dir", str(tmp_path / "run"), "--max-steps", "24",
+             "--clock-seconds-per-step", str(seconds), "--ckpt-min-seconds", "60"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    logs = _finish(procs, "the processes disagreed about a save")
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+    reports = [json.loads(o.read_text()) for o in outs]
+    assert [r["process_count"] for r in reports] == [2, 2]
+    assert reports[0]["saved_steps"] == reports[1]["saved_steps"] == [4, 12, 20, 24]
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4, 12, 20, 24]
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resumes(tmp_path):
@@ -368,7 +359,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resu
                         + "\n".join((p.communicate()[0] or "")[-2000:] for p in procs))
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)
-    logs = _finish(procs)
+    logs = _finish(procs, "the processes did not stop together")
     assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
     first = [json.loads(o.read_text()) for o in outs]
     stop = first[0]["global_step"]
@@ -384,7 +375,8 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resu
     # Both resume from it and finish; their losses are the uninterrupted run's.
     resumed_outs = [tmp_path / f"r{i}.json" for i in range(2)]
     logs = _finish(_start_processes(script, _port(), resumed_outs, "--run-dir", str(run_dir),
-                                    "--max-steps", "40", "--resume", "last"))
+                                    "--max-steps", "40", "--resume", "last"),
+                   "the resumed processes did not finish")
     resumed = [json.loads(o.read_text()) for o in resumed_outs]
     whole = tmp_path / "whole.json"
     single = subprocess.run(
