@@ -84,7 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--model", choices=["resnet18", "resnet50"], default="resnet18",
+                   help="resnet18: CIFAR stem at 32x32; resnet50: ImageNet stem (7x7 conv, "
+                        "max-pool, bottlenecks) at --image-size")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input side (default 32 for resnet18, 64 for resnet50)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default 128 for resnet18, 32 for resnet50")
     p.add_argument("--steps", type=int, default=6,
                    help="timed steps per measurement (the fit times its second epoch of "
                         "steps+1 batches)")
@@ -108,10 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def sizes(args: argparse.Namespace) -> dict:
     """Image side and network width: the real ones, or tiny ones for ``--quick``."""
+    resnet50 = args.model == "resnet50"
+    batch = args.batch_size or (32 if resnet50 else 128)
     if args.quick:
-        return {"image_size": 8, "width": 4, "batch_size": min(args.batch_size, 8),
+        return {"image_size": 32 if resnet50 else 8, "width": 4, "batch_size": min(batch, 8),
                 "steps": min(args.steps, 2)}
-    return {"image_size": 32, "width": 64, "batch_size": args.batch_size, "steps": args.steps}
+    side = args.image_size or (64 if resnet50 else 32)
+    return {"image_size": side, "width": 64, "batch_size": batch, "steps": args.steps}
 
 
 # ---------------------------------------------------------------------------- PyTorch side
@@ -163,13 +172,46 @@ def torch_resnet18(width: int, num_classes: int = 10):
     return ResNet18()
 
 
+def torch_resnet50(width: int, num_classes: int = 10):
+    """ResNet-50, ImageNet stem, v1.5 bottlenecks (stride on the 3x3): resnet_task's resnet50."""
+    from torch import nn
+
+    class Bottleneck(nn.Module):
+        def __init__(self, cin: int, mid: int, stride: int) -> None:
+            super().__init__()
+            cout = mid * 4
+            self.body = nn.Sequential(
+                nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential()
+            if stride != 1 or cin != cout:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            return (self.body(x) + self.shortcut(x)).relu()
+
+    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+              nn.MaxPool2d(3, 2, 1)]
+    cin = width
+    for i, (count, stride) in enumerate(zip((3, 4, 6, 3), (1, 2, 2, 2), strict=True)):
+        mid = width * 2**i
+        for j in range(count):
+            layers.append(Bottleneck(cin, mid, stride if j == 0 else 1))
+            cin = mid * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
 def torch_worker(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
     s = sizes(args)
     torch.manual_seed(0)
-    model = torch_resnet18(s["width"])
+    build = torch_resnet50 if args.model == "resnet50" else torch_resnet18
+    model = build(s["width"])
     fmt = torch.channels_last if args.layout == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
@@ -209,8 +251,9 @@ def jax_task(args: argparse.Namespace, batches_per_epoch: int):
     images, labels = workloads.synthetic_arrays(
         batches_per_epoch * s["batch_size"], s["image_size"])
     kwargs = () if s["width"] == 64 else (("width", s["width"]),)
-    return workloads.InMemoryResNetTask(images, labels, workloads.ModelSpec("resnet18",
-                                                                           kwargs=kwargs))
+    stem = "imagenet" if args.model == "resnet50" else "cifar"
+    return workloads.InMemoryResNetTask(images, labels, workloads.ModelSpec(
+        args.model, stem=stem, kwargs=kwargs))
 
 
 def jax_hand_worker(args: argparse.Namespace) -> dict:
@@ -295,8 +338,10 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def child(args: argparse.Namespace, worker: str, *extra: str, xla_flags: str = "",
           env: dict | None = None, steps: int | None = None) -> dict:
-    argv = [sys.executable, str(SCRIPT), "--_worker", worker,
-            "--batch-size", str(args.batch_size), "--steps", str(steps or args.steps),
+    s = sizes(args)
+    argv = [sys.executable, str(SCRIPT), "--_worker", worker, "--model", args.model,
+            "--batch-size", str(s["batch_size"]), "--steps", str(steps or args.steps),
+            *(["--image-size", str(args.image_size)] if args.image_size else []),
             *(["--quick"] if args.quick else []), *extra]
     child_env = {**os.environ, **(env or {})}
     if xla_flags:
@@ -320,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         return run_worker(args)
     harness.prepare_runtime(quick=args.quick)
-    harness.print_header("ResNet-18 (CIFAR stem) training: PyTorch vs nnx-trainer", args,
+    stem = "imagenet" if args.model == "resnet50" else "cifar"
+    harness.print_header(f"{args.model} ({stem} stem) training: PyTorch vs nnx-trainer", args,
                          extra_packages=["torch"])
     s = sizes(args)
-    print(f"model resnet18 (cifar stem, width {s['width']}), {s['image_size']}x"
+    print(f"model {args.model} ({stem} stem, width {s['width']}), {s['image_size']}x"
           f"{s['image_size']}x3 float32 in memory, batch {s['batch_size']}, "
           f"{s['steps']} timed steps each", flush=True)
     results = {}

@@ -8,7 +8,11 @@ evaluated on a fixed held-out split.
     python examples/train_resnet.py --dataset cifar10 --data-dir ~/data --model resnet18 \
         --epochs 30 --batch-size 128 --lr 0.1 --label-smoothing 0.1
     python examples/train_resnet.py --dataset folder --data-dir ./flowers --image-size 64
+    python -m resnet_task.convert ./flowers ./flowers-ar   # then train on the shards:
+    python examples/train_resnet.py --dataset arrayrecord --data-dir ./flowers-ar
     python examples/train_resnet.py --run-dir runs/a --resume   # continue runs/a after a stop
+    python examples/train_resnet.py --recipe imagenet --dataset folder --data-dir ~/imagenet \
+        --workers 8   # the Flax ImageNet example's ResNet-50 recipe; any flag overrides it
 """
 
 from __future__ import annotations
@@ -21,62 +25,97 @@ import nnx_trainer
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 from resnet_task.data import DATASET_NAMES
 from resnet_task.image_folder import BAD_IMAGE_POLICIES
+from resnet_task.imagenet import IMAGENET_PRESET, RECIPES, resolve_recipe
 from resnet_task.models import MODEL_NAMES, STEMS
 from resnet_task.task import OPTIMIZERS, ResNetConfig, ResNetTask
 
+# Defaults of the flags a --recipe may change. Those flags are parsed with
+# default=SUPPRESS, so the namespace holds only what was given on the command line;
+# parse_args then fills in the recipe's values, and explicit flags win over both.
+DEFAULTS = {
+    "image_size": None, "model": "simple", "stem": "cifar", "epochs": 30, "batch_size": 32,
+    "lr": 0.05, "optimizer": "sgd", "weight_decay": 5e-4, "label_smoothing": 0.0,
+    "warmup_fraction": 0.05, "precision": "fp32",
+}
+# How --help describes the imagenet recipe's value of each of them.
+_IMAGENET_HELP = {**IMAGENET_PRESET, "lr": "0.1 x batch size / 256 (0.4 at 1024)",
+                  "warmup_fraction": "5 / epochs (5 warmup epochs)"}
+
+
+def _preset(text: str, name: str, shown_default: object = None) -> str:
+    default = DEFAULTS[name] if shown_default is None else shown_default
+    return f"{text} (default: {default}; with --recipe imagenet: {_IMAGENET_HELP[name]})"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line: every flag has a default that trains the bundled dataset well."""
+    """The command line: every flag has a default that trains the bundled dataset well;
+    ``--recipe imagenet`` swaps in the ImageNet recipe's defaults."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="default: images resized to --image-size, padded random crop + flip; "
+                        "imagenet: the Flax ImageNet example (ResNet-50, batch 1024, SGD "
+                        "Nesterov, lr 0.1 x batch/256, 5 warmup epochs + cosine, 90 epochs, "
+                        "weight decay 1e-4, bf16, 224 px random-resized crops; evaluation "
+                        "resizes to 256 and centre-crops 224). Flags given explicitly override "
+                        "the recipe")
+    keep = argparse.SUPPRESS  # a recipe-dependent flag: absent unless given
     data = p.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASET_NAMES, default="digits",
                       help="digits ships with scikit-learn; cifar10/cifar100 read the python-"
-                           "format directory; folder reads root/<class>/*.png|jpg")
+                           "format directory; folder reads root/<class>/*.png|jpg; "
+                           "arrayrecord reads shards from python -m resnet_task.convert")
     data.add_argument("--data-dir", default=None,
                       help="directory of cifar10/cifar100/folder data (not needed for digits)")
-    data.add_argument("--image-size", type=int, default=None,
-                      help="resize images to this size (default: the dataset's own)")
+    data.add_argument("--image-size", type=int, default=keep,
+                      help=_preset("resize images to this size (imagenet recipe: the crop "
+                                   "size)", "image_size", "the dataset's own"))
     data.add_argument("--bad-images", choices=BAD_IMAGE_POLICIES, default="stop",
                       help="folder: a file that fails to decode stops the run naming it, or "
                            "is replaced by the next good one (same on every process/resume)")
-    data.add_argument("--max-bad-images-fraction", type=float, default=0.01,
-                      help="folder, with --bad-images skip: stop once more than this share "
-                           "of the files turned out bad")
+    data.add_argument("--max-bad-images-fraction", type=float, default=None,
+                      help="folder/arrayrecord, with --bad-images skip: stop once more than "
+                           "this share of the files turned out bad (default 0.01)")
     data.add_argument("--verify-images", action="store_true",
                       help="folder: check every file before training and list all bad ones "
                            "(a full read of the data; building otherwise only lists folders)")
     data.add_argument("--workers", type=int, default=0,
                       help="Grain worker processes for decoding and augmentation")
     model = p.add_argument_group("model")
-    model.add_argument("--model", choices=MODEL_NAMES, default="simple",
-                       help="resnet18..152 (ImageNet-style), resnet20..110 (CIFAR ResNet-6n+2), "
-                            "or simple (set --num-blocks / --initial-features)")
+    model.add_argument("--model", choices=MODEL_NAMES, default=keep,
+                       help=_preset("resnet18..152 (ImageNet-style), resnet20..110 (CIFAR "
+                                    "ResNet-6n+2), or simple (set --num-blocks / "
+                                    "--initial-features)", "model"))
     model.add_argument("--num-blocks", type=int, default=1,
                        help="basic blocks per stage of the simple ResNet (1 = ResNet-8)")
     model.add_argument("--initial-features", type=int, default=16,
                        help="features of the simple ResNet's first stage (doubled per stage)")
-    model.add_argument("--stem", choices=STEMS, default="cifar",
-                       help="cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv + max-pool "
-                            "(resnet18..152 only)")
+    model.add_argument("--stem", choices=STEMS, default=keep,
+                       help=_preset("cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv + "
+                                    "max-pool (resnet18..152 only)", "stem"))
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=30, help="training epochs")
+    opt.add_argument("--epochs", type=int, default=keep,
+                     help=_preset("training epochs", "epochs"))
     opt.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    opt.add_argument("--batch-size", type=int, default=32, help="global batch size")
-    opt.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
-    opt.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                     help="sgd uses Nesterov momentum 0.9")
-    opt.add_argument("--weight-decay", type=float, default=5e-4,
-                     help="not applied to batch-norm parameters and biases")
-    opt.add_argument("--label-smoothing", type=float, default=0.0, help="0 disables it")
-    opt.add_argument("--warmup-fraction", type=float, default=0.05,
-                     help="share of steps with linear warmup before the cosine decay")
+    opt.add_argument("--batch-size", type=int, default=keep,
+                     help=_preset("global batch size", "batch_size"))
+    opt.add_argument("--lr", type=float, default=keep, help=_preset("peak learning rate", "lr"))
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, default=keep,
+                     help=_preset("sgd uses Nesterov momentum 0.9", "optimizer"))
+    opt.add_argument("--weight-decay", type=float, default=keep,
+                     help=_preset("not applied to batch-norm parameters and biases",
+                                  "weight_decay"))
+    opt.add_argument("--label-smoothing", type=float, default=keep,
+                     help=_preset("0 disables it", "label_smoothing"))
+    opt.add_argument("--warmup-fraction", type=float, default=keep,
+                     help=_preset("share of steps with linear warmup before the cosine decay",
+                                  "warmup_fraction"))
     opt.add_argument("--grad-clip", type=float, default=None, help="clip by global norm")
     run = p.add_argument_group("run")
-    run.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                     help="compute dtype; parameters stay float32")
+    run.add_argument("--precision", choices=["fp32", "bf16"], default=keep,
+                     help=_preset("compute dtype; parameters stay float32", "precision"))
     run.add_argument("--strategy", default="single_device",
                      help="how to place the run on devices (see nnx-trainer-plugins)")
     run.add_argument("--disable-plugin", action="append", default=[], metavar="NAME",
@@ -113,7 +152,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="whether a lower or a higher --ckpt-monitor is better")
     ckpt.add_argument("--no-checkpoint", action="store_true",
                       help="save nothing (same as --disable-plugin checkpoint)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
+    for name, value in resolve_recipe(args.recipe, given, DEFAULTS).items():
+        setattr(args, name, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,19 +168,27 @@ def main(argv: list[str] | None = None) -> int:
         model_kwargs = (("num_blocks", args.num_blocks),
                         ("initial_features", args.initial_features))
     folder_options = {"bad_images": args.bad_images, "verify": args.verify_images,
-                      "max_bad_fraction": args.max_bad_images_fraction}
-    if args.dataset != "folder" and (args.verify_images or args.bad_images != "stop"):
-        print("error: --verify-images and --bad-images apply to --dataset folder only",
-              file=sys.stderr)
+                      "max_bad_fraction": 0.01 if args.max_bad_images_fraction is None
+                      else args.max_bad_images_fraction}
+    if args.dataset != "folder" and args.verify_images:
+        print("error: --verify-images applies to --dataset folder only", file=sys.stderr)
         return 2
+    if args.dataset not in ("folder", "arrayrecord") and (
+            args.bad_images != "stop" or args.max_bad_images_fraction is not None):
+        print("error: --bad-images and --max-bad-images-fraction apply to --dataset folder "
+              "or arrayrecord only", file=sys.stderr)
+        return 2
+    if args.dataset == "arrayrecord":  # the shards' records follow the same policy
+        folder_options.pop("verify")
     try:
         task = ResNetTask(ResNetConfig(
             dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
             model=args.model, stem=args.stem, model_kwargs=model_kwargs,
             optimizer=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay,
             label_smoothing=args.label_smoothing, warmup_fraction=args.warmup_fraction,
-            seed=args.seed,
-            dataset_kwargs=tuple(folder_options.items()) if args.dataset == "folder" else (),
+            seed=args.seed, recipe=args.recipe,
+            dataset_kwargs=tuple(folder_options.items())
+            if args.dataset in ("folder", "arrayrecord") else (),
         ))
         disable = list(args.disable_plugin)
         plugins = []
@@ -164,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     info = task.dataset_info
     print(f"{info.name}: {info.num_train} train / {info.num_val} held-out examples, "
           f"{info.num_classes} classes, images {info.image_shape}; model {args.model}; "
-          f"run dir {trainer.run_dir}")
+          f"run dir {trainer.run_dir}"
+          + (f"; recipe {args.recipe}: batch {args.batch_size}, lr {args.lr:g}, warmup "
+             f"{args.warmup_fraction:.4g} of the steps, {args.precision}"
+             if args.recipe != "default" else ""))
     try:
         trainer.fit(task, ckpt_path=args.resume)
     except ValueError as exc:  # e.g. --resume best without a monitor, a bad path, a used run dir

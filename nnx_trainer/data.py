@@ -270,6 +270,61 @@ def train_pipeline(
     return _to_iter(ds, config)
 
 
+def stream_pipeline(
+    examples: grain.IterDataset,
+    transforms: Sequence[Any],
+    config: PipelineConfig,
+    *,
+    seed: int,
+) -> grain.IterDataset:
+    """Training batches from a stream (an ``IterDataset``: no length, no random access).
+
+    Every process reads the same stream, batches ``global_batch_size`` examples and
+    keeps its rows (every ``process_count``-th, as for indexed data), so the processes
+    agree on each global batch without any coordination; a stream that is already
+    split per process can read ``task.trainer.strategy.process_index`` itself. Per-
+    example transforms are seeded by Grain's element counter; batch transforms get
+    keys from each example's position in the stream. Its iterator's ``get_state()``
+    (Grain's, JSON) is the data position a checkpoint keeps for an exact resume.
+    """
+    per_example, batched = split_transforms(transforms)
+    ds = examples
+    for i, transform in enumerate(per_example):
+        if isinstance(transform, grain.transforms.RandomMap):
+            ds = ds.random_map(transform, seed=epoch_seed(seed, 0) + 1 + i)
+        else:
+            ds = ds.map(transform)
+    g, key_seed = config.global_batch_size, epoch_seed(seed, 0) + 2
+    rows = np.arange(config.process_index, g, config.process_count)
+
+    def share(index: int, batch: Any) -> Any:
+        if config.process_count > 1:
+            batch = _rows(batch, rows)
+        if batched:
+            keys = example_keys(key_seed, index * g + rows)
+            for transform in batched:
+                batch = transform.map_batch(batch, keys)
+        return batch
+
+    ds = ds.batch(g, drop_remainder=True, batch_fn=_stack).map_with_index(share)
+    # One background thread reads ahead while the device computes; its state is the
+    # position of the batches handed out, not of those read ahead. Not worker processes:
+    # Grain splits a stream over workers by slicing its source, which a generator-like
+    # source cannot do, and each worker would batch (and key) its own slice.
+    return grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=config.read_buffer
+    )
+
+
+def _rows(batch: Any, rows: np.ndarray) -> Any:
+    """The given rows of every array of a stacked batch (dicts, tuples or arrays)."""
+    if isinstance(batch, Mapping):
+        return {k: _rows(v, rows) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_rows(v, rows) for v in batch)
+    return np.asarray(batch)[rows]
+
+
 def eval_num_batches(num_examples: int, global_batch_size: int) -> int:
     """Global batches needed to cover every example once (last one padded)."""
     return -(-num_examples // global_batch_size)

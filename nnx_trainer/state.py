@@ -42,6 +42,9 @@ class CheckpointMeta:
     :param validation_pending: preempted on an epoch's last batch, before its validation;
         the resumed fit runs that validation first.
     :param plugins: every plugin's ``state_dict``, merged.
+    :param data_state: a streamed training set's iterator state (Grain's
+        ``get_state()``) after the last consumed batch; None for indexed data, whose
+        position is the counters.
     """
 
     global_step: int
@@ -50,10 +53,14 @@ class CheckpointMeta:
     seed: int
     validation_pending: bool = False
     plugins: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_state: Any = None
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (field name to value)."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (field name to value); no ``data_state`` for indexed data."""
+        data = dataclasses.asdict(self)
+        if data["data_state"] is None:
+            del data["data_state"]
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CheckpointMeta:

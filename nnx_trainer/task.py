@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,23 @@ if TYPE_CHECKING:
     from nnx_trainer.trainer import Trainer
 
 Batch = Mapping[str, jax.Array]
+#: What selects variables: a Variable type, ``nnx.PathContains("backbone")``, ``nnx.All(...)``...
+Filter = Any
+#: The name of the optimizer when ``configure_optimizer`` returns one transformation.
+DEFAULT_OPTIMIZER = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """One of several named optimizers: an optax transformation over the parameters
+    that ``wrt`` selects (an NNX filter, e.g. ``nnx.PathContains("generator")``).
+
+    Each parameter belongs to at most one optimizer; parameters no optimizer selects
+    (and those of ``Task.frozen_parameters``) get no update and no optimizer state.
+    """
+
+    tx: optax.GradientTransformation
+    wrt: Filter = nnx.Param
 
 
 class Task:
@@ -38,11 +56,27 @@ class Task:
         """Build the model. ``self.compute_dtype`` is the dtype the Trainer's precision asks for."""
         raise NotImplementedError(f"{type(self).__name__} must implement configure_model(rngs)")
 
-    def configure_optimizer(self, total_steps: int) -> optax.GradientTransformation:
-        """Build the optimizer; ``total_steps`` is the number of optimizer updates of the fit."""
+    def configure_optimizer(
+        self, total_steps: int
+    ) -> optax.GradientTransformation | Mapping[str, OptimizerSpec]:
+        """Build the optimizer; ``total_steps`` is the number of optimizer updates of the fit.
+
+        Return one optax transformation (over every ``nnx.Param``), or several named
+        ones, ``{"generator": OptimizerSpec(tx, wrt=filter), ...}``, each over its own
+        parameters (a GAN's two networks; a head trained apart from a backbone). For
+        parameter groups with their own learning rates, ``optax.multi_transform`` in
+        one transformation is enough.
+        """
         raise NotImplementedError(
             f"{type(self).__name__} must implement configure_optimizer(total_steps)"
         )
+
+    def frozen_parameters(self) -> Filter:
+        """Parameters that get no update and no optimizer state (a frozen backbone,
+        a distillation teacher): an NNX filter, default none. Batch-norm statistics of
+        frozen layers still update in training mode, as in the forward pass they run.
+        """
+        return nnx.Nothing
 
     def configure_train_metrics(self) -> nnx.MultiMetric:
         """Metrics accumulated on device in training, updated with ``loss=`` and the aux dict."""
@@ -88,6 +122,36 @@ class Task:
     def training_step(self, model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
         """Return ``(scalar loss, aux)``; ``aux`` is passed to the train metrics' ``update``."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step")
+
+    def training_update(
+        self, model: nnx.Module, optimizers: Mapping[str, nnx.Optimizer], batch: Batch
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """One optimisation step, traced inside the compiled train step; returns
+        ``(scalar loss, aux)`` like ``training_step``.
+
+        The default differentiates ``training_step`` with respect to every optimizer's
+        parameters and lets each optimizer apply its part. Override it to take over the
+        update (Lightning's manual optimisation): ``optimizers`` maps each name of
+        ``configure_optimizer`` (``"default"`` for a single one) to an ``nnx.Optimizer``
+        whose ``wrt`` already leaves out frozen parameters, e.g.::
+
+            opt = optimizers["discriminator"]
+            grads = nnx.grad(d_loss, argnums=nnx.DiffState(0, opt.wrt))(model, batch)
+            opt.update(model, grads)
+
+        The Trainer still jits, donates, shards, updates metrics and checkpoints.
+        """
+        wrt = nnx.Any(*(optimizer.wrt for optimizer in optimizers.values()))
+
+        def loss_fn(model: nnx.Module) -> tuple[jax.Array, dict[str, Any]]:
+            return self.training_step(model, batch)
+
+        (loss, aux), grads = nnx.value_and_grad(
+            loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True
+        )(model)
+        for optimizer in optimizers.values():
+            optimizer.update(model, grads)  # each reads only the gradients of its wrt
+        return loss, aux
 
     def validation_step(self, model: nnx.Module, batch: Batch) -> dict[str, Any]:
         """Return per-example outputs; the Trainer calls ``metrics.update(**outputs, mask=...)``."""

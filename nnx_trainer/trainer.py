@@ -46,6 +46,7 @@ from jax.experimental import multihost_utils
 
 from nnx_trainer import data as data_lib
 from nnx_trainer.compile_cache import enable_compilation_cache
+from nnx_trainer.optimizers import build_optimizers, optimizer_specs
 from nnx_trainer.plugin_manager import create_plugin_manager
 from nnx_trainer.state import (
     CheckpointContent,
@@ -55,7 +56,8 @@ from nnx_trainer.state import (
     structure_mismatch,
 )
 from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
-from nnx_trainer.task import Task
+from nnx_trainer.summary import model_summary
+from nnx_trainer.task import DEFAULT_OPTIMIZER, Task
 
 log = logging.getLogger("nnx_trainer")
 
@@ -196,7 +198,10 @@ class Trainer:
         self._train_metrics_state: Any = None
         self._loss_record: Any = None
         self._validation_pending = False  # preempted at an epoch end: its validation is owed
-        self._live: tuple[nnx.Module, nnx.Optimizer] | None = None
+        self._live: tuple[nnx.Module, dict[str, nnx.Optimizer]] | None = None
+        self._several_optimizers = False  # configure_optimizer named several
+        self._streaming = False  # train_data() is a grain.IterDataset
+        self._data_state: Any = None  # the stream's iterator state after the last batch
         # True once the state holds trained (fit) or restored weights: evaluations of any
         # task with the same model structure then use it instead of a fresh init.
         self._has_trained_state = False
@@ -244,9 +249,14 @@ class Trainer:
 
     @property
     def optimizer(self) -> nnx.Optimizer:
-        """The live optimizer, synchronised with the training state."""
-        self._sync_live()
-        return self._live[1]
+        """The live optimizer, synchronised with the training state (one optimizer only;
+        see :attr:`optimizers` for several)."""
+        if self._several_optimizers:
+            raise AttributeError(
+                f"the task has several optimizers ({', '.join(self._live[1])}); "
+                "use trainer.optimizers[name]"
+            )
+        return self.optimizers[DEFAULT_OPTIMIZER]
 
     @property
     def state(self) -> TrainState:
@@ -267,11 +277,27 @@ class Trainer:
             raise ValueError("the new state must have the same structure as trainer.state")
         self._state = self.strategy.place_state(new_state)
 
+    @property
+    def optimizers(self) -> dict[str, nnx.Optimizer]:
+        """The live optimizers by name (``"default"`` for a single one), synchronised."""
+        self._sync_live()
+        return dict(self._live[1])
+
     def _sync_live(self) -> None:
         if self._live is None:
             raise RuntimeError("no model yet: call fit, validate, test or predict first")
         nnx.update(self._live[0], self._state.model)
-        nnx.update(self._live[1], self._state.optimizer)
+        for name, optimizer_state in self._unpack(self._state.optimizer).items():
+            nnx.update(self._live[1][name], optimizer_state)
+
+    def _pack(self, optimizer_states: dict[str, Any]) -> Any:
+        """The optimizer part of the state: one optimizer's own state, or ``{name: state}``."""
+        return optimizer_states if self._several_optimizers else optimizer_states[DEFAULT_OPTIMIZER]
+
+    def _unpack(self, optimizer_state: Any) -> dict[str, Any]:
+        return dict(optimizer_state) if self._several_optimizers else {
+            DEFAULT_OPTIMIZER: optimizer_state
+        }
 
     def _pipeline_config(self, global_batch_size: int) -> data_lib.PipelineConfig:
         return data_lib.PipelineConfig(
@@ -284,10 +310,29 @@ class Trainer:
     def _plan(self, task: Task) -> None:
         """Count steps from the data before building anything, so bad sizes fail early."""
         train = task.train_data()
-        if not isinstance(train, grain.MapDataset):
+        self._streaming = isinstance(train, grain.IterDataset)
+        if not isinstance(train, grain.MapDataset) and not self._streaming:
             raise TypeError(
-                f"{type(task).__name__}.train_data() must return a grain.MapDataset, "
-                f"got {type(train).__name__}; wrap a sequence with grain.MapDataset.source(...)"
+                f"{type(task).__name__}.train_data() must return a grain.MapDataset (or a "
+                f"grain.IterDataset stream), got {type(train).__name__}; wrap a sequence "
+                "with grain.MapDataset.source(...)"
+            )
+        if self._streaming and self.max_steps is None:
+            raise ValueError(
+                f"{type(task).__name__}.train_data() returned a grain.IterDataset, which has "
+                "no length, so epochs cannot end the fit: set Trainer(max_steps=N)"
+            )
+        if self._streaming and self.worker_count:
+            raise ValueError(
+                f"worker_count={self.worker_count} with a streamed training set "
+                "(grain.IterDataset): Grain's worker processes split a stream by slicing its "
+                "source, which a stream cannot promise; use worker_count=0 (a read-ahead "
+                "thread serves the stream), or return a grain.MapDataset to use workers"
+            )
+        if self._streaming and self.limit_train_batches is not None:
+            raise ValueError(
+                "limit_train_batches counts batches of an epoch, and a streamed training set "
+                "(grain.IterDataset) has no epochs: use max_steps alone"
             )
         self.strategy.setup(self.batch_size)
         devices = self.strategy.num_devices
@@ -298,8 +343,11 @@ class Trainer:
                 f"{devices} devices of the {self.strategy.name!r} strategy; use a multiple "
                 f"of {unit}, e.g. eval_batch_size={max(unit, self.eval_batch_size // unit * unit)}"
             )
-        steps = data_lib.train_steps_per_epoch(len(train), self.batch_size)
-        steps = _resolve_limit(self.limit_train_batches, steps)
+        if self._streaming:  # the stream is one epoch of max_steps batches
+            steps = self.max_steps
+        else:
+            steps = data_lib.train_steps_per_epoch(len(train), self.batch_size)
+            steps = _resolve_limit(self.limit_train_batches, steps)
         self.steps_per_epoch = steps
         self._val_every_steps = self.val_check_interval
         if isinstance(self.val_check_interval, float):  # a fraction of an epoch
@@ -320,25 +368,32 @@ class Trainer:
         # ~4x slower (ResNet-8 init: 20.8 s -> 5.4 s measured on this project's CI CPU).
         # Same seed, same weights as `with jax.threefry_partitionable(False): Model(...)`.
         with jax.threefry_partitionable(False):
-            model = task.configure_model(nnx.Rngs(self.seed))
+            model = _build_model(task, self.seed)
         updates = max(1, math.ceil(max(self.total_steps, 1) / self.accumulate_grad_batches))
-        tx = task.configure_optimizer(updates)
+        specs, self._several_optimizers = optimizer_specs(task, updates)
         pre = []
         if self.gradient_clip_norm is not None:
             pre.append(optax.clip_by_global_norm(self.gradient_clip_norm))
         for extra in self.hook.configure_gradient_transforms(trainer=self):
             pre.extend(extra or [])
-        if pre:
-            tx = optax.chain(*pre, tx)
-        if self.accumulate_grad_batches > 1:
-            tx = optax.MultiSteps(tx, every_k_schedule=self.accumulate_grad_batches)
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        self._live = (model, optimizer)
-        # Split apart (the optimizer holds no reference to the model's variables), so
-        # the state has named parts: TrainState(model=..., optimizer=...).
+
+        def wrap(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+            if pre:
+                tx = optax.chain(*pre, tx)
+            if self.accumulate_grad_batches > 1:
+                tx = optax.MultiSteps(tx, every_k_schedule=self.accumulate_grad_batches)
+            return tx
+
+        optimizers = build_optimizers(task, model, specs, wrap)
+        self._live = (model, optimizers)
+        # Split apart (an optimizer holds no reference to the model's variables), so
+        # the state has named parts: TrainState(model=..., optimizer=...). One optimizer's
+        # state is its nnx.State; several are {name: nnx.State}.
         self._model_graphdef, model_state = nnx.split(model)
-        self._optimizer_graphdef, optimizer_state = nnx.split(optimizer)
-        state = TrainState(model=model_state, optimizer=optimizer_state)
+        self._optimizer_graphdefs, optimizer_states = {}, {}
+        for name, optimizer in optimizers.items():
+            self._optimizer_graphdefs[name], optimizer_states[name] = nnx.split(optimizer)
+        state = TrainState(model=model_state, optimizer=self._pack(optimizer_states))
         model.eval()
         self._eval_graphdef = nnx.split(model)[0]
         model.train()
@@ -360,21 +415,23 @@ class Trainer:
         constrain = not isinstance(self.strategy, SingleDeviceStrategy)
 
         if kind == "train":
-            model_graphdef, optimizer_graphdef = self._model_graphdef, self._optimizer_graphdef
+            model_graphdef, optimizer_graphdefs = self._model_graphdef, self._optimizer_graphdefs
             metrics_graphdef = self._train_metrics_graphdef
+            pack, unpack = self._pack, self._unpack
 
             def train_step(state, metrics_state, loss_record, batch):
                 model = nnx.merge(model_graphdef, state.model)
-                optimizer = nnx.merge(optimizer_graphdef, state.optimizer)
+                optimizers = {
+                    name: nnx.merge(optimizer_graphdefs[name], optimizer_state)
+                    for name, optimizer_state in unpack(state.optimizer).items()
+                }
                 metrics = nnx.merge(metrics_graphdef, metrics_state)
-
-                def loss_fn(model):
-                    return task.training_step(model, batch)
-
-                (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-                optimizer.update(model, grads)
+                loss, aux = _checked_update(task, task.training_update(model, optimizers, batch))
                 metrics.update(loss=loss, **aux)
-                new_state = TrainState(model=nnx.state(model), optimizer=nnx.state(optimizer))
+                new_state = TrainState(
+                    model=nnx.state(model),
+                    optimizer=pack({name: nnx.state(o) for name, o in optimizers.items()}),
+                )
                 if constrain:
                     new_state = jax.lax.with_sharding_constraint(new_state, shardings)
                 loss_record = _record_nonfinite(loss_record, loss)
@@ -424,6 +481,17 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
 
+    def lower_train_step(self, batch: Mapping[str, Any]) -> jax.stages.Lowered:
+        """The compiled train step lowered for ``batch`` (a batch as ``on_train_batch_start``
+        sees it), without compiling or running it: ``.cost_analysis()["flops"]`` is XLA's
+        FLOP count of one step, ``.as_text()`` its StableHLO. Valid once fit has built
+        the state (from ``on_fit_start``)."""
+        if self._state is None:
+            raise RuntimeError("no train step yet: call from a fit (on_fit_start or later)")
+        return self._compiled("train").lower(
+            self._state, self._train_metrics_state, self._loss_record, batch
+        )
+
     def _plugin_arrays(self) -> dict[str, Any]:
         plugin_arrays: dict[str, Any] = {}
         for part in self.hook.array_state_dict(trainer=self):
@@ -439,6 +507,7 @@ class Trainer:
             global_step=self.global_step, epoch=self.current_epoch,
             batch_in_epoch=self.batch_in_epoch, seed=self.seed,
             validation_pending=self._validation_pending, plugins=plugin_state,
+            data_state=self._data_state,
         )
         return CheckpointContent(
             model=self._state.model, optimizer=self._state.optimizer,
@@ -488,6 +557,7 @@ class Trainer:
         self.current_epoch = int(meta.epoch)
         self.batch_in_epoch = int(meta.batch_in_epoch)
         self._validation_pending = bool(meta.validation_pending)
+        self._data_state = meta.data_state
         self._has_trained_state = True
         self.resumed_from = restored.source
         self.hook.load_state_dict(trainer=self, state=dict(meta.plugins))
@@ -505,6 +575,7 @@ class Trainer:
         # Counters start at zero unless a checkpoint restores them.
         self.global_step = self.current_epoch = self.batch_in_epoch = 0
         self._validation_pending = False  # set by a restore or a preemption at an epoch end
+        self._data_state = None  # a stream's position: set by a restore
         self.resumed_from = None  # set by a restore
         with self._run("fit"):
             self._plan(task)
@@ -578,16 +649,29 @@ class Trainer:
         remaining -= self.batch_in_epoch
         if self.max_steps is not None:
             remaining = min(remaining, self.max_steps - self.global_step)
-        iterator = iter(
-            data_lib.train_pipeline(
-                self._train_examples, self.task.train_transforms(),
-                self._pipeline_config(self.batch_size), seed=self.seed,
+        config = self._pipeline_config(self.batch_size)
+        if self._streaming:
+            # A stream's position is Grain's iterator state, kept with each checkpoint.
+            iterator = iter(data_lib.stream_pipeline(
+                self._train_examples, self.task.train_transforms(), config, seed=self.seed
+            ))
+            if self._data_state is not None:
+                iterator.set_state(self._data_state)
+            elif self.global_step:
+                raise ValueError(
+                    f"resuming a streamed fit at step {self.global_step} from a checkpoint "
+                    "without the stream's position (written by a fit over indexed data?); "
+                    "start a new run, or resume with the train_data() that wrote it"
+                )
+        else:
+            iterator = iter(data_lib.train_pipeline(
+                self._train_examples, self.task.train_transforms(), config, seed=self.seed,
                 epoch=self.current_epoch, num_epochs=self.max_epochs - self.current_epoch,
                 start_batch=self.batch_in_epoch, steps_per_epoch=self.steps_per_epoch,
-            )
-        )
+            ))
         with data_lib.DevicePrefetcher(
-            iterator, self.strategy.shard_batch, size=self.prefetch, limit=remaining
+            iterator, self.strategy.shard_batch, size=self.prefetch, limit=remaining,
+            record_state=self._streaming,
         ) as prefetcher:
             self._prefetcher = prefetcher
             try:
@@ -630,14 +714,21 @@ class Trainer:
         """Steps over the rest of this epoch's batches until it ends or a stop is asked for."""
         while self.batch_in_epoch < self.steps_per_epoch:
             try:
-                batch, _ = next(prefetcher)
+                batch, data_state = next(prefetcher)
             except StopIteration:
+                if self._streaming:
+                    raise RuntimeError(
+                        f"the training stream ended after {self.global_step} steps, before "
+                        f"max_steps={self.max_steps}; lower max_steps or make train_data() "
+                        "longer (e.g. .repeat() the source before to_iter_dataset())"
+                    ) from None
                 raise RuntimeError(
                     f"the training data ran out at step {self.global_step} (epoch "
                     f"{self.current_epoch}, batch {self.batch_in_epoch}); did train_data() "
                     "change length during the fit?"
                 ) from None
             step = self.global_step
+            self._data_state = data_state  # None for indexed data
             self.hook.on_train_batch_start(trainer=self, step=step, batch=batch)
             t0 = time.perf_counter()
             self._state, self._train_metrics_state, self._loss_record, loss = train_step(
@@ -886,7 +977,38 @@ class Trainer:
                 "devices": self.strategy.num_devices, "processes": self.strategy.process_count,
             },
             "task": self.task.hparams() if self.task is not None else {},
+            "model": model_summary(self._state.model) if self._state is not None else {},
         }
+
+
+def _build_model(task: Task, seed: int) -> nnx.Module:
+    """``task.configure_model``; a model with sharding annotations (``nnx.with_partitioning``)
+    that Flax's eager sharding cannot place without a mesh context is built again with
+    eager sharding off, its annotations kept as metadata for the strategy to place it.
+
+    Only then: eager sharding is part of every Variable's metadata (the state's pytree
+    structure), so unannotated models keep exactly the structure users build themselves.
+    """
+    try:
+        return task.configure_model(nnx.Rngs(seed))
+    except ValueError as exc:
+        if "mesh context or metadata is required" not in str(exc):
+            raise
+    with nnx.use_eager_sharding(False):
+        return task.configure_model(nnx.Rngs(seed))
+
+
+def _checked_update(task: Task, result: Any) -> tuple[jax.Array, Mapping[str, Any]]:
+    """``training_update``'s ``(loss, aux)``, or a TypeError naming what came back instead."""
+    where = f"{type(task).__name__}.training_update"
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping)):
+        raise TypeError(f"{where} must return (scalar loss, dict of metric inputs), got "
+                        f"{type(result).__name__}")
+    loss, aux = result
+    if jnp.shape(loss) != ():
+        raise TypeError(f"{where} returned a loss of shape {jnp.shape(loss)}; it must be a "
+                        "scalar (average over the batch)")
+    return loss, aux
 
 
 def _record_nonfinite(record: tuple, loss: jax.Array) -> tuple:

@@ -3,7 +3,8 @@
 On a terminal: a live bar for the running epoch ("Epoch e/E", batches, latest loss,
 steps/s, ETA; "compiling the train step…" until the first step is back), a transient
 bar while validation runs, a metrics table after each evaluation, a summary table at
-the end of a fit that completed or stopped (throughput in the Task's ``example_name``:
+the end of a fit that completed or stopped (with FLOP/s and MFU when the ``model_summary``
+plugin counted the step's FLOPs; throughput in the Task's ``example_name``:
 "images/s" for ``ResNetTask``, "examples/s" by default), the checkpoint directory and a
 line per save, "resumed from <checkpoint> at step N", and the Ctrl-C/SIGTERM notice once,
 on its own line. Elsewhere (CI logs, pipes): the same as plain lines, no live display.
@@ -31,14 +32,8 @@ from rich.progress import Progress, TaskID
 
 from nnx_trainer import hookimpl
 
-from ._progress_parts import (
-    checkpoint_dir,
-    fmt,
-    make_progress,
-    plain_rows,
-    rows_table,
-    to_float,
-)
+from ._progress_parts import checkpoint_dir, fmt, make_progress, plain_rows, rows_table, to_float
+from .model_summary import fit_summary_rows
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
@@ -182,6 +177,7 @@ class RichProgress:
             ("wall time", f"{seconds:.1f} s"),
             ("steps/s", f"{rate:.2f}"),
             (f"{self._example_name}/s", f"{rate * trainer.batch_size:.1f}"),
+            *fit_summary_rows(trainer, rate),  # FLOPs/step, FLOP/s, MFU (with a FLOP count)
             ("data wait", f"{wait_share:.1%} ({trainer.data_wait_seconds:.2f} s)"),
             ("compile", compile_s or "--"),
             ("last train loss", fmt(self._fetch_loss())),

@@ -1,8 +1,11 @@
 """Sharding strategies over ``jax.sharding`` meshes: data parallel and FSDP, one or many processes.
 
 Chosen by name through the ``select_strategy`` hook (``Trainer(strategy="fsdp")``,
-``--strategy fsdp`` in the example). Both strategies build a one-axis mesh named
-``"data"`` over every device of every process; XLA inserts the collectives.
+``--strategy fsdp`` in the example), or passed as objects. ``data_parallel`` and
+``fsdp`` build a one-axis mesh named ``"data"`` over every device of every process;
+``mesh`` (or ``fsdp`` with ``axes=``) a mesh with more named axes, ``("data",
+"model")``, whose parameters are placed by the model's own ``nnx.with_partitioning``
+annotations. XLA inserts the collectives.
 
 Multi-process runs call :func:`initialize_distributed` (done by the strategies
 themselves) which wraps ``jax.distributed.initialize``: it reads the usual
@@ -23,6 +26,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnx_trainer import Strategy, hookimpl
+from nnx_trainer_plugins import partition_rules
+from nnx_trainer_plugins.partition_rules import Rules, mesh_shape
 
 DATA_AXIS = "data"
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -104,9 +109,12 @@ def initialize_distributed(
 
 
 class MeshStrategy(Strategy):
-    """A one-axis ``"data"`` mesh over ``num_devices`` devices (default: all of them)."""
+    """A ``"data"`` mesh over ``num_devices`` devices (default: all of them); ``axes``
+    (``{"data": 4, "model": 2}``) gives it more named axes. Batches shard over ``data``.
+    """
 
-    def __init__(self, num_devices: int | None = None) -> None:
+    def __init__(self, num_devices: int | None = None,
+                 axes: Mapping[str, int] | None = None) -> None:
         initialize_distributed()
         available = jax.devices()
         if num_devices is None:
@@ -129,7 +137,10 @@ class MeshStrategy(Strategy):
             d for p in range(jax.process_count())
             for d in [d for d in available if d.process_index == p][:per_process]
         ]
-        self.mesh = Mesh(np.array(devices), (DATA_AXIS,))
+        shape = mesh_shape(axes or {DATA_AXIS: -1}, num_devices)
+        # Row-major: the last axes (e.g. "model") vary fastest, over neighbouring devices
+        # of one process, where their collectives are cheapest.
+        self.mesh = Mesh(np.array(devices).reshape(tuple(shape.values())), tuple(shape))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._batch = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
 
@@ -140,11 +151,12 @@ class MeshStrategy(Strategy):
     def setup(self, global_batch_size: int) -> None:
         """Check the global batch splits evenly over the devices."""
         super().setup(global_batch_size)
-        if global_batch_size % self.mesh.size:
+        ways = self.mesh.shape[DATA_AXIS]
+        if global_batch_size % ways:
             raise ValueError(
-                f"batch size {global_batch_size} is not divisible by the {self.mesh.size} "
-                f"devices of the {self.name} mesh; use a multiple of {self.mesh.size} "
-                f"(e.g. {self.mesh.size * max(1, round(global_batch_size / self.mesh.size))})"
+                f"batch size {global_batch_size} is not divisible by the {ways} "
+                f"devices of the {self.name} mesh's data axis; use a multiple of {ways} "
+                f"(e.g. {ways * max(1, round(global_batch_size / ways))})"
             )
 
     def batch_sharding(self) -> NamedSharding:
@@ -163,25 +175,37 @@ class DataParallel(MeshStrategy):
 
 
 class FullyShardedDataParallel(MeshStrategy):
-    """Batch sharded; each parameter and optimizer leaf sharded along its largest divisible axis.
+    """Batch sharded; parameters and optimizer state placed by the model's own sharding
+    annotations where they name a mesh axis (see :mod:`partition_rules`), every other
+    leaf sharded along its largest axis that divides by the ``data`` axis.
 
     Leaves smaller than ``min_shard_size`` elements (biases, norms, scalars) stay
     replicated: sharding them costs more in collectives than it saves in memory.
+
+    :param num_devices: devices to use (default: all).
+    :param min_shard_size: smallest unannotated leaf that is sharded.
+    :param axes: the mesh's named axes and sizes, ``{"data": 4, "model": 2}`` (one
+        size may be -1: the rest); default one ``data`` axis.
+    :param rules: logical axis rules, ``[("mlp", "model"), ("embed", None)]``: which
+        mesh axis each annotated dimension name shards over.
     """
 
     name = "fsdp"
 
-    def __init__(self, num_devices: int | None = None, min_shard_size: int = 2**10) -> None:
-        super().__init__(num_devices)
+    def __init__(self, num_devices: int | None = None, min_shard_size: int = 2**10,
+                 axes: Mapping[str, int] | None = None, rules: Rules = ()) -> None:
+        super().__init__(num_devices, axes)
         if min_shard_size < 1:
             raise ValueError(f"min_shard_size must be >= 1, got {min_shard_size}")
         self.min_shard_size = min_shard_size
+        self.rules = tuple(rules)
 
     def leaf_spec(self, shape: tuple[int, ...]) -> PartitionSpec:
-        """The partition of one array: its largest axis divisible by the mesh size."""
+        """The partition of an unannotated array: its largest axis divisible by ``data``."""
         if int(np.prod(shape, dtype=np.int64)) < self.min_shard_size:
             return PartitionSpec()
-        candidates = [i for i, n in enumerate(shape) if n % self.mesh.size == 0]
+        ways = self.mesh.shape[DATA_AXIS]
+        candidates = [i for i, n in enumerate(shape) if n % ways == 0]
         if not candidates:
             return PartitionSpec()
         axis = max(candidates, key=lambda i: shape[i])
@@ -190,15 +214,32 @@ class FullyShardedDataParallel(MeshStrategy):
         return PartitionSpec(*spec)
 
     def state_shardings(self, abstract_state: Any) -> Any:
-        """Large leaves sharded, small ones replicated."""
-        return jax.tree.map(
-            lambda x: NamedSharding(self.mesh, self.leaf_spec(tuple(np.shape(x)))), abstract_state
+        """Annotated leaves as annotated, large others sharded, small ones replicated."""
+        return partition_rules.state_shardings(
+            abstract_state, self.mesh, self.rules, self.leaf_spec
         )
+
+
+class MeshParallel(FullyShardedDataParallel):
+    """Data x model parallel (tensor parallel): a mesh with named axes, default
+    ``{"data": -1, "model": 2}``; parameters placed by their annotations, the rest
+    as in ``fsdp`` over the ``data`` axis (``min_shard_size`` large: replicated).
+
+    ``Trainer(strategy=MeshParallel(axes={"data": 4, "model": 2}, rules=[("mlp", "model")]))``
+    """
+
+    name = "mesh"
+
+    def __init__(self, axes: Mapping[str, int] | None = None, rules: Rules = (),
+                 num_devices: int | None = None, min_shard_size: int = 2**10) -> None:
+        super().__init__(num_devices, min_shard_size, axes or {DATA_AXIS: -1, "model": 2},
+                         rules)
 
 
 STRATEGIES: Mapping[str, type[Strategy]] = {
     DataParallel.name: DataParallel,
     FullyShardedDataParallel.name: FullyShardedDataParallel,
+    MeshParallel.name: MeshParallel,
 }
 
 

@@ -10,6 +10,11 @@ adds no synchronisation. Between two log points the loop is synchronised by the
 loggers reading the step's metrics, so a window's wall time is the device's time.
 The first window of a fit includes compilation and is reported as such
 (``perf/compile_seconds``) instead of as a throughput.
+
+With the train step's FLOP count (the ``model_summary`` plugin), each window also has
+``perf/flops_per_sec`` (the whole mesh: FLOPs per step x steps/s),
+``perf/flops_per_sec_per_device`` and, where the device's peak is known
+(``model_summary.PEAK_FLOPS``), ``perf/mfu`` (model FLOP utilisation, a fraction).
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from typing import TYPE_CHECKING
 
 from nnx_trainer import hookimpl
 
+from .model_summary import achieved
+
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
 
 
 class Throughput:
-    """Logs ``perf/steps_per_sec``, ``perf/examples_per_sec`` and ``perf/data_wait_share``."""
+    """Logs ``perf/steps_per_sec``, ``perf/examples_per_sec``, ``perf/data_wait_share`` and,
+    with a FLOP count, ``perf/flops_per_sec`` (``_per_device``) and ``perf/mfu``."""
 
     name = "throughput"
 
@@ -60,6 +68,8 @@ class Throughput:
             "perf/examples_per_sec": steps * trainer.batch_size / seconds,
             "perf/data_wait_share": (trainer.data_wait_seconds - first_wait) / seconds,
         }
+        for key, value in achieved(trainer, steps / seconds).items():
+            self.last[f"perf/{key}"] = value
         if "train" in trainer.compile_seconds:
             self.last["perf/compile_seconds"] = trainer.compile_seconds["train"]
         trainer.hook.log_metrics(trainer=trainer, metrics=dict(self.last),

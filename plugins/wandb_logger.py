@@ -20,7 +20,7 @@ asked for an online run would only find out at the end that nothing was uploaded
 What is logged:
 
 - ``config``: the hyperparameters dict from ``log_hyperparams`` (trainer options,
-  task hyperparameters).
+  task hyperparameters), plus keys added later by ``update_config`` (``flops``).
 - every ``log_metrics`` call (train metrics at the log cadence, validation and test
   metrics) as one ``run.log`` row that also carries ``trainer/global_step``; every
   metric is plotted against that step metric (``define_metric``), never against
@@ -31,9 +31,8 @@ What is logged:
   callback metric, ``trainer/global_step``, ``total_steps``, ``fit_seconds``,
   ``stop_reason`` and ``status``.
 
-One W&B run per trainer's run directory: a fit and the evaluations after it (the
-example's final ``validate``) log into the same run, one run directory, one id. So
-a fit that completes (or stops early) does not finish the run; it is finished:
+One W&B run per run directory: a fit and the evaluations after it (the example's final
+``validate``) log into the same run. A fit that completes does not finish it; it is finished:
 
 - at interpreter exit (an ``atexit`` handler, registered when the run starts, finishes
   it with exit code 0), or when :meth:`WandbLogger.finish` is called;
@@ -45,10 +44,8 @@ a fit that completes (or stops early) does not finish the run; it is finished:
 
 Resume: the run id is written to ``run_dir/wandb_run_id.txt``; a later process with
 the same run directory passes ``id=<that id>, resume="allow"`` and so continues the
-same W&B run (unless ``WANDB_RUN_ID`` is set, which wins).
-
-If a W&B run is already active when fit starts (the user called ``wandb.init``),
-it is used and left open: the plugin only finishes runs it started.
+same W&B run (unless ``WANDB_RUN_ID`` is set, which wins). A W&B run already active
+when fit starts (the user called ``wandb.init``) is used and left open.
 """
 
 from __future__ import annotations
@@ -82,13 +79,8 @@ def _env_mode() -> str | None:
 def configured_by_environment() -> bool:
     """Whether the environment asks for W&B logging (the autoload rule; see the module)."""
     mode = _env_mode()
-    if mode == "disabled":
-        return False
-    return (
-        mode in ("online", "offline")
-        or bool(os.environ.get("WANDB_API_KEY"))
-        or bool(os.environ.get("WANDB_PROJECT"))
-    )
+    return mode != "disabled" and (mode in ("online", "offline") or bool(
+        os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_PROJECT")))
 
 
 # Loggers whose run is open, so a new run finishes another logger's first (one active
@@ -281,6 +273,13 @@ class WandbLogger:
         self._config = dict(params)
         if self.run is not None:
             self.run.config.update(self._config, allow_val_change=True)
+
+    def update_config(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
+        """Add ``values`` to the run's config after fit start (e.g. the step's FLOP count)."""
+        if self._should_log(trainer):
+            self._config.update(values)
+            if self.run is not None:
+                self.run.config.update(dict(values), allow_val_change=True)
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:

@@ -554,7 +554,7 @@ def load_synthetic(
 
 # ---- dispatch ----------------------------------------------------------------------------------
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "folder", "synthetic")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "folder", "arrayrecord", "synthetic")
 
 
 def load_dataset(
@@ -571,7 +571,7 @@ def load_dataset(
     """
     if name not in DATASET_NAMES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    if name in ("cifar10", "cifar100", "folder") and data_dir is None:
+    if name in ("cifar10", "cifar100", "folder", "arrayrecord") and data_dir is None:
         raise DataError(f"dataset {name!r} reads files from disk; pass --data-dir")
     if name == "digits":
         return load_digits(16 if image_size is None else image_size, seed=seed, **kw)
@@ -585,6 +585,10 @@ def load_dataset(
     if name == "folder":
         size = 64 if image_size is None else image_size
         return load_image_folder(data_dir, size, seed=seed, **kw)
+    if name == "arrayrecord":  # shards written by `python -m resnet_task.convert`
+        from resnet_task.arrayrecord import load_arrayrecord  # imports this module
+
+        return load_arrayrecord(data_dir, image_size, seed=seed, **kw)
     size = 32 if image_size is None else image_size
     _check_image_size(size)
     kw.setdefault("num_examples", 2048)

@@ -14,14 +14,20 @@ in Grain's readers. A file that fails to decode then follows ``bad_images``:
 
 ``verify=True`` opens every file up front instead (Pillow's ``verify()``, with a
 progress bar) and lists every bad file in one error.
+
+A source in *encoded* mode (:meth:`PolicySource.encoded`) decodes nothing itself: its
+elements carry an :class:`EncodedImage`, which a recipe transform (see
+:mod:`resnet_task.imagenet`) decodes, crops and resizes in one go, under the same policy.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO, Self, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -33,8 +39,147 @@ BAD_IMAGE_POLICIES = ("stop", "skip")
 
 log = logging.getLogger("resnet_task")
 
+T = TypeVar("T")
 
-class ImageFileSource:
+
+class EncodedImage:
+    """An example's image before decoding: what a source in encoded mode hands out.
+
+    Lives only inside the reader that produced it (it points back at its source), between
+    the source and the transform that decodes it.
+    """
+
+    __slots__ = ("_source", "_index")
+
+    def __init__(self, source: PolicySource, index: int) -> None:
+        self._source = source
+        self._index = int(index)
+
+    def decode(self, fn: Callable[[str | BinaryIO], T]) -> tuple[T, np.int32]:
+        """``(fn(file), label)`` for this example's file (a path or a binary file object).
+
+        If ``fn`` raises, the source's ``bad_images`` policy applies: ``"stop"`` raises
+        :class:`DataError` naming the file, ``"skip"`` calls ``fn`` on the next decodable
+        example in index order and returns *that* example's label.
+        """
+        return self._source._first_good(self._index, lambda i: fn(self._source._open(i)))
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({self._source._describe(self._index)})"
+
+
+class PolicySource:
+    """Base of sources whose examples are decoded lazily and may turn out undecodable.
+
+    Subclasses set ``_labels``, call ``_init_policy`` and implement ``__len__``,
+    ``_decode(index)``, ``_open(index)`` and ``_describe(index)``; this class applies the
+    ``bad_images`` policy of the module docstring. Shared so every on-disk format behaves
+    the same way.
+    """
+
+    _plural = "examples"  # what the examples are, for messages
+    _encoded = False  # True: elements carry an EncodedImage (see encoded())
+    _stop_fix = "pass --bad-images skip to train around bad examples"
+    _bound_fix = "fix the data or raise the bound"
+
+    def _init_policy(self, bad_images: str, max_bad_fraction: float) -> None:
+        check_bad_image_policy(bad_images, max_bad_fraction)
+        self._bad_images = bad_images
+        self._max_bad_fraction = float(max_bad_fraction)
+        self._bad: dict[int, str] = {}  # index -> reason, in this reader
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _decode(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _open(self, index: int) -> str | BinaryIO:
+        """The example's encoded image, as something ``PIL.Image.open`` takes."""
+        raise NotImplementedError
+
+    def encoded(self) -> Self:
+        """A copy of this source whose elements carry an :class:`EncodedImage`, not pixels.
+
+        For transforms that need the full-size image (and decode it at a reduced JPEG
+        scale when they can), e.g. :class:`resnet_task.imagenet.RandomResizedCrop`.
+        """
+        other = copy.copy(self)
+        other._encoded = True
+        other._bad = {}
+        return other
+
+    def _describe(self, index: int) -> str:
+        """The example for messages, e.g. ``image '/data/cat/1.png'``."""
+        raise NotImplementedError
+
+    def _key(self, index: int) -> str:
+        """The example in :attr:`skipped`."""
+        return self._describe(index)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if self._encoded:  # decoded later, by the transform, through EncodedImage.decode
+            return {"image": EncodedImage(self, index), "label": self._labels[index]}
+        image, label = self._first_good(index, self._decode)
+        return {"image": image, "label": label}
+
+    def _first_good(self, index: int, decode: Callable[[int], T]) -> tuple[T, np.int32]:
+        """``(decode(i), label of i)`` for the first decodable ``i`` from ``index`` on."""
+        n = len(self)
+        for offset in range(n):
+            candidate = (index + offset) % n
+            if candidate in self._bad:
+                continue
+            try:
+                result = decode(candidate)
+            except Exception as e:  # any decoder failure: name the example
+                self._record_bad(candidate, e)
+                continue
+            return result, self._labels[candidate]
+        raise DataError(f"none of the {n} {self._plural} could be decoded")
+
+    def _record_bad(self, index: int, error: Exception) -> None:
+        what = self._describe(index)
+        if self._bad_images == "stop":
+            raise DataError(
+                f"cannot decode {what} ({type(error).__name__}: {error}); {self._stop_fix}"
+            ) from error
+        self._bad[index] = f"{type(error).__name__}: {error}"
+        log.warning("skipped undecodable %s (%s): %d skipped so far in this reader",
+                    what, self._bad[index], len(self._bad))
+        if len(self._bad) > self._max_bad_fraction * len(self):
+            shown = "; ".join(self._describe(i) for i in sorted(self._bad)[:5])
+            raise DataError(
+                f"{len(self._bad)} of {len(self)} {self._plural} could not be decoded, more "
+                f"than max_bad_fraction={self._max_bad_fraction} of them ({shown}); "
+                f"{self._bound_fix}"
+            ) from error
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """``{example: reason}`` of the examples this reader found bad and skipped."""
+        return {self._key(i): reason for i, reason in sorted(self._bad.items())}
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All labels, (N,) int32."""
+        return self._labels
+
+
+def decode_image(file: str | Path | BinaryIO, image_size: int) -> np.ndarray:
+    """Decode an image file (a path or a binary file object) to ``image_size`` x ``image_size``
+    RGB uint8: resized so its shorter side is ``image_size``, then centre cropped."""
+    size = (int(image_size), int(image_size))
+    with Image.open(file) as img:
+        # For JPEG, decode at a reduced scale that is still >= size: much faster for
+        # large photos; no-op for other formats.
+        img.draft("RGB", size)
+        img = ImageOps.fit(img.convert("RGB"), size, Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+class ImageFileSource(PolicySource):
     """Examples decoded lazily from image files (in Grain's readers, not up front).
 
     Each image is converted to RGB, resized so its shorter side is ``image_size`` and centre
@@ -42,6 +187,11 @@ class ImageFileSource:
     aspect ratio, as ImageNet-style evaluation does. ``bad_images`` and
     ``max_bad_fraction``: see the module docstring.
     """
+
+    _plural = "image files"
+    _stop_fix = ("delete or replace that file, pass --bad-images skip to train around bad "
+                 "files, or --verify-images to list every bad file before training")
+    _bound_fix = "fix the files (--verify-images lists them all) or raise the bound"
 
     def __init__(
         self,
@@ -51,72 +201,29 @@ class ImageFileSource:
         bad_images: str = "stop",
         max_bad_fraction: float = 0.01,
     ) -> None:
-        check_bad_image_policy(bad_images, max_bad_fraction)
+        self._init_policy(bad_images, max_bad_fraction)
         self._paths = [str(p) for p in paths]
         self._labels = np.asarray(labels, dtype=np.int32)
         self._image_size = int(image_size)
-        self._bad_images = bad_images
-        self._max_bad_fraction = float(max_bad_fraction)
-        self._bad: dict[int, str] = {}  # index -> reason, in this reader
 
     def __len__(self) -> int:
         return len(self._paths)
 
+    def _open(self, index: int) -> str:
+        return self._paths[index]
+
     def _decode(self, index: int) -> np.ndarray:
-        size = (self._image_size, self._image_size)
-        with Image.open(self._paths[index]) as img:
-            # For JPEG, decode at a reduced scale that is still >= size: much faster for
-            # large photos; no-op for other formats.
-            img.draft("RGB", size)
-            img = ImageOps.fit(img.convert("RGB"), size, Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+        return decode_image(self._open(index), self._image_size)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        for offset in range(len(self._paths)):
-            candidate = (index + offset) % len(self._paths)
-            if candidate in self._bad:
-                continue
-            try:
-                image = self._decode(candidate)
-            except Exception as e:  # any decoder failure: name the file
-                self._record_bad(candidate, e)
-                continue
-            return {"image": image, "label": self._labels[candidate]}
-        raise DataError(f"none of the {len(self)} image files could be decoded")
+    def _describe(self, index: int) -> str:
+        return f"image '{self._paths[index]}'"
 
-    def _record_bad(self, index: int, error: Exception) -> None:
-        path = self._paths[index]
-        if self._bad_images == "stop":
-            raise DataError(
-                f"cannot decode image '{path}' ({type(error).__name__}: {error}); delete or "
-                "replace that file, pass --bad-images skip to train around bad files, or "
-                "--verify-images to list every bad file before training"
-            ) from error
-        self._bad[index] = f"{type(error).__name__}: {error}"
-        log.warning("skipped undecodable image '%s' (%s): %d bad file(s) so far in this "
-                    "reader", path, self._bad[index], len(self._bad))
-        if len(self._bad) > self._max_bad_fraction * len(self._paths):
-            shown = "; ".join(f"'{self._paths[i]}'" for i in sorted(self._bad)[:5])
-            raise DataError(
-                f"{len(self._bad)} of {len(self)} image files could not be decoded, more "
-                f"than max_bad_fraction={self._max_bad_fraction} of them ({shown}); fix "
-                "the files (--verify-images lists them all) or raise the bound"
-            ) from error
-
-    @property
-    def skipped(self) -> dict[str, str]:
-        """``{path: reason}`` of the files this reader found bad and skipped."""
-        return {self._paths[i]: reason for i, reason in sorted(self._bad.items())}
-
-    @property
-    def labels(self) -> np.ndarray:
-        """All labels, (N,) int32."""
-        return self._labels
+    def _key(self, index: int) -> str:
+        return self._paths[index]
 
     def __repr__(self) -> str:
         return (f"ImageFileSource(n={len(self)}, image_size={self._image_size}, "
-                f"bad_images={self._bad_images!r})")
+                f"bad_images={self._bad_images!r}{', encoded' if self._encoded else ''})")
 
 
 def check_bad_image_policy(bad_images: str, max_bad_fraction: float) -> None:

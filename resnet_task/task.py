@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,11 +14,15 @@ from flax import nnx
 
 import nnx_trainer
 from resnet_task.data import DatasetInfo, load_dataset
+from resnet_task.image_folder import PolicySource
+from resnet_task.imagenet import RECIPES, CenterCrop, RandomResizedCrop
 from resnet_task.metrics import TopKAccuracy
 from resnet_task.models import create_model
 from resnet_task.transforms import Normalize, RandomCrop, RandomHorizontalFlip
 
 OPTIMIZERS = ("sgd", "adamw")
+
+log = logging.getLogger("resnet_task")
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,25 @@ class ResNetConfig:
     horizontal_flip: bool | None = None  # None: on, except for digits (a flipped 2 is no 2)
     seed: int = 0
     dataset_kwargs: tuple[tuple[str, Any], ...] = ()
+    # "default": the images as loaded (resized to image_size), padded random crop + flip.
+    # "imagenet": RandomResizedCrop + flip for training, resize + centre crop for
+    # evaluation, both from the full-size image (resnet_task.imagenet). The recipe's
+    # optimizer settings are the fields above; resnet_task.imagenet.resolve_recipe
+    # fills them in (the example's --recipe imagenet).
+    recipe: str = "default"
+
+
+def _encoded(ds: grain.MapDataset) -> grain.MapDataset:
+    """``ds`` reading undecoded files, when it is a file-backed source; else ``ds`` as is."""
+    # grain's MapDataset.source() keeps the source as `_source` (no public accessor in
+    # grain 0.2.18); the loaders in resnet_task.data return exactly such datasets.
+    source = getattr(ds, "_source", None)
+    if isinstance(source, PolicySource):
+        return grain.MapDataset.source(source.encoded())
+    if source is None:
+        log.warning("recipe imagenet: cannot reach the source of %r; cropping images as "
+                    "loaded (already resized) instead of the full-size files", ds)
+    return ds
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -84,11 +108,17 @@ class ResNetTask(nnx_trainer.Task):
             )
         if not config.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {config.weight_decay}")
+        if config.recipe not in RECIPES:
+            raise ValueError(
+                f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}"
+            )
         self.config = config
         self._train, self._val, self.info = load_dataset(
             config.dataset, config.data_dir, config.image_size, seed=config.seed,
             **dict(config.dataset_kwargs),
         )
+        if config.recipe == "imagenet":  # the crops decode the files themselves
+            self._train, self._val = _encoded(self._train), _encoded(self._val)
         # Build one model abstractly now so an unknown model name or bad kwargs fail
         # before any training starts, without paying for the real initialisation.
         nnx.eval_shape(lambda: self._create(nnx.Rngs(0), jnp.float32))
@@ -148,11 +178,14 @@ class ResNetTask(nnx_trainer.Task):
         return self._val
 
     def train_transforms(self) -> list[Any]:
-        """Random crop with padding, horizontal flip (not for digits), normalisation."""
+        """Random crop with padding (recipe "imagenet": a random resized crop), horizontal
+        flip (not for digits), normalisation."""
         c = self.config
         flip = c.horizontal_flip if c.horizontal_flip is not None else c.dataset != "digits"
         transforms: list[Any] = []
-        if c.crop_padding:
+        if c.recipe == "imagenet":
+            transforms.append(RandomResizedCrop(self.info.image_shape[0]))
+        elif c.crop_padding:
             transforms.append(RandomCrop(c.crop_padding))
         if flip:
             transforms.append(RandomHorizontalFlip())
@@ -160,8 +193,9 @@ class ResNetTask(nnx_trainer.Task):
         return transforms
 
     def eval_transforms(self) -> list[Any]:
-        """Normalisation only."""
-        return [Normalize(self.info.mean, self.info.std)]
+        """Normalisation (recipe "imagenet": after resize + centre crop)."""
+        crop = [CenterCrop(self.info.image_shape[0])] if self.config.recipe == "imagenet" else []
+        return [*crop, Normalize(self.info.mean, self.info.std)]
 
     # ---- steps ------------------------------------------------------------------
 

@@ -61,3 +61,18 @@ def test_help_describes_the_script(name):
     proc = run_script(name, "--help", timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--quick" in proc.stdout
+
+
+def test_image_pipeline_benchmark_runs_tiny_and_prints_its_table(tmp_path):
+    # Its own run (not in SCRIPTS' shared fixture): tiny sizes, a private image cache.
+    proc = run_script("image_pipeline.py", "--images", "16", "--batch", "8", "--quick",
+                      "--cache-dir", str(tmp_path))
+    assert proc.returncode == 0, (proc.stdout[-2000:] + proc.stderr[-4000:])
+    assert "machine:" in proc.stdout and "inputs:" in proc.stdout
+    for kind in ("folder", "arrayrecord"):
+        assert f"result: images/s per core {kind}" in proc.stdout, proc.stdout[-3000:]
+    # torchvision either ran (and is compared) or says why it was skipped.
+    assert ("result: images/s per core torchvision" in proc.stdout
+            or "torchvision: skipped" in proc.stdout)
+    help_proc = run_script("image_pipeline.py", "--help", timeout=60)
+    assert help_proc.returncode == 0 and "--quick" in help_proc.stdout

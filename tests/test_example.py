@@ -105,4 +105,6 @@ def test_a_bad_image_stops_the_run_naming_it_and_skip_trains_around_it(tmp_path)
     assert "held-out top-1 accuracy" in skipped.stdout
     # Not on a dataset without files.
     wrong = run("--bad-images", "skip", "--epochs", "1")
-    assert wrong.returncode == 2 and "--dataset folder only" in wrong.stderr
+    assert wrong.returncode == 2 and "--dataset folder or arrayrecord only" in wrong.stderr
+    wrong = run("--max-bad-images-fraction", "0.5", "--epochs", "1")  # not silently ignored
+    assert wrong.returncode == 2 and "--max-bad-images-fraction apply to" in wrong.stderr

@@ -265,6 +265,19 @@ def test_resume_with_grain_worker_processes_continues_the_epoch(tmp_path, refere
     assert again.losses == {6: ref[6]}
 
 
+def test_sigkill_mid_stream_resumes_from_grains_iterator_state(tmp_path):
+    """A grain.IterDataset (no length): the checkpoint keeps the iterator's state."""
+    opts = ("--stream", "--every-n-steps", "4")
+    reference = Run(tmp_path, "stream_reference", tmp_path / "reference").run(*opts)
+    run_dir = tmp_path / "run"
+    killed = Run(tmp_path, "stream_killed", run_dir).run(*opts, "--kill-at-step", "10", rc=-9)
+    assert killed.losses == {s: reference.losses[s] for s in range(10)}
+    assert killed.committed_steps()[-1] == 8
+    resumed = Run(tmp_path, "stream_resumed", run_dir).run(*opts, "--resume", "last")
+    assert resumed.out["start_step"] == 8
+    assert_same_continuation(resumed, reference, start=8)
+
+
 def test_checkpoint_restores_onto_another_device_count_and_strategy(tmp_path):
     # One device -> FSDP over 4 (sharded leaves) and back: the arrays restore onto the
     # trainer's target shardings, values unchanged.

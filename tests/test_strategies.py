@@ -264,3 +264,70 @@ def test_one_cpu_device_hands_the_host_batch_to_the_step_unless_transfers_are_gu
         placed = strategy.shard_batch(batch)  # explicit device_put: allowed by the guard
     assert all(isinstance(v, jax.Array) for v in placed.values())
     assert placed["image"].devices() == {strategy.device}
+
+
+# ------------------------------------------------- meshes with more than one axis
+
+
+@pytest.fixture(scope="module")
+def mesh_report(tmp_path_factory) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "mesh_run.py"), str(tmp_path_factory.mktemp("mesh"))],
+        env=_env(8), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):])
+
+
+@pytest.mark.parametrize("shape", ["4x2", "2x4"])
+def test_data_by_model_meshes_train_like_one_device(mesh_report, shape):
+    assert mesh_report["devices"] == 8
+    run = mesh_report[f"mesh_{shape}"]
+    assert len(run["losses"]) == 12
+    np.testing.assert_allclose(run["losses"], mesh_report["single_losses"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_flat(run["params"]), _flat(mesh_report["single_params"]),
+                               atol=1e-5)
+    assert run["batch_spec"] == "P('data',)"
+
+
+@pytest.mark.parametrize(("shape", "model"), [("4x2", 2), ("2x4", 4)])
+def test_annotated_parameters_and_their_adam_moments_follow_the_annotations(
+    mesh_report, shape, model
+):
+    placed = mesh_report[f"mesh_{shape}"]["placements"]
+    hidden = 32 // model  # ("mlp", "model"): the hidden layer splits over the model axis
+    assert placed["up.kernel"] == ["P(None, 'model')", [64, hidden]]  # ("embed", "mlp")
+    assert placed["up.bias"] == ["P('model',)", [hidden]]
+    assert placed["down.kernel"] == ["P('model',)", [hidden, 3]]  # ("mlp", None)
+    assert placed["down.bias"] == ["P()", [3]]  # unannotated and small: replicated
+    assert placed["opt.default.opt_state.0.mu.up.kernel"] == "P(None, 'model')"
+    assert placed["opt.default.opt_state.0.mu.down.kernel"] == "P('model',)"
+
+
+def test_fsdp_honours_annotations_and_unannotated_leaves_fall_back(mesh_report):
+    fsdp = mesh_report["fsdp_annotated"]
+    np.testing.assert_allclose(fsdp["losses"], mesh_report["single_losses"], rtol=1e-5,
+                               atol=1e-6)
+    assert fsdp["placements"]["up.kernel"] == ["P(None, 'data')", [64, 4]]  # ("mlp", "data")
+    # No annotations: the largest axis divisible by the data axis (4), as fsdp does.
+    plain = mesh_report["mesh_unannotated"]
+    assert plain["fc1.kernel"] == ["P('data',)", [16, 16]]
+    assert plain["fc2.bias"] == ["P()", [3]]
+
+
+def test_a_checkpoint_moves_between_data_parallel_a_2d_mesh_and_one_device(mesh_report):
+    moving = mesh_report["moving"]
+    assert len(moving["resumed"]) == len(moving["full"]) == 9
+    np.testing.assert_allclose(moving["resumed"], moving["full"], rtol=1e-5, atol=1e-6)
+    placed = mesh_report["moved_mesh_placements"]  # restored onto (4, 2) from (8,)
+    assert placed["up.kernel"] == ["P(None, 'model')", [64, 16]]
+    assert placed["opt.up.opt_state.0.mu.up.kernel"] == "P(None, 'model')"  # two optimizers
+
+
+def test_mesh_errors_name_the_problem_and_the_fix(mesh_report):
+    errors = mesh_report["errors"]
+    assert "hold 6 devices but 8 are used" in errors["bad_axes"]
+    assert "need a 'data' axis" in errors["no_data_axis"]
+    assert ("parameter model.down.kernel: dimension 0 ('mlp', size 10) does not divide over "
+            "mesh axes ('model',) (4 devices)") in errors["indivisible"]

@@ -659,3 +659,21 @@ def test_a_bad_validation_set_name_or_type_fails_naming_it(tmp_path):
         make_trainer(tmp_path / "1", max_epochs=1).fit(BadName())
     with pytest.raises(TypeError, match=r"val_data\(\)\['a'\] must be a grain.MapDataset"):
         make_trainer(tmp_path / "2", max_epochs=1).fit(BadType())
+
+
+def test_a_streamed_training_set_needs_max_steps_and_says_when_it_runs_out(tmp_path):
+    from tiny_task import StreamingTinyTask
+
+    with pytest.raises(ValueError, match=r"returned a grain.IterDataset, which has no length.*"
+                                         r"set Trainer\(max_steps=N\)"):
+        make_trainer(tmp_path).fit(StreamingTinyTask())
+    with pytest.raises(ValueError, match=r"worker_count=2 with a streamed training set"):
+        make_trainer(tmp_path, max_steps=3, worker_count=2).fit(StreamingTinyTask())
+    with pytest.raises(RuntimeError, match=r"the training stream ended after 24 steps, before "
+                                           r"max_steps=30"):
+        make_trainer(tmp_path, max_steps=30).fit(StreamingTinyTask())
+    trainer = make_trainer(tmp_path, max_steps=6, val_check_interval=3)
+    trainer.fit(StreamingTinyTask())
+    assert trainer.global_step == 6 and "val/accuracy" in trainer.callback_metrics
+    assert trainer.checkpoint_state().meta.data_state["parent"]["parent"] == {
+        "shard": 4, "offset": 0}  # 6 batches of 16 = 96 examples = 4 shards of 24

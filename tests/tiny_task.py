@@ -70,3 +70,86 @@ class TinyTask(nnx_trainer.Task):
 
     def hparams(self):
         return {"lr": self.lr, "n_train": self.n_train}
+
+
+class AnnotatedMLP(nnx.Module):
+    """An MLP whose kernels carry Flax sharding annotations (logical dimension names)."""
+
+    def __init__(self, dim: int, hidden: int, classes: int, *, rngs: nnx.Rngs) -> None:
+        init = nnx.initializers.lecun_normal()
+        self.up = nnx.Linear(
+            dim, hidden, rngs=rngs, kernel_init=nnx.with_partitioning(init, ("embed", "mlp")),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("mlp",)),
+        )
+        self.down = nnx.Linear(
+            hidden, classes, rngs=rngs, kernel_init=nnx.with_partitioning(init, ("mlp", None)),
+        )
+
+    def __call__(self, x):
+        return self.down(nnx.gelu(self.up(x)))
+
+
+class AnnotatedTask(TinyTask):
+    """TinyTask with a tensor-parallel-ready MLP: ``("mlp", "model")`` shards its hidden layer."""
+
+    hidden = 32
+
+    def configure_model(self, rngs):
+        return AnnotatedMLP(self.dim, self.hidden, 3, rngs=rngs)
+
+    def configure_optimizer(self, total_steps):
+        return optax.adam(1e-2)
+
+
+class ShardStream(grain.IterDataset):
+    """A stream over generated shards (no length, no random access), as a reader of
+    files would be: its iterator's state is (shard, offset), so a resume skips nothing."""
+
+    def __init__(self, num_shards: int = 16, shard_size: int = 24, dim: int = 8) -> None:
+        super().__init__()
+        self.num_shards, self.shard_size, self.dim = num_shards, shard_size, dim
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _ShardStreamIterator(self)
+
+
+class _ShardStreamIterator(grain.DatasetIterator):
+    def __init__(self, stream: ShardStream) -> None:
+        super().__init__()
+        self._stream, self._shard, self._offset = stream, 0, 0
+        self._examples = None
+
+    def __next__(self):
+        stream = self._stream
+        if self._shard >= stream.num_shards:
+            raise StopIteration
+        if self._examples is None:  # "open" the shard
+            self._examples = make_examples(stream.shard_size, seed=100 + self._shard,
+                                           dim=stream.dim)
+        example = self._examples[self._offset]
+        self._offset += 1
+        if self._offset == stream.shard_size:
+            self._shard, self._offset, self._examples = self._shard + 1, 0, None
+        return example
+
+    def get_state(self):
+        return {"shard": self._shard, "offset": self._offset}
+
+    def set_state(self, state):
+        self._shard, self._offset, self._examples = state["shard"], state["offset"], None
+
+
+class StreamingTinyTask(TinyTask):
+    """TinyTask whose training data is a stream, with a random per-example transform."""
+
+    def train_data(self):
+        return ShardStream(dim=self.dim)
+
+    def train_transforms(self):
+        return [_Jitter()]
+
+
+class _Jitter(grain.transforms.RandomMap):
+    def random_map(self, element, rng):
+        return {**element, "image": element["image"] + rng.normal(0, 0.1, element["image"].shape
+                                                                 ).astype(np.float32)}

@@ -12,6 +12,7 @@ Faults on request: ``--kill-at-step K`` (SIGKILL itself once step K is completed
 every save so far is committed), ``--sigterm-at-step K`` (SIGTERM itself after step K),
 ``--hang-save-at K`` (the commit of checkpoint K never happens; once it is in flight
 the process SIGKILLs itself), ``--step-sleep S`` (slow steps, so a parent can signal).
+``--stream`` trains on a ``grain.IterDataset`` (tiny_task.StreamingTinyTask).
 """
 
 from __future__ import annotations
@@ -131,13 +132,14 @@ def main() -> int:
     p.add_argument("--sigterm-at-step", type=int, default=None)
     p.add_argument("--hang-save-at", type=int, default=None)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--stream", action="store_true", help="train on a grain.IterDataset")
     args = p.parse_args()
 
     import jax
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tiny_task import TinyTask
+    from tiny_task import StreamingTinyTask, TinyTask
 
     import nnx_trainer
     from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
@@ -155,7 +157,7 @@ def main() -> int:
         worker_count=args.workers, log_every_n_steps=3, plugin_autoload=False,
         plugins=[checkpoint, counter, record],
     )
-    trainer.fit(TinyTask(), ckpt_path=args.resume)
+    trainer.fit(StreamingTinyTask() if args.stream else TinyTask(), ckpt_path=args.resume)
     if args.params:
         leaves = jax.tree.leaves(trainer.checkpoint_state().arrays())
         np.savez(args.params, *[np.asarray(x) for x in leaves])

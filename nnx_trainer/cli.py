@@ -1,0 +1,256 @@
+"""``nnx-trainer fit|validate|test|predict``: run a Task from YAML configs and dotted flags.
+
+Built on jsonargparse, as Lightning's ``LightningCLI`` is: every option comes from a
+signature and its docstring, never from a hand-kept list of flags.
+
+- ``trainer.*``: the parameters of :class:`~nnx_trainer.Trainer` (``--trainer.max_epochs 90``).
+- ``task.class_path``: the Task class (``--task pkg.mod.Class``, ``pkg.mod:Class`` or
+  ``path/to/mod.py:Class``); ``task.*``: its constructor's parameters, or the fields of
+  its dataclass ``config`` parameter (``--task.model resnet50`` for ResNetTask).
+- ``plugins.<entry point>.*``: the constructor of that plugin (``--plugins.ema.decay 0.999``);
+  a configured plugin is passed in ``Trainer(plugins=[...])`` and replaces the default
+  registered under the same name. ``--plugins.ema EMA`` (or ``{}``) enables one with defaults.
+- the subcommand's own parameters, from ``Trainer.fit`` etc. (``--ckpt_path last``).
+
+``--config run.yaml`` (repeatable, later files win, flags win over files) and
+``--print_config`` come from jsonargparse. ``fit`` saves the resolved config as
+``run_dir/config.yaml``; ``nnx-trainer fit --config run_dir/config.yaml`` repeats the run
+and adding ``--ckpt_path last`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jsonargparse import ArgumentParser, Namespace
+
+from nnx_trainer.cli_config import (
+    CLIError,
+    add_task_arguments,
+    build_task,
+    check_keys,
+    load_task_class,
+    plugin_classes,
+    task_spec_from,
+)
+from nnx_trainer.plugin_manager import PluginError
+from nnx_trainer.trainer import Trainer
+
+PROG = "nnx-trainer"
+COMMANDS = {
+    "fit": "Train the task (resume with --ckpt_path last).",
+    "validate": "Evaluate on the task's validation data; print the metrics as JSON.",
+    "test": "Evaluate on the task's test data; print the metrics as JSON.",
+    "predict": "Run predict_step on the task's predict data; save run_dir/predictions.npz.",
+}
+# Trainer(plugins=...) is filled from the `plugins.*` section instead.
+TRAINER_SKIP = {"plugins"}
+CONFIG_NAME = "config.yaml"
+PREDICTIONS_NAME = "predictions.npz"
+
+
+def build_parser(command: str, task_cls: type | None,
+                 plugins: dict[str, type]) -> ArgumentParser:
+    """The parser of one subcommand: config files, trainer, task, plugins, method options."""
+    parser = ArgumentParser(prog=f"{PROG} {command}", description=COMMANDS[command],
+                            exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("--config", action="config",
+                        help="a YAML config file (repeatable: later files override earlier)")
+    parser.add_class_arguments(Trainer, "trainer", skip=TRAINER_SKIP, fail_untyped=False)
+    parser.add_argument("--task.class_path", type=str,
+                        help="the Task class: pkg.mod.Class, pkg.mod:Class or path/mod.py:Class;"
+                             " its options show with --help after --task")
+    if task_cls is not None:
+        add_task_arguments(parser, task_cls)
+    for name, cls in sorted(plugins.items()):
+        parser.add_argument(
+            f"--plugins.{name}", type=Optional[cls], default=None,  # noqa: UP045 (runtime type)
+            help=f"options of the {name!r} plugin ({cls.__module__}.{cls.__qualname__}); "
+                 "unset: the default from the entry point, if it loads by itself",
+        )
+    parser.add_method_arguments(Trainer, command, skip={"task"}, fail_untyped=False)
+    return parser
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    # Only for `nnx-trainer --help` and a missing or unknown command: each command's
+    # parser depends on the Task named after it, so it is built once that is known.
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train and evaluate an nnx_trainer Task from configs and flags.",
+        epilog=f"Run '{PROG} COMMAND --help' (add --task X for that Task's options).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def _fail(prog: str, message: str) -> int:
+    sys.stderr.write(f"{prog}: error: {message.strip()}\nSee '{prog} --help'.\n")
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``nnx-trainer``; returns the exit status (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        try:
+            _top_parser().parse_args(argv)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 2
+    command, args = argv[0], argv[1:]
+    prog = f"{PROG} {command}"
+    try:
+        plugins = plugin_classes()
+        args = _canonical(args)
+        spec = task_spec_from(args)
+        task_cls = load_task_class(spec) if spec else None
+        parser = build_parser(command, task_cls, plugins)
+        if task_cls is None and not {"-h", "--help"} & set(args):
+            raise CLIError("no Task given: pass --task pkg.module.Class (or task.class_path "
+                           "in a --config file)")
+        check_keys(args, set(parser.get_defaults().keys()), plugins)
+        cfg = parser.parse_args(args)
+    except SystemExit as exc:  # --help, --print_config
+        return int(exc.code or 0)
+    except CLIError as exc:
+        return _fail(prog, str(exc))
+    except argparse.ArgumentError as exc:
+        return _fail(prog, concise(str(exc)))
+    return run(command, parser, cfg, task_cls, prog)
+
+
+def concise(message: str) -> str:
+    """jsonargparse's type error in one line: the key, the expected types, the value."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if not keys:
+        return message
+    inner = message[message.rindex("Parser key"):]  # the innermost (a plugin's own) key
+    listed = re.search(r"Subtypes: \[(.*?)\]", inner)
+    types = re.findall(r"<class '([\w.]+)'>", listed[1] if listed else inner.split("Got")[0])
+    value = re.search(r"(?:Given|Got) value: (.*)", inner)
+    if not types or not value or (len(keys) == 1 and "class_path" in inner):
+        return message  # a class-typed option: the details are the useful part
+    names = " or ".join(dict.fromkeys("None" if t == "NoneType" else t for t in types))
+    return f"option {'.'.join(keys)!r}: expected {names}, got {value[1].strip()!r}"
+
+
+def _canonical(args: list[str]) -> list[str]:
+    """``--task X`` spelled as the key it sets, for the pre-parse readers."""
+    return ["--task.class_path" if a == "--task" else
+            "--task.class_path=" + a[7:] if a.startswith("--task=") else a for a in args]
+
+
+def build_objects(cfg: Namespace, task_cls: type) -> tuple[Trainer, Any]:
+    """Plugins, then the Trainer, then the Task (which may load data): cheap checks first."""
+    plugins = []
+    section = cfg.get("plugins") or Namespace()
+    for name in section.keys(branches=True, nested=False):
+        spec = section[name]
+        if spec is None:
+            continue
+        cls = load_object(spec.class_path)
+        init_args = spec.get("init_args")
+        try:
+            plugins.append(cls(**(init_args.as_dict() if init_args else {})))
+        except (TypeError, ValueError) as exc:
+            raise CLIError(f"--plugins.{name}: {exc}") from exc
+    try:
+        trainer = Trainer(plugins=plugins, **cfg.trainer.as_dict())
+    except (TypeError, ValueError, PluginError) as exc:
+        raise CLIError(f"--trainer: {exc}") from exc
+    try:
+        task = build_task(task_cls, cfg.task.as_dict())
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--task ({task_cls.__name__}): {exc}") from exc
+    return trainer, task
+
+
+def load_object(path: str) -> Any:
+    """The object at a dotted import path, as jsonargparse writes ``class_path``."""
+    module, _, attr = path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def run(command: str, parser: ArgumentParser, cfg: Namespace, task_cls: type,
+        prog: str = PROG) -> int:
+    """Build the objects of a parsed config and run ``command`` on them."""
+    method_kwargs = {k: cfg[k] for k in _method_keys(command) if k in cfg}
+    ckpt_path = method_kwargs.get("ckpt_path")
+    if ckpt_path not in (None, "last", "best") and not Path(ckpt_path).is_dir():
+        return _fail(prog, f"--ckpt_path {ckpt_path!r}: not 'last', 'best' or a directory")
+    if command != "fit" and not ckpt_path and not method_kwargs.get("untrained"):
+        # A fresh process has no fitted state: say so before data and model are built.
+        return _fail(prog, f"{command} needs weights: pass --ckpt_path last (or best, or a "
+                           "checkpoint directory), or --untrained true for the initial ones")
+    try:
+        trainer, task = build_objects(cfg, task_cls)
+    except CLIError as exc:
+        return _fail(prog, str(exc))
+    if command == "fit":
+        if trainer.is_main_process:
+            save_config(parser, cfg, trainer.run_dir)
+        trainer.fit(task, **method_kwargs)
+        return 0
+    try:
+        result = getattr(trainer, command)(task, **method_kwargs)
+    except (FileNotFoundError, ValueError) as exc:  # e.g. no checkpoint, another model's
+        return _fail(prog, str(exc))
+    if command == "predict":
+        path = Path(trainer.run_dir) / PREDICTIONS_NAME
+        if trainer.is_main_process:
+            arrays = save_predictions(result, path)
+            shapes = {k: list(v.shape) for k, v in arrays.items()}
+            print(json.dumps({"predictions": str(path), "arrays": shapes}))
+        return 0
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def _method_keys(command: str) -> list[str]:
+    params = inspect.signature(getattr(Trainer, command)).parameters
+    return [n for n in params if n not in ("self", "task")]
+
+
+def save_config(parser: ArgumentParser, cfg: Namespace, run_dir: Path) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml``, ready for ``--config``.
+
+    The run directory is written out (a default one is a timestamp, which a rerun would
+    not find again), and ``ckpt_path`` is dropped: the file describes the run, and
+    ``--ckpt_path last`` on top of it continues it.
+    """
+    cfg = cfg.clone()
+    cfg["trainer.run_dir"] = str(run_dir)
+    for key in _method_keys("fit"):
+        if key in cfg:
+            cfg[key] = None
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / CONFIG_NAME
+    target.write_text(parser.dump(cfg, skip_unset=False), encoding="utf-8")
+    return target
+
+
+def save_predictions(outputs: Any, path: Path) -> dict[str, np.ndarray]:
+    """Save a pytree of per-example arrays as ``.npz``; keys are the tree paths."""
+    leaves = jax.tree_util.tree_flatten_with_path(outputs)[0]
+    arrays = {(jax.tree_util.keystr(p, simple=True, separator="/") or "predictions"):
+              np.asarray(x) for p, x in leaves}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""What ``nnx-trainer``'s options are made of: the Task class, its keys, the plugins' keys.
+
+Nothing here lists flags by hand: the keys come from signatures (``Trainer.__init__``,
+the Task's ``__init__`` or its config dataclass, each plugin class's ``__init__``), so a
+new parameter anywhere is a new option everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+import sys
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nnx_trainer.plugin_manager import ENTRY_POINT_GROUP
+from nnx_trainer.task import Task
+
+
+class CLIError(ValueError):
+    """Bad command-line or config input; reported as ``error: ...`` with exit status 2."""
+
+
+def load_task_class(spec: str) -> type[Task]:
+    """The Task class named by ``pkg.mod.Class``, ``pkg.mod:Class`` or ``path/mod.py:Class``."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise CLIError(f"--task {spec!r}: give pkg.module.Class, pkg.module:Class or "
+                       "path/to/module.py:Class")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+            module = _module_from_file(Path(module_name))
+        else:
+            # A console script does not have the working directory on sys.path, unlike
+            # `python -m`; a user's own module next to their config should still import.
+            if os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(module_name)
+    except (ImportError, OSError) as exc:
+        raise CLIError(f"--task {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n, v in vars(module).items() if inspect.isclass(v)]
+            near = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise CLIError(f"--task {spec!r}: {module_name!r} has no {part!r}{hint}")
+        obj = getattr(obj, part)
+    if not (inspect.isclass(obj) and issubclass(obj, Task)):
+        raise CLIError(f"--task {spec!r} is not a subclass of nnx_trainer.Task")
+    return obj
+
+
+def _module_from_file(path: Path) -> types.ModuleType:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    name = path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so the classes in it pickle and resolve by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+def config_parameter(cls: type) -> tuple[str, type] | None:
+    """``(name, dataclass)`` when ``cls.__init__`` takes a dataclass config, else None.
+
+    Such a Task (e.g. ``ResNetTask(config: ResNetConfig | None = None, **overrides)``)
+    gets the dataclass's fields as its keys instead of one opaque ``config`` value.
+    """
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: fall back to the plain signature
+        return None
+    for name, hint in hints.items():
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = typing.get_args(hint) if union else (hint,)
+        classes = [t for t in options if t is not type(None)]
+        if len(classes) == 1 and dataclasses.is_dataclass(classes[0]):
+            return name, classes[0]
+    return None
+
+
+def add_task_arguments(parser: Any, cls: type[Task]) -> None:
+    """The Task's constructor arguments (or its config dataclass's fields) as ``task.*``."""
+    config = config_parameter(cls)
+    if config is None:
+        parser.add_class_arguments(cls, "task", fail_untyped=False, sub_configs=True)
+        return
+    name, config_cls = config
+    parser.add_class_arguments(config_cls, "task", fail_untyped=False)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    others = [p for p in inspect.signature(cls.__init__).parameters.values()
+              if p.name not in ("self", name) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if any(p.name in fields for p in others):
+        raise CLIError(f"{cls.__name__}.__init__ repeats a field of {config_cls.__name__}")
+    if others:
+        parser.add_class_arguments(cls, "task", fail_untyped=False,
+                                   skip={name} | {f.name for f in dataclasses.fields(config_cls)})
+
+
+def build_task(cls: type[Task], options: Mapping[str, Any]) -> Task:
+    """Instantiate the Task from its parsed ``task.*`` options (``class_path`` excluded)."""
+    kwargs = {k: v for k, v in options.items() if k != "class_path"}
+    config = config_parameter(cls)
+    if config is not None:
+        name, config_cls = config
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        kwargs[name] = config_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+    return cls(**kwargs)
+
+
+def plugin_classes() -> dict[str, type]:
+    """Installed entry points of group ``nnx_trainer`` that are classes, by name.
+
+    Module entry points (e.g. ``strategies``) have no constructor, so no options; one
+    that fails to import is left out here and reported by the Trainer when it loads.
+    """
+    classes = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception:
+            continue
+        if inspect.isclass(obj):
+            classes[ep.name] = obj
+    return classes
+
+
+def task_spec_from(argv: Sequence[str]) -> str | None:
+    """The Task class path from ``--task.class_path`` or the ``--config`` files; last wins.
+
+    Read before the parser is built, since the Task's options depend on its class.
+    """
+    spec = None
+    for key, value in _options(argv):
+        if key == "task.class_path":
+            spec = value
+        elif key == "config" and value is not None:
+            task = (_load_yaml(value) or {}).get("task")
+            if isinstance(task, Mapping) and task.get("class_path"):
+                spec = str(task["class_path"])
+    return spec
+
+
+def _options(argv: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+    """``(key, value)`` for each ``--key value`` / ``--key=value`` in ``argv``."""
+    for i, token in enumerate(argv):
+        if not token.startswith("--") or token == "--":
+            continue
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            value = nxt if nxt is not None and not nxt.startswith("--") else None
+        yield key, value
+
+
+def _load_yaml(source: str) -> Any:
+    path = Path(source)
+    try:
+        text = path.read_text() if path.is_file() else source  # jsonargparse takes inline YAML
+        return yaml.safe_load(text)
+    except (OSError, yaml.YAMLError) as exc:
+        raise CLIError(f"--config {source!r}: {exc}") from exc
+
+
+def check_keys(argv: Sequence[str], valid: set[str], plugins: Mapping[str, type]) -> None:
+    """Fail on an unknown key (command line or config file), naming the nearest valid one.
+
+    jsonargparse rejects them too, but in several formats and without a suggestion.
+    """
+    known = set(valid)
+    for name, cls in plugins.items():
+        params = inspect.signature(cls).parameters.values()
+        known.update(f"plugins.{name}.{p.name}" for p in params
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    given: list[tuple[str, str]] = []
+    for key, value in _options(argv):
+        if key == "config" and value is not None:
+            given += [(k, f"in {value}") for k in _flat_keys(_load_yaml(value), "", valid)]
+        elif key not in ("help", "print_config") and not key.endswith(".help"):
+            given.append((key.replace(".init_args.", "."), "on the command line"))
+    for key, where in given:
+        if key in known:
+            continue
+        near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise CLIError(f"unknown option {key!r} {where}{hint}")
+
+
+def _flat_keys(config: Any, prefix: str, valid: set[str]) -> Iterator[str]:
+    if not isinstance(config, Mapping):
+        return
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        if full in valid and not full.startswith("plugins."):
+            yield full  # a leaf, even when its value is a mapping (e.g. a class_path)
+        elif full.startswith("plugins.") and full.count(".") == 1 and isinstance(value, Mapping):
+            if "class_path" in value:
+                continue  # another class: jsonargparse checks its own parameters
+            yield from _flat_keys(value.get("init_args", value), f"{full}.", valid)
+        elif isinstance(value, Mapping):  # a group (an empty one, e.g. `plugins: {}`, is fine)
+            yield from _flat_keys(value, f"{full}.", valid)
+        else:
+            yield full
