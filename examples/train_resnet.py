@@ -20,6 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Any
+
+import yaml
 
 import nnx_trainer
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
@@ -34,7 +37,8 @@ from resnet_task.task import OPTIMIZERS, ResNetConfig, ResNetTask
 # parse_args then fills in the recipe's values, and explicit flags win over both.
 DEFAULTS = {
     "image_size": None, "model": "simple", "stem": "cifar", "epochs": 30, "batch_size": 32,
-    "lr": 0.05, "optimizer": "sgd", "weight_decay": 5e-4, "label_smoothing": 0.0,
+    # Label smoothing 0.1: seeds 0-4 all reach >= 99.16% on digits (0.0: 98.33-99.72%).
+    "lr": 0.05, "optimizer": "sgd", "weight_decay": 5e-4, "label_smoothing": 0.1,
     "warmup_fraction": 0.05, "precision": "fp32",
 }
 # How --help describes the imagenet recipe's value of each of them.
@@ -152,6 +156,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="whether a lower or a higher --ckpt-monitor is better")
     ckpt.add_argument("--no-checkpoint", action="store_true",
                       help="save nothing (same as --disable-plugin checkpoint)")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the run as a YAML config for `nnx-trainer fit --config` and "
+                          "exit (every run also saves it as run dir/config.yaml)")
     args = p.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS}
     for name, value in resolve_recipe(args.recipe, given, DEFAULTS).items():
@@ -159,14 +166,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_config(args: argparse.Namespace, folder_options: dict[str, Any]) -> dict[str, Any]:
+    """The run as the ``nnx-trainer`` command's config: ``trainer``, ``task`` and
+    ``plugins`` keys are the parameters of ``Trainer``, ``ResNetConfig`` and the
+    plugins' constructors, so these flags and that command describe the same run
+    (``tests/test_example.py`` runs both and compares their losses)."""
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
+    if args.model == "simple":
+        model_kwargs = (("num_blocks", args.num_blocks),
+                        ("initial_features", args.initial_features))
+    files = args.dataset in ("folder", "arrayrecord")
+    task = {
+        "class_path": f"{ResNetTask.__module__}.{ResNetTask.__qualname__}",
+        "dataset": args.dataset, "data_dir": args.data_dir, "image_size": args.image_size,
+        "model": args.model, "stem": args.stem, "model_kwargs": model_kwargs,
+        "optimizer": args.optimizer, "learning_rate": args.lr,
+        "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
+        "warmup_fraction": args.warmup_fraction, "seed": args.seed, "recipe": args.recipe,
+        "dataset_kwargs": tuple(folder_options.items()) if files else (),
+    }
+    disable = list(args.disable_plugin) + (["checkpoint"] if args.no_checkpoint else [])
+    trainer = {
+        "max_epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
+        "limit_train_batches": args.limit_train_batches, "log_every_n_steps": args.log_every,
+        "gradient_clip_norm": args.grad_clip, "seed": args.seed, "run_dir": args.run_dir,
+        "precision": args.precision, "strategy": args.strategy,
+        "disable_plugins": sorted(set(disable)), "worker_count": args.workers,
+    }
+    plugins = {} if args.no_checkpoint else {"checkpoint": {
+        "every_n_steps": args.ckpt_every_steps, "every_n_epochs": args.ckpt_every_epochs,
+        "min_seconds_between_saves": args.ckpt_min_seconds, "keep_last": args.keep,
+        "keep_best": args.keep_best or None,
+        "monitor": args.ckpt_monitor if args.keep_best else None, "mode": args.ckpt_mode,
+    }}
+    return {"trainer": trainer, "task": task, "plugins": plugins}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, for YAML that any reader (and ``--config``) takes."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the task and trainer from the flags, train, and print the held-out accuracy."""
     args = parse_args(argv)
     start = time.perf_counter()
-    model_kwargs = ()
-    if args.model == "simple":
-        model_kwargs = (("num_blocks", args.num_blocks),
-                        ("initial_features", args.initial_features))
     folder_options = {"bad_images": args.bad_images, "verify": args.verify_images,
                       "max_bad_fraction": 0.01 if args.max_bad_images_fraction is None
                       else args.max_bad_images_fraction}
@@ -180,38 +228,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dataset == "arrayrecord":  # the shards' records follow the same policy
         folder_options.pop("verify")
+    config = run_config(args, folder_options)
+    if args.print_config:
+        print(yaml.safe_dump(_plain(config), sort_keys=False), end="")
+        return 0
     try:
-        task = ResNetTask(ResNetConfig(
-            dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-            model=args.model, stem=args.stem, model_kwargs=model_kwargs,
-            optimizer=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing, warmup_fraction=args.warmup_fraction,
-            seed=args.seed, recipe=args.recipe,
-            dataset_kwargs=tuple(folder_options.items())
-            if args.dataset in ("folder", "arrayrecord") else (),
-        ))
-        disable = list(args.disable_plugin)
-        plugins = []
-        if args.no_checkpoint:
-            disable.append("checkpoint")
-        else:
-            plugins.append(OrbaxCheckpoint(
-                every_n_steps=args.ckpt_every_steps,
-                every_n_epochs=args.ckpt_every_epochs,
-                min_seconds_between_saves=args.ckpt_min_seconds,
-                keep_last=args.keep, keep_best=args.keep_best or None,
-                monitor=args.ckpt_monitor if args.keep_best else None, mode=args.ckpt_mode,
-            ))
-        trainer = nnx_trainer.Trainer(
-            max_epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-            limit_train_batches=args.limit_train_batches, log_every_n_steps=args.log_every,
-            gradient_clip_norm=args.grad_clip, seed=args.seed, run_dir=args.run_dir,
-            precision=args.precision, strategy=args.strategy, plugins=plugins,
-            disable_plugins=sorted(set(disable)), worker_count=args.workers,
-        )
+        task = ResNetTask(ResNetConfig(**{k: v for k, v in config["task"].items()
+                                          if k != "class_path"}))
+        plugins = [OrbaxCheckpoint(**options) for name, options in config["plugins"].items()
+                   if name == "checkpoint"]
+        trainer = nnx_trainer.Trainer(plugins=plugins, **config["trainer"])
     except ValueError as exc:  # bad flags or data: the message says what to change
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if trainer.is_main_process:  # `nnx-trainer fit --config run_dir/config.yaml` reruns it
+        trainer.run_dir.mkdir(parents=True, exist_ok=True)
+        config["trainer"]["run_dir"] = str(trainer.run_dir)
+        (trainer.run_dir / "config.yaml").write_text(
+            yaml.safe_dump(_plain(config), sort_keys=False), encoding="utf-8")
     info = task.dataset_info
     print(f"{info.name}: {info.num_train} train / {info.num_val} held-out examples, "
           f"{info.num_classes} classes, images {info.image_shape}; model {args.model}; "

@@ -108,3 +108,31 @@ def test_a_bad_image_stops_the_run_naming_it_and_skip_trains_around_it(tmp_path)
     assert wrong.returncode == 2 and "--dataset folder or arrayrecord only" in wrong.stderr
     wrong = run("--max-bad-images-fraction", "0.5", "--epochs", "1")  # not silently ignored
     assert wrong.returncode == 2 and "--max-bad-images-fraction apply to" in wrong.stderr
+
+
+def _train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def test_the_example_and_the_nnx_trainer_command_describe_the_same_run(tmp_path):
+    """The example's flags become Trainer/ResNetConfig/plugin keys; if one drifted (a
+    renamed parameter), the command would reject the saved config."""
+    flags = ("--epochs", "1", "--max-steps", "5", "--log-every", "1", "--no-checkpoint",
+             "--disable-plugin", "progress", "--label-smoothing", "0.2")
+    printed = run(*flags, "--print-config")
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    example = run(*flags, "--run-dir", str(tmp_path / "example"))
+    assert example.returncode == 0, example.stderr[-3000:]
+    saved = tmp_path / "example" / "config.yaml"
+    assert saved.read_text().replace(f"run_dir: {tmp_path / 'example'}", "run_dir: null") == (
+        printed.stdout)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    command = subprocess.run(
+        [str(Path(sys.executable).with_name("nnx-trainer")), "fit", "--config", str(saved),
+         "--trainer.run_dir", str(tmp_path / "command")],
+        capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert command.returncode == 0, command.stderr[-3000:]
+    losses = _train_losses(tmp_path / "example")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5]
+    assert _train_losses(tmp_path / "command") == losses

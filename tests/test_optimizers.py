@@ -42,7 +42,7 @@ class MultiTransformTask(TinyTask):
 
 
 def params(trainer) -> dict[str, np.ndarray]:
-    flat = nnx.to_flat_state(trainer.state.model.filter(nnx.Param))
+    flat = nnx.to_flat_state(nnx.filter_state(trainer.state.model, nnx.Param))
     return {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in flat}
 
 
