@@ -5,7 +5,7 @@ from nnx_trainer.hookspecs import hookimpl, hookspec
 from nnx_trainer.plugin_manager import ENTRY_POINT_GROUP, PluginError
 from nnx_trainer.state import CheckpointContent, CheckpointMeta, Outcome, TrainState
 from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
-from nnx_trainer.task import Task
+from nnx_trainer.task import OptimizerSpec, Task
 from nnx_trainer.trainer import Trainer
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "TrainState",
     "ENTRY_POINT_GROUP",
     "MASK_KEY",
+    "OptimizerSpec",
     "PluginError",
     "SingleDeviceStrategy",
     "Strategy",

@@ -133,6 +133,22 @@ def test_two_processes_train_like_one(report, tmp_path):
     assert results[0]["val_accuracy"] == results[1]["val_accuracy"]
 
 
+def test_a_stream_over_two_processes_trains_like_one_and_resumes_on_one(tmp_path):
+    """Each process keeps its rows of every global batch of the same stream, and the
+    stream's position (Grain's iterator state) moves to a one-process resume."""
+    one = _run_processes(tmp_path, 1, "stream1", "--stream", "--max-steps", "10")[0]
+    run_dir = str(tmp_path / "run")
+    two = _run_processes(tmp_path, 2, "stream2", "--stream", "--max-steps", "6",
+                         "--run-dir", run_dir)
+    for r in two:
+        assert r["process_count"] == 2
+        np.testing.assert_allclose(_losses(r), _losses(one)[:6], rtol=1e-5, atol=1e-6)
+    resumed = _run_processes(tmp_path, 1, "stream3", "--stream", "--max-steps", "10",
+                             "--run-dir", run_dir, "--resume", "last")[0]
+    assert sorted(resumed["losses"], key=int) == [str(s) for s in range(6, 10)]
+    np.testing.assert_allclose(_losses(resumed), _losses(one)[6:], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
 def test_checkpoint_moves_between_two_processes_and_one(report, tmp_path, first, second):
     run_dir = str(tmp_path / "run")

@@ -8,6 +8,8 @@ wall clock reading ``global_step * S`` (see tests/fake_clock.py), so two process
 disagree about the time; the checkpoint plugin then uses the default cadence (every
 epoch, throttled by ``--ckpt-min-seconds``) and the report lists the steps it saved.
 
+``--stream`` trains tiny_task.StreamingTinyTask (a grain.IterDataset) instead.
+
 ``--marker PATH --marker-step K``: after step K this process writes PATH (a parent
 waits for it, then signals this process) and every step from there on sleeps
 ``--step-sleep`` seconds, so a preemption notice has time to reach every process.
@@ -37,6 +39,7 @@ parser.add_argument("--ckpt-min-seconds", type=float, default=60.0)
 parser.add_argument("--marker", default=None)
 parser.add_argument("--marker-step", type=int, default=4)
 parser.add_argument("--step-sleep", type=float, default=0.05)
+parser.add_argument("--stream", action="store_true", help="train on a grain.IterDataset")
 args = parser.parse_args()
 if args.count > 1:
     os.environ.update(
@@ -44,7 +47,7 @@ if args.count > 1:
         JAX_PROCESS_ID=str(args.index),
     )
 
-from tiny_task import TinyTask  # noqa: E402
+from tiny_task import StreamingTinyTask, TinyTask  # noqa: E402
 
 import nnx_trainer  # noqa: E402
 
@@ -95,7 +98,8 @@ trainer = nnx_trainer.Trainer(
     strategy="data_parallel" if args.count > 1 else "single_device",
     run_dir=args.run_dir or "/tmp/unused",
 )
-trainer.fit(TinyTask(n_train=64, dim=64), ckpt_path=args.resume)
+task_class = StreamingTinyTask if args.stream else TinyTask
+trainer.fit(task_class(n_train=64, dim=64), ckpt_path=args.resume)
 import jax  # noqa: E402
 
 Path(args.out).write_text(json.dumps({
