@@ -975,6 +975,8 @@ class Trainer:
                 "accumulate_grad_batches": self.accumulate_grad_batches,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "devices": self.strategy.num_devices, "processes": self.strategy.process_count,
+                "optimizers": sorted(self._live[1]) if self._live is not None else [],
+                "streamed_training_data": self._streaming,
             },
             "task": self.task.hparams() if self.task is not None else {},
             "model": model_summary(self._state.model) if self._state is not None else {},
