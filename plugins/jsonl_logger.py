@@ -186,6 +186,18 @@ class JsonlLogger:
         )
         os.replace(tmp, target)
 
+    def update_hparams(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
+        """Add ``values`` to this fit's ``hparams.json`` (e.g. the FLOP count, known only
+        at the first step), rewritten atomically like the first write."""
+        target = Path(trainer.run_dir) / "hparams.json"
+        if not trainer.is_main_process or not target.exists():
+            return
+        params = {**json.loads(target.read_text(encoding="utf-8")), **json_safe(dict(values))}
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(params, indent=2, allow_nan=False, default=str) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, target)
+
     @hookimpl
     def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
         """Append ``{"step", "time", **metrics}`` as one line; complete on disk on return."""

@@ -255,12 +255,14 @@ class ModelSummary:
         console.print(f"train step: {format_count(self.flops_per_step)} "
                       f"({format_count(self.flops_per_example)} per example; XLA's estimate, "
                       "a multiply-add counts 2)", markup=False, soft_wrap=True)
-        wandb = trainer.plugin_manager.get_plugin("wandb")
-        update = getattr(wandb, "update_config", None)
-        if callable(update):
-            update(trainer, {"flops": {"per_step": self.flops_per_step,
-                                       "per_example": self.flops_per_example,
-                                       "counted_from": self.flops_source}})
+        flops = {"flops": {"per_step": self.flops_per_step,
+                           "per_example": self.flops_per_example,
+                           "counted_from": self.flops_source}}
+        # Known only now, after log_hyperparams: added to what the loggers recorded.
+        for name, method in (("wandb", "update_config"), ("metrics_jsonl", "update_hparams")):
+            update = getattr(trainer.plugin_manager.get_plugin(name), method, None)
+            if callable(update):
+                update(trainer, flops)
 
     @hookimpl
     def on_train_batch_end(self, trainer: Trainer) -> None:

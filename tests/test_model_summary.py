@@ -229,3 +229,16 @@ def test_format_count():
     assert ms.format_count(2.5e14, "FLOP/s") == "250 TFLOP/s"
     assert ms.format_count(12) == "12 FLOP"
     assert ms.format_bytes(97.5 * 2**20) == "97.5 MiB"
+
+
+def test_summary_and_flops_are_in_hparams_json(tmp_path):
+    import json
+
+    from nnx_trainer_plugins.jsonl_logger import JsonlLogger
+
+    summary = ModelSummary()
+    _fit(tmp_path, summary, JsonlLogger())
+    hparams = json.loads((tmp_path / "hparams.json").read_text())
+    assert hparams["model"]["parameters"] == 8 * 16 + 16 + 16 * 2 + 16 * 3 + 3
+    assert hparams["flops"]["per_example"] == pytest.approx(summary.flops_per_example)
+    assert hparams["flops"]["per_step"] > 0 and "trainer" in hparams  # added, not replaced
