@@ -69,7 +69,8 @@ class Trainer:
 
     :param max_epochs: stop after this many epochs (default 1, or unlimited when
         ``max_steps`` is given); training stops at whichever limit comes first.
-    :param max_steps: stop after this many steps in total (``None``: epochs decide).
+    :param max_steps: stop after this many steps in total (``None``: epochs decide);
+        required when ``train_data()`` is a stream (a ``grain.IterDataset``).
     :param batch_size: global training batch size (all devices and processes).
     :param eval_batch_size: global evaluation batch size (default: ``batch_size``).
     :param check_val_every_n_epoch: validate after every N epochs (0: never at epoch end).
