@@ -10,7 +10,8 @@ are counted from the model itself: every convolution and matrix product in the t
 forward pass contributes ``2 x MACs`` (MACs from the operand shapes), and a training
 step costs 3x the forward (forward, input gradients, weight gradients). BatchNorm,
 ReLU and pooling are not counted, as is standard. Peaks (dense bf16, no sparsity):
-see ``PEAK_BF16_FLOPS``; on a device not in the table pass ``--peak-flops``.
+the ``model_summary`` plugin's ``PEAK_FLOPS`` table (the one the Trainer's MFU uses); on a
+device not in it pass ``--peak-flops``.
 
     python benchmarks/resnet50_gpu.py --batch-size 256 --steps 30   # on a GPU
     python benchmarks/resnet50_gpu.py --quick   # CPU smoke run: the smallest ResNet, same path
@@ -22,22 +23,6 @@ import argparse
 import sys
 
 import harness
-
-# Dense bf16 tensor-core peak FLOP/s by device kind (jax Device.device_kind), first match wins.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5p", 459e12),
-    ("TPU v4", 275e12),
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,14 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def peak_flops_of(kind: str) -> float | None:
-    """The table's dense bf16 peak for a device kind, or None if unknown."""
-    for name, peak in PEAK_BF16_FLOPS:
-        if name.lower() in kind.lower():
-            return peak
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     harness.prepare_runtime(quick=args.quick)
@@ -81,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import workloads
     from flax import nnx
+
+    from nnx_trainer_plugins.model_summary import peak_flops
 
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}", flush=True)
@@ -105,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = fit.trainer.strategy.num_devices
     rate = fit.images_per_second
     achieved = rate * flops_per_image
-    peak = args.peak_flops or peak_flops_of(device.device_kind)
+    peak = args.peak_flops or peak_flops(device.device_kind, "bf16")
     print(f"  strategy {args.strategy} on {devices} device(s), batch {args.batch_size}, "
           f"{fit.timed_steps} timed steps, compile {fit.compile_seconds:.1f} s")
     print(f"  throughput: {rate:.1f} images/s ({rate / devices:.1f} per device), "

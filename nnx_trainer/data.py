@@ -71,7 +71,8 @@ def split_transforms(transforms: Sequence[Any]) -> tuple[list[Any], list[BatchTr
     return per_example, batched
 
 
-def _apply_transforms(ds: grain.MapDataset, transforms: Sequence[Any], seed: int):
+def _apply_transforms(ds: grain.MapDataset | grain.IterDataset, transforms: Sequence[Any],
+                      seed: int):
     for i, transform in enumerate(transforms):
         if isinstance(transform, grain.transforms.RandomMap):
             ds = ds.random_map(transform, seed=seed + i)
@@ -288,12 +289,7 @@ def stream_pipeline(
     (Grain's, JSON) is the data position a checkpoint keeps for an exact resume.
     """
     per_example, batched = split_transforms(transforms)
-    ds = examples
-    for i, transform in enumerate(per_example):
-        if isinstance(transform, grain.transforms.RandomMap):
-            ds = ds.random_map(transform, seed=epoch_seed(seed, 0) + 1 + i)
-        else:
-            ds = ds.map(transform)
+    ds = _apply_transforms(examples, per_example, seed=epoch_seed(seed, 0) + 1)
     g, key_seed = config.global_batch_size, epoch_seed(seed, 0) + 2
     rows = np.arange(config.process_index, g, config.process_count)
 

@@ -44,6 +44,12 @@ def flops_of(lowered: jax.stages.Lowered) -> float | None:
         cost = lowered.cost_analysis()
     except Exception:  # noqa: BLE001 - an estimate: some backends do not provide one
         return None
+    return flops_from_cost(cost)
+
+
+def flops_from_cost(cost: Any) -> float | None:
+    """The ``flops`` entry of a ``cost_analysis()`` result (of a lowered or a compiled
+    computation), or None where it is missing or negative (not counted)."""
     if isinstance(cost, list | tuple):  # older JAX: one dict per computation
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")

@@ -72,6 +72,14 @@ def _dumps(obj: Any) -> str:
     return json.dumps(json_safe(obj), allow_nan=False, default=str)
 
 
+def _write_json(target: Path, data: Any) -> None:
+    """Write ``data`` as JSON via a temporary file, so ``target`` is never half-written."""
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, target)
+
+
 def _numbered(path: Path, number: int) -> Path:
     """``metrics.jsonl`` -> ``metrics.<number>.jsonl``."""
     return path.with_name(f"{path.stem}.{number}{path.suffix}")
@@ -179,12 +187,7 @@ class JsonlLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         target = run_dir / "hparams.json"
         self._start_fit(trainer, target)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(
-            json.dumps(json_safe(dict(params)), indent=2, allow_nan=False, default=str) + "\n",
-            encoding="utf-8",
-        )
-        os.replace(tmp, target)
+        _write_json(target, json_safe(dict(params)))
 
     def update_hparams(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
         """Add ``values`` to this fit's ``hparams.json`` (e.g. the FLOP count, known only
@@ -192,11 +195,8 @@ class JsonlLogger:
         target = Path(trainer.run_dir) / "hparams.json"
         if not trainer.is_main_process or not target.exists():
             return
-        params = {**json.loads(target.read_text(encoding="utf-8")), **json_safe(dict(values))}
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(params, indent=2, allow_nan=False, default=str) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, target)
+        _write_json(target, {**json.loads(target.read_text(encoding="utf-8")),
+                             **json_safe(dict(values))})
 
     @hookimpl
     def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nnx_trainer import hookimpl
-from nnx_trainer.summary import flops_of, model_summary
+from nnx_trainer.summary import flops_from_cost, flops_of, model_summary
 
 from ._progress_parts import plain_rows
 
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 # fp32 peak is lower and the MFU shown understates the utilisation.
 # Sources: NVIDIA A100 datasheet (BF16 312, TF32 156 TFLOP/s); NVIDIA H100 datasheet (SXM:
 # BF16 989.4, TF32 494.7; PCIe: 756, 378; NVL: 835, 418); NVIDIA H200 datasheet (as H100
-# SXM); GH200 datasheet (as H100 SXM); Google Cloud TPU system architecture pages (per chip,
+# SXM); GH200 datasheet (as H100 SXM); NVIDIA L40S, L4, A10 datasheets (dense BF16 362,
+# 121, 125; TF32 181, 60, 62.5); Google Cloud TPU system architecture pages (per chip,
 # bf16: v3 123, v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s).
 _T = 1e12
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -58,6 +59,9 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H200", {"bf16": 989.4 * _T, "fp32": 494.7 * _T}),
     ("GH200", {"bf16": 989.4 * _T, "fp32": 494.7 * _T}),
     ("A100", {"bf16": 312 * _T, "fp32": 156 * _T}),
+    ("L40S", {"bf16": 362 * _T, "fp32": 181 * _T}),
+    ("L4", {"bf16": 121 * _T, "fp32": 60 * _T}),
+    ("A10", {"bf16": 125 * _T, "fp32": 62.5 * _T}),
     ("TPU v3", {"bf16": 123 * _T, "fp32": 123 * _T}),
     ("TPU v4", {"bf16": 275 * _T, "fp32": 275 * _T}),
     ("TPU v5 lite", {"bf16": 197 * _T, "fp32": 197 * _T}),  # v5e reports "TPU v5 lite"
@@ -106,15 +110,12 @@ def step_flops(lowered: Any, num_devices: int) -> tuple[float | None, str]:
     if flops is not None:
         return flops, "lowered"
     try:
-        cost = lowered.compile().cost_analysis()
+        flops = flops_from_cost(lowered.compile().cost_analysis())
     except Exception:  # noqa: BLE001 - an estimate only; never fail the fit for it
         return None, "unavailable"
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    if flops is None or flops < 0:
+    if flops is None:
         return None, "unavailable"
-    return float(flops) * num_devices, "compiled"  # one device's share of the SPMD module
+    return flops * num_devices, "compiled"  # one device's share of the SPMD module
 
 
 def counter(trainer: Any) -> ModelSummary | None:
@@ -204,7 +205,7 @@ class ModelSummary:
         if console is None:
             console = Console()
             return console, console.is_terminal
-        rich = getattr(progress, "_rich_output", None)  # its own terminal/force rule
+        rich = getattr(progress, "rich_output", None)  # its own terminal/force rule
         return console, rich() if callable(rich) else console.is_terminal
 
     def _print(self, trainer: Trainer, title: str, rows: list[tuple[str, ...]]) -> None:

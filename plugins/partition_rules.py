@@ -11,6 +11,7 @@ replicated. Leaves without an annotation are left to the strategy's fallback.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,21 +104,17 @@ def mesh_shape(axes: Mapping[str, int], devices: int) -> dict[str, int]:
     if "data" not in axes:
         raise ValueError(f"the mesh axes {axes} need a 'data' axis: batches shard over it")
     free = [name for name, size in axes.items() if size == -1]
-    fixed = 1
     for name, size in axes.items():
-        if size != -1:
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"mesh axis {name!r} has size {size!r}; use a positive int")
-            fixed *= size
+        if size != -1 and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"mesh axis {name!r} has size {size!r}; use a positive int")
     if len(free) > 1:
         raise ValueError(f"only one mesh axis may be -1 (the rest), got {free}")
     if free:
+        fixed = math.prod(size for size in axes.values() if size != -1)
         if devices % fixed:
             raise ValueError(f"{devices} devices do not split into mesh axes {axes}")
         axes[free[0]] = devices // fixed
-    total = 1
-    for size in axes.values():
-        total *= size
+    total = math.prod(axes.values())
     if total != devices:
         raise ValueError(
             f"mesh axes {axes} hold {total} devices but {devices} are used; make the sizes "

@@ -94,7 +94,7 @@ class RichProgress:
     def _live(self) -> bool:
         return self.progress is not None and self.progress.live.is_started
 
-    def _rich_output(self) -> bool:
+    def rich_output(self) -> bool:
         """Live display and tables (terminal, or forced) rather than plain lines."""
         return self.console.is_terminal if self.force is None else self.force
 
@@ -200,7 +200,7 @@ class RichProgress:
         self._fit_start_step = trainer.global_step
         task = getattr(trainer, "task", None)
         self._example_name = getattr(task, "example_name", None) or "examples"
-        if self._rich_output():
+        if self.rich_output():
             self.progress = make_progress(self.console, self.refresh_per_second)
             self.progress.start()
             logging.getLogger("nnx_trainer").addFilter(self._hold_signal_record)
@@ -297,7 +297,7 @@ class RichProgress:
         values = {name: to_float(value) for name, value in sorted(metrics.items())}
         if stage == "validate":
             self.last_val_metrics = values
-        if self._rich_output():
+        if self.rich_output():
             title = f"{stage.capitalize()} metrics, step {trainer.global_step}"
             self._print(rows_table(title, [(k, fmt(v)) for k, v in values.items()]))
         else:
@@ -339,7 +339,7 @@ class RichProgress:
             step, why = trainer.global_step, trainer.stop_reason
             return self._print(f"preempted ({why}) at step {step}: resume with ckpt_path='last'")
         rows = self._summary_rows(trainer)
-        if self._rich_output():
+        if self.rich_output():
             self._print(rows_table("Fit summary", rows))
         else:
             for line in plain_rows("fit summary", rows):

@@ -230,8 +230,10 @@ def load_arrayrecord(
     *,
     bad_images: str = "stop",
     max_bad_fraction: float = 0.01,
+    encoded: bool = False,
 ) -> tuple[grain.MapDataset, grain.MapDataset, DatasetInfo]:
-    """A converted dataset as ``(train, held_out, info)``, elements as the folder loader's.
+    """A converted dataset as ``(train, held_out, info)``, elements as the folder loader's
+    (``encoded``: undecoded, see :meth:`resnet_task.image_folder.PolicySource.encoded`).
 
     The held-out split is the stored ``val`` (or ``test``) split; a source without one
     (a flat image folder) gets one carved out of ``train`` per class by ``val_fraction``
@@ -271,6 +273,8 @@ def load_arrayrecord(
         num_val=len(val),
         class_names=tuple(meta["class_names"]),
     )
+    if encoded:
+        train, val = train.encoded(), val.encoded()
     return grain.MapDataset.source(train), grain.MapDataset.source(val), info
 
 

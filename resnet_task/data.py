@@ -435,6 +435,7 @@ def load_image_folder(
     verify: bool = False,
     bad_images: str = "stop",
     max_bad_fraction: float = 0.01,
+    encoded: bool = False,
 ) -> tuple[grain.MapDataset, grain.MapDataset, DatasetInfo]:
     """Images in ``root/<class_name>/*.{png,jpg,jpeg,bmp,gif,webp}``, labels by sorted class
     name; split per class into train/val by ``val_fraction`` and ``seed``. If ``root/train/``
@@ -444,7 +445,9 @@ def load_image_folder(
     centre-cropped to ``image_size``) happens lazily per element, in Grain's readers,
     where an undecodable file follows ``bad_images`` (``"stop"`` or ``"skip"``, bounded
     by ``max_bad_fraction``; see :mod:`resnet_task.image_folder`). ``verify=True`` checks
-    every file with Pillow's ``verify()`` first and lists every bad one.
+    every file with Pillow's ``verify()`` first and lists every bad one. ``encoded=True``:
+    elements carry the undecoded file instead (for transforms that crop the full-size
+    image, see :meth:`resnet_task.image_folder.PolicySource.encoded`).
     Normalisation uses ImageNet's mean/std.
     """
     _check_image_size(image_size)
@@ -499,10 +502,11 @@ def load_image_folder(
         class_names=tuple(class_names),
     )
     policy = {"bad_images": bad_images, "max_bad_fraction": max_bad_fraction}
-    train = grain.MapDataset.source(
-        ImageFileSource(train_paths, train_labels, image_size, **policy))
-    val = grain.MapDataset.source(ImageFileSource(val_paths, val_labels, image_size, **policy))
-    return train, val, info
+    train = ImageFileSource(train_paths, train_labels, image_size, **policy)
+    val = ImageFileSource(val_paths, val_labels, image_size, **policy)
+    if encoded:
+        train, val = train.encoded(), val.encoded()
+    return grain.MapDataset.source(train), grain.MapDataset.source(val), info
 
 
 # ---- synthetic ---------------------------------------------------------------------------------

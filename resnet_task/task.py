@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,15 +13,12 @@ from flax import nnx
 
 import nnx_trainer
 from resnet_task.data import DatasetInfo, load_dataset
-from resnet_task.image_folder import PolicySource
 from resnet_task.imagenet import RECIPES, CenterCrop, RandomResizedCrop
 from resnet_task.metrics import TopKAccuracy
 from resnet_task.models import create_model
 from resnet_task.transforms import Normalize, RandomCrop, RandomHorizontalFlip
 
 OPTIMIZERS = ("sgd", "adamw")
-
-log = logging.getLogger("resnet_task")
 
 
 @dataclass(frozen=True)
@@ -54,19 +50,6 @@ class ResNetConfig:
     # optimizer settings are the fields above; resnet_task.imagenet.resolve_recipe
     # fills them in (the example's --recipe imagenet).
     recipe: str = "default"
-
-
-def _encoded(ds: grain.MapDataset) -> grain.MapDataset:
-    """``ds`` reading undecoded files, when it is a file-backed source; else ``ds`` as is."""
-    # grain's MapDataset.source() keeps the source as `_source` (no public accessor in
-    # grain 0.2.18); the loaders in resnet_task.data return exactly such datasets.
-    source = getattr(ds, "_source", None)
-    if isinstance(source, PolicySource):
-        return grain.MapDataset.source(source.encoded())
-    if source is None:
-        log.warning("recipe imagenet: cannot reach the source of %r; cropping images as "
-                    "loaded (already resized) instead of the full-size files", ds)
-    return ds
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -113,12 +96,13 @@ class ResNetTask(nnx_trainer.Task):
                 f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}"
             )
         self.config = config
+        dataset_kwargs = dict(config.dataset_kwargs)
+        if config.recipe == "imagenet" and config.dataset in ("folder", "arrayrecord"):
+            dataset_kwargs["encoded"] = True  # the crops decode the full-size files themselves
         self._train, self._val, self.info = load_dataset(
             config.dataset, config.data_dir, config.image_size, seed=config.seed,
-            **dict(config.dataset_kwargs),
+            **dataset_kwargs,
         )
-        if config.recipe == "imagenet":  # the crops decode the files themselves
-            self._train, self._val = _encoded(self._train), _encoded(self._val)
         # Build one model abstractly now so an unknown model name or bad kwargs fail
         # before any training starts, without paying for the real initialisation.
         nnx.eval_shape(lambda: self._create(nnx.Rngs(0), jnp.float32))

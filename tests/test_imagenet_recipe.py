@@ -62,8 +62,9 @@ def make_jpeg_folder(root: Path, classes: int = 4, per_class: int = 6,
 
 
 def _encoded_train(root: Path, **policy):
-    train, _, _ = load_image_folder(root, image_size=32, val_fraction=0.25, **policy)
-    return train._source.encoded()
+    train, _, _ = load_image_folder(root, image_size=32, val_fraction=0.25, encoded=True,
+                                    **policy)
+    return train._source
 
 
 # ---- RandomResizedCrop ----------------------------------------------------------------
@@ -165,12 +166,12 @@ def test_a_bad_file_follows_the_policy_in_encoded_mode(tmp_path):
     bad = root / "class0" / "0.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated: the header parses, decoding fails
     crop = RandomResizedCrop(32)
-    stop = load_image_folder(root, 32, val_fraction=0.25)[0]._source.encoded()
+    stop = load_image_folder(root, 32, val_fraction=0.25, encoded=True)[0]._source
     index = stop._paths.index(str(bad))
     with pytest.raises(DataError, match="0.jpg"):
         crop.random_map(stop[index], np.random.default_rng(0))
     skip = load_image_folder(root, 32, val_fraction=0.25, bad_images="skip",
-                             max_bad_fraction=0.5)[0]._source.encoded()
+                             max_bad_fraction=0.5, encoded=True)[0]._source
     out = crop.random_map(skip[index], np.random.default_rng(0))
     assert out["image"].shape == (32, 32, 3)
     assert out["label"] == skip.labels[index + 1]  # the next file replaced it, label too

@@ -11,6 +11,17 @@ from flax import nnx
 import nnx_trainer
 
 
+def value_errors(attempts: dict) -> dict[str, str]:
+    """``{label: ValueError message}`` for each ``{label: callable}`` that raises one."""
+    errors = {}
+    for label, attempt in attempts.items():
+        try:
+            attempt()
+        except ValueError as exc:
+            errors[label] = str(exc)
+    return errors
+
+
 def make_examples(n: int, seed: int = 0, dim: int = 8, classes: int = 3) -> grain.MapDataset:
     """Linearly separable-ish vectors: class c has mean +3 on coordinate c."""
     rng = np.random.default_rng(seed)

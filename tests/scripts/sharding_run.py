@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_task import TinyTask  # noqa: E402
+from tiny_task import TinyTask, value_errors  # noqa: E402
 
 import nnx_trainer  # noqa: E402
 from nnx_trainer_plugins.strategies import DataParallel, FullyShardedDataParallel  # noqa: E402
@@ -66,8 +66,7 @@ if __name__ == "__main__":
     report["data_parallel"] = run("data_parallel")
     report["fsdp"] = run(FullyShardedDataParallel(min_shard_size=64))
     report["data_parallel_bf16"] = run(DataParallel(), precision="bf16")
-    errors = {}
-    for label, make in {
+    report["errors"] = value_errors({
         "indivisible_batch": lambda: nnx_trainer.Trainer(
             batch_size=12, strategy="data_parallel", plugin_autoload=False,
             plugins=["strategies"], run_dir="/tmp/unused",
@@ -75,12 +74,7 @@ if __name__ == "__main__":
         "too_many_devices": lambda: DataParallel(num_devices=16),
         "unknown": lambda: nnx_trainer.Trainer(strategy="ddp", plugins=["strategies"],
                                                plugin_autoload=False),
-    }.items():
-        try:
-            make()
-        except ValueError as exc:
-            errors[label] = str(exc)
-    report["errors"] = errors
+    })
     fsdp = FullyShardedDataParallel()
     report["fsdp_specs"] = {
         str(shape): str(fsdp.leaf_spec(shape))
