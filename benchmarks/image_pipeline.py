@@ -8,9 +8,13 @@ never copies a multithreaded parent), for 0, 1 and 2 worker processes:
 
 * ``folder``: ``ResNetTask(dataset="folder", recipe="imagenet")``'s training pipeline,
   exactly as ``Trainer.fit`` reads it (``nnx_trainer.data.train_pipeline``): each file
-  decoded at a reduced JPEG scale where the crop allows, RandomResizedCrop 224, then
-  per batch flip + normalise to float32, ``--batch`` images per batch;
-* ``arrayrecord``: the same from the converted shards;
+  decoded (``resnet_task.jpeg``: simplejpeg when installed, else Pillow) at a reduced
+  JPEG scale where the crop allows, RandomResizedCrop 224, then per batch a flip,
+  ``--batch`` images per batch, as uint8: the recipe normalises on the device, in the
+  train step;
+* ``folder-hostnorm``: the same with ``normalize_on_device=False``: normalised to
+  float32 on the host, as torchvision's pipeline is;
+* ``arrayrecord``: ``folder`` from the converted shards;
 * ``torchvision``: ``ImageFolder`` + ``DataLoader`` with ``RandomResizedCrop(224)``,
   ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize`` (full decode with Pillow), if
   torchvision can be imported (otherwise skipped, saying why).
@@ -37,7 +41,7 @@ from pathlib import Path
 
 import harness
 
-PIPELINES = ("folder", "arrayrecord", "torchvision")
+PIPELINES = ("folder", "folder-hostnorm", "arrayrecord", "torchvision")
 IMAGE_SIZE = (500, 375)  # (w, h): ImageNet's typical photo
 VAL_PER_CLASS = 2
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -67,11 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the Python that runs the torchvision side: e.g. a venv's with a "
                         "torch + torchvision pair that import together, when this "
                         "environment's torch has no matching torchvision")
+    p.add_argument("--decoder-images", type=int, default=None,
+                   help="files the single-thread decoder comparison (Pillow, simplejpeg, "
+                        "OpenCV) decodes (default 300; --quick: 16; 0: skip it)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one config
     harness.add_common_arguments(p)
     args = p.parse_args(argv)
-    quick = {"images": 32, "batch": 8, "workers": "0,1", "batches": 2}
-    full = {"images": 2000, "batch": 256, "workers": "0,1,2", "batches": 12}
+    quick = {"images": 32, "batch": 8, "workers": "0,1", "batches": 2, "decoder_images": 16}
+    full = {"images": 2000, "batch": 256, "workers": "0,1,2", "batches": 12,
+            "decoder_images": 300}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -178,17 +186,95 @@ def _epochs_needed(num_examples: int, batch: int, batches: int) -> int:
 
 def run_ours(kind: str, data_dir: Path, workers: int, args: argparse.Namespace) -> dict:
     from nnx_trainer.data import PipelineConfig, train_pipeline
+    from resnet_task.jpeg import decoder_name
     from resnet_task.task import ResNetConfig, ResNetTask
 
-    task = ResNetTask(ResNetConfig(dataset=kind, data_dir=str(data_dir), image_size=args.crop,
-                                   model="resnet18", stem="imagenet", recipe="imagenet"))
+    host_norm = kind.endswith("-hostnorm")
+    task = ResNetTask(ResNetConfig(dataset=kind.removesuffix("-hostnorm"),
+                                   data_dir=str(data_dir), image_size=args.crop,
+                                   model="resnet18", stem="imagenet", recipe="imagenet",
+                                   normalize_on_device=not host_norm))
     examples = task.train_data()
     needed = args.warmup + args.batches
     pipeline = train_pipeline(
         examples, task.train_transforms(),
         PipelineConfig(global_batch_size=args.batch, worker_count=workers),
         seed=0, epoch=0, num_epochs=_epochs_needed(len(examples), args.batch, needed))
-    return _time_batches(pipeline, args.warmup, args.batches, args.batch)
+    return {**_time_batches(pipeline, args.warmup, args.batches, args.batch),
+            "versions": f"decoder {decoder_name()}, "
+                        + ("float32 batches" if host_norm else "uint8 batches")}
+
+
+def compare_decoders(root: Path, count: int, crop: int) -> list[tuple[str, float, str]]:
+    """Single-thread CPU ms per file of decode + RandomResizedCrop ``crop`` (the same boxes)
+    for Pillow, simplejpeg and OpenCV; ``(decoder, ms, note)``, fastest identical first."""
+    import io
+    import os
+
+    import numpy as np
+
+    from resnet_task import jpeg
+    from resnet_task.imagenet import decode_crop, sample_crop_box
+
+    files = sorted((root / "train").rglob("*.JPEG"))[:count]
+    datas = [f.read_bytes() for f in files]
+    draws = np.random.default_rng(0).uniform(size=(len(datas), 10, 4))
+
+    def ours(name: str):
+        def run(i: int, data: bytes) -> np.ndarray:
+            os.environ[jpeg.ENV_VAR] = name
+            return decode_crop(io.BytesIO(data), lambda h, w: sample_crop_box(h, w, draws[i]),
+                               crop)
+        return run
+
+    candidates = {"pillow": ours("pillow")}
+    if jpeg.simplejpeg is not None:
+        candidates["simplejpeg"] = ours("simplejpeg")
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+
+        def opencv(i: int, data: bytes) -> np.ndarray:
+            # Full decode (imdecode's IMREAD_REDUCED_* fixes the scale before the size is
+            # known), then the same box, area-averaged down (nearest to Pillow's filter).
+            rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                               cv2.COLOR_BGR2RGB)
+            top, left, h, w = (int(v) for v in sample_crop_box(*rgb.shape[:2], draws[i]))
+            return cv2.resize(rgb[top:top + h, left:left + w], (crop, crop),
+                              interpolation=cv2.INTER_AREA)
+        candidates["opencv"] = opencv
+        if jpeg.simplejpeg is not None:
+            def simplejpeg_cv_resize(i: int, data: bytes) -> np.ndarray:
+                # Separates the resize from the decode: simplejpeg's reduced-scale decode,
+                # then OpenCV's area resize of the box instead of Pillow's bilinear one.
+                height, width, _, _ = jpeg.simplejpeg.decode_jpeg_header(data)
+                top, left, h, w = sample_crop_box(height, width, draws[i])
+                request = (math.ceil(width * crop / w), math.ceil(height * crop / h))
+                scale = jpeg.draft_scale(width, height, request)
+                rgb = jpeg.simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=scale,
+                                                  min_height=-(-height // scale),
+                                                  min_width=-(-width // scale))
+                y, x, hh, ww = (round(v / scale) for v in (top, left, h, w))
+                return cv2.resize(rgb[y:y + hh, x:x + ww], (crop, crop),
+                                  interpolation=cv2.INTER_AREA)
+            candidates["simplejpeg+opencv-resize"] = simplejpeg_cv_resize
+    except ImportError:
+        pass
+    reference = [candidates["pillow"](i, d) for i, d in enumerate(datas)]
+    rows = []
+    for name, fn in candidates.items():
+        best = math.inf
+        for _ in range(3):  # best of 3 passes: the least disturbed
+            start = time.process_time()
+            out = [fn(i, d) for i, d in enumerate(datas)]
+            best = min(best, (time.process_time() - start) / len(datas))
+        diff = max(float(np.abs(o.astype(int) - r).mean())
+                   for o, r in zip(out, reference, strict=True))
+        rows.append((name, best * 1e3, "same pixels as Pillow" if diff == 0 else
+                     f"mean |difference| from Pillow up to {diff:.2f} levels"))
+    os.environ.pop(jpeg.ENV_VAR, None)
+    return rows
 
 
 def run_torchvision(root: Path, workers: int, args: argparse.Namespace) -> dict:
@@ -219,10 +305,12 @@ def run_torchvision(root: Path, workers: int, args: argparse.Namespace) -> dict:
 def child_main(args: argparse.Namespace) -> int:
     kind, workers = args.child.split(":")
     root = Path(args.cache_dir) / "images"
-    if kind == "torchvision":
+    if kind == "decoders":
+        result = {"rows": compare_decoders(root, args.decoder_images, args.crop)}
+    elif kind == "torchvision":
         result = run_torchvision(root, int(workers), args)
     else:
-        data_dir = root if kind == "folder" else Path(args.cache_dir) / "shards"
+        data_dir = Path(args.cache_dir) / "shards" if kind == "arrayrecord" else root
         result = run_ours(kind, data_dir, int(workers), args)
     harness.emit_result(result)
     return 0
@@ -274,9 +362,21 @@ def main(argv: list[str] | None = None) -> int:
     script = str(Path(__file__).resolve())
     common = ["--cache-dir", str(cache), "--images", str(args.images), "--batch",
               str(args.batch), "--crop", str(args.crop), "--batches", str(args.batches),
-              "--warmup", str(args.warmup)]
+              "--warmup", str(args.warmup), "--decoder-images", str(args.decoder_images)]
     if args.quick:
         common.append("--quick")
+    if args.decoder_images:
+        res = harness.run_child([sys.executable, script, "--child", "decoders:0", *common],
+                                timeout=1800)
+        if res["returncode"] != 0 or "result" not in res:
+            print(f"decoder comparison FAILED:\n{res['stderr'][-3000:]}")
+            return 1
+        print(f"decoders (one thread, decode + RandomResizedCrop {args.crop}, best of 3 "
+              f"passes over {args.decoder_images} files):")
+        pillow_ms = res["result"]["rows"][0][1]
+        for name, ms, note in res["result"]["rows"]:
+            print(f"result: decoder {name} {ms:.3f} ms/image, {1e3 / ms:.0f} images/CPU-s, "
+                  f"{pillow_ms / ms:.2f}x Pillow ({note})", flush=True)
     rows = []
     for kind in args.pipeline_names:
         if kind == "torchvision" and skip:
@@ -293,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((kind, workers, rate, rate / max(1, workers),
                          r["images"] / r["cpu_seconds"] if r["cpu_seconds"] else float("nan"),
                          res["peak_rss_mib"]))
-            print(f"  {kind:<12} workers {workers}: {rate:8.1f} images/s"
+            print(f"  {kind:<15} workers {workers}: {rate:8.1f} images/s"
                   + (f" ({r['versions']})" if "versions" in r else ""), flush=True)
 
     print()
@@ -301,10 +401,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.warmup} warm-up batches; cores: per core = images/s / max(1, workers) "
           f"(0 workers: the main process decodes, ours with 2 read threads); "
           f"images/CPU-s: all processes' CPU time")
-    print(f"| {'pipeline':<12} | workers | images/s | per core | images/CPU-s | peak RSS MiB |")
-    print(f"|{'-' * 14}|---------|----------|----------|--------------|--------------|")
+    print(f"| {'pipeline':<15} | workers | images/s | per core | images/CPU-s | peak RSS MiB |")
+    print(f"|{'-' * 17}|---------|----------|----------|--------------|--------------|")
     for kind, workers, rate, per_core, per_cpu, rss in rows:
-        print(f"| {kind:<12} | {workers:7d} | {rate:8.1f} | {per_core:8.1f} | {per_cpu:12.1f} "
+        print(f"| {kind:<15} | {workers:7d} | {rate:8.1f} | {per_core:8.1f} | {per_cpu:12.1f} "
               f"| {rss:12.0f} |")
     print()
     per_core = {(kind, workers): pc for kind, workers, _, pc, _, _ in rows}
@@ -312,13 +412,17 @@ def main(argv: list[str] | None = None) -> int:
         figures = ", ".join(f"{pc:.1f} ({w} workers)" for (k, w), pc in per_core.items()
                             if k == kind)
         print(f"result: images/s per core {kind} {figures}")
-    for ours in ("folder", "arrayrecord"):
+    per_cpu = {(kind, workers): pc for kind, workers, _, _, pc, _ in rows}
+    for ours in ("folder", "folder-hostnorm", "arrayrecord"):
         common_workers = [w for w in args.worker_counts
                           if (ours, w) in per_core and ("torchvision", w) in per_core]
         if common_workers:
             ratios = ", ".join(f"{per_core[(ours, w)] / per_core[('torchvision', w)]:.2f} "
                                f"({w} workers)" for w in common_workers)
             print(f"result: ratio {ours}/torchvision per core {ratios}")
+            ratios = ", ".join(f"{per_cpu[(ours, w)] / per_cpu[('torchvision', w)]:.2f} "
+                               f"({w} workers)" for w in common_workers)
+            print(f"result: ratio {ours}/torchvision images per CPU-second {ratios}")
     return 0
 
 

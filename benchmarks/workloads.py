@@ -246,6 +246,16 @@ class StepClock:
         self.marks.append((kind, trainer.global_step, time.perf_counter(), time.process_time(),
                            python_threads_cpu()))
 
+    @nnx_trainer.hookimpl
+    def on_train_epoch_start(self, trainer: nnx_trainer.Trainer, epoch: int) -> None:
+        # The checkpoint plugin saves at the warm-up epoch's end (the default policy: every
+        # epoch, at most once a minute, so no more in this window). Let that asynchronous
+        # save finish before the window's first step: its ~0.2 s of writer-thread CPU
+        # then counts at the epoch boundary instead of being spread over a 1-2 s window
+        # as a per-step cost that a real fit pays once a minute.
+        if epoch == self.warmup_epochs:
+            trainer.hook.wait_for_checkpoints(trainer=trainer)
+
     @nnx_trainer.hookimpl(trylast=True)
     def on_train_batch_end(self, trainer: nnx_trainer.Trainer, loss: Any) -> None:
         epoch = trainer.current_epoch

@@ -30,7 +30,7 @@ from resnet_task.data import DATASET_NAMES
 from resnet_task.image_folder import BAD_IMAGE_POLICIES
 from resnet_task.imagenet import IMAGENET_PRESET, RECIPES, resolve_recipe
 from resnet_task.models import MODEL_NAMES, STEMS
-from resnet_task.task import OPTIMIZERS, ResNetConfig, ResNetTask
+from resnet_task.task import OPTIMIZERS, SKIPPED_METRIC, ResNetConfig, ResNetTask
 
 # Defaults of the flags a --recipe may change. Those flags are parsed with
 # default=SUPPRESS, so the namespace holds only what was given on the command line;
@@ -258,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # e.g. --resume best without a monitor, a bad path, a used run dir
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    skipped = trainer.callback_metrics.get(f"train/{SKIPPED_METRIC}")  # --bad-images skip
+    if trainer.is_main_process and skipped is not None and int(skipped) > 0:
+        print(f"warning: {int(skipped)} undecodable training images were replaced by the next "
+              "good one (--bad-images skip; a file counts once per epoch); the 'skipped "
+              "undecodable image' warnings name the files", file=sys.stderr)
     if trainer.preempted:
         print(f"stopped by {trainer.stop_reason} at step {trainer.global_step}")
         return 0

@@ -36,6 +36,7 @@ names ``"auto"``, ``"xla"`` and ``"custom"`` (what models accept) to a function.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -323,13 +324,22 @@ def conv_general_dilated(
 
 
 CONV_IMPLS = ("auto", "xla", "custom")
+# Overrides what "auto" picks, for every model in this process and its subprocesses
+# (e.g. NNX_TRAINER_CONV_IMPL=xla to compare against XLA's own gradient).
+CONV_IMPL_ENV = "NNX_TRAINER_CONV_IMPL"
 
 
 def default_conv_for_backend(backend: str | None = None) -> ConvFn:
     """This module's convolution on the CPU backend, ``jax.lax``'s on GPU and TPU.
 
-    ``backend`` defaults to ``jax.default_backend()``.
+    ``backend`` defaults to ``jax.default_backend()``. ``$NNX_TRAINER_CONV_IMPL``
+    (``xla`` or ``custom``), when set, decides instead.
     """
+    forced = os.environ.get(CONV_IMPL_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("xla", "custom"):
+            raise ValueError(f"{CONV_IMPL_ENV}={forced!r}: choose xla or custom (or unset it)")
+        return lax.conv_general_dilated if forced == "xla" else conv_general_dilated
     backend = backend or jax.default_backend()
     return conv_general_dilated if backend == "cpu" else lax.conv_general_dilated
 

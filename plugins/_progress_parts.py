@@ -4,8 +4,10 @@ tables, where the checkpoints go. Not a plugin."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -32,6 +34,13 @@ def checkpoint_dir(trainer: Any) -> Any:
     return getattr(plugin, "directory", None)
 
 
+def epochs_total(trainer: Any) -> int:
+    """The epochs the fit will run: max_steps may end it before max_epochs."""
+    if trainer.steps_per_epoch:
+        return max(1, math.ceil(trainer.total_steps / trainer.steps_per_epoch))
+    return trainer.max_epochs
+
+
 def fmt(value: float | None) -> str:
     """Four decimals for ordinary values, scientific notation for huge or tiny ones."""
     if value is None:
@@ -47,6 +56,27 @@ def to_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def metric_text(value: Any) -> str:
+    """A metric for display: an integer (a count) as it is, other numbers by :func:`fmt`.
+
+    Reads the value from the device (``np.asarray``: one transfer, however it is typed).
+    """
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        return fmt(None)
+    if array.ndim == 0 and np.issubdtype(array.dtype, np.integer):
+        return str(int(array))
+    return fmt(to_float(array))
+
+
+def train_metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The last logged value of each train metric but the loss (the summary shows the
+    last step's loss itself), e.g. ``train/accuracy``, ``train/skipped_images``."""
+    return [(name, metric_text(value)) for name, value in sorted(metrics.items())
+            if name.startswith("train/") and name != "train/loss"]
 
 
 class LossColumn(ProgressColumn):

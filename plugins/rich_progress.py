@@ -1,15 +1,16 @@
 """Rich progress display: a live bar per training epoch, validation tables and a fit summary.
 
 On a terminal: a live bar for the running epoch ("Epoch e/E", batches, latest loss,
-steps/s, ETA; "compiling the train step…" until the first step is back), a transient
-bar while validation runs, a metrics table after each evaluation, a summary table at
-the end of a fit that completed or stopped (with FLOP/s and MFU when the ``model_summary``
-plugin counted the step's FLOPs; throughput in the Task's ``example_name``:
-"images/s" for ``ResNetTask``, "examples/s" by default), the checkpoint directory and a
-line per save, "resumed from <checkpoint> at step N", and the Ctrl-C/SIGTERM notice once,
-on its own line. Elsewhere (CI logs, pipes): the same as plain lines, no live display.
-Colour follows Rich's rules (``NO_COLOR``, ``FORCE_COLOR``). Only the main process
-displays; the display closes in ``on_run_end``, however the fit ended.
+steps/s, ETA; "compiling the train step…" until the first step is back), a transient bar
+while validation runs, a metrics table after each evaluation, a summary table at the end
+of a fit that completed or stopped (the last logged train and validation metrics; FLOP/s
+and MFU when the ``model_summary`` plugin counted the step's FLOPs; throughput in the
+Task's ``example_name``: "images/s" for ``ResNetTask``, "examples/s" by default), the
+checkpoint directory and a line per save, "resumed from <checkpoint> at step N", and the
+Ctrl-C/SIGTERM notice once, on its own line. Elsewhere (CI logs, pipes): the same as
+plain lines, no live display. Colour follows Rich's rules (``NO_COLOR``,
+``FORCE_COLOR``). Only the main process displays; the display closes in ``on_run_end``,
+however the fit ended.
 
 The loss is a device scalar: read at most ``refresh_per_second`` times a second (live
 display only), at epoch end and at fit end, never once per step. While the bar runs,
@@ -32,7 +33,16 @@ from rich.progress import Progress, TaskID
 
 from nnx_trainer import hookimpl
 
-from ._progress_parts import checkpoint_dir, fmt, make_progress, plain_rows, rows_table, to_float
+from ._progress_parts import (
+    checkpoint_dir,
+    epochs_total,
+    fmt,
+    make_progress,
+    plain_rows,
+    rows_table,
+    to_float,
+    train_metric_rows,
+)
 from .model_summary import fit_summary_rows
 
 if TYPE_CHECKING:
@@ -110,13 +120,6 @@ class RichProgress:
             self._fetched_loss = self._latest_loss
         return self.loss
 
-    @staticmethod
-    def _epochs_total(trainer: Trainer) -> int:
-        # max_steps may end the fit before max_epochs: show the epochs that will run.
-        if trainer.steps_per_epoch:
-            return max(1, math.ceil(trainer.total_steps / trainer.steps_per_epoch))
-        return trainer.max_epochs
-
     def _stop_live(self) -> None:
         if self._live:
             self.progress.stop()
@@ -156,7 +159,7 @@ class RichProgress:
             self.progress.refresh()  # else printing the line re-draws the removed bar
             self._train_task = None
         self._print(
-            f"epoch {epoch + 1}/{self._epochs_total(trainer)}  "
+            f"epoch {epoch + 1}/{epochs_total(trainer)}  "
             f"step {trainer.global_step}/{trainer.total_steps}  "
             f"loss {fmt(loss)}  {rate:.1f} steps/s"
         )
@@ -181,6 +184,7 @@ class RichProgress:
             ("data wait", f"{wait_share:.1%} ({trainer.data_wait_seconds:.2f} s)"),
             ("compile", compile_s or "--"),
             ("last train loss", fmt(self._fetch_loss())),
+            *train_metric_rows(getattr(trainer, "callback_metrics", {})),  # as last logged
         ]
         rows += [(name, fmt(value)) for name, value in self.last_val_metrics.items()]
         if trainer.stop_reason:
@@ -208,7 +212,7 @@ class RichProgress:
         if resumed is not None and trainer.global_step > 0:
             self._print(
                 f"resumed from {resumed} at step {trainer.global_step} (epoch "
-                f"{trainer.current_epoch + 1}/{self._epochs_total(trainer)}, "
+                f"{trainer.current_epoch + 1}/{epochs_total(trainer)}, "
                 f"{trainer.batch_in_epoch} of its batches done)"
             )
         directory = checkpoint_dir(trainer)
@@ -222,7 +226,7 @@ class RichProgress:
         if not self._enabled:
             return
         self._epoch_open = True
-        self._epoch_title = f"Epoch {epoch + 1}/{self._epochs_total(trainer)}"
+        self._epoch_title = f"Epoch {epoch + 1}/{epochs_total(trainer)}"
         if "train" not in getattr(trainer, "compile_seconds", {}):
             self._compiling = True  # this fit's first step traces and compiles
             if not self._live:

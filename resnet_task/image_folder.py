@@ -10,7 +10,12 @@ in Grain's readers. A file that fails to decode then follows ``bad_images``:
 * ``"skip"``: the example is replaced by the next decodable one in index order (a pure
   function of the index, so every process and a resumed run get the same replacement),
   a warning names the file, and the reader stops with :class:`DataError` once more than
-  ``max_bad_fraction`` of the dataset's files turned out bad.
+  ``max_bad_fraction`` of the dataset's files turned out bad. Every element then
+  carries ``"replaced"`` (:data:`REPLACED_KEY`; in encoded mode once decoded),
+  ``np.bool_`` True where the example was replaced, so the training step can count
+  replacements over the global batch (:class:`resnet_task.metrics.ReplacedExamples`):
+  the warning and :attr:`PolicySource.skipped` only know what one reader saw, in
+  whichever Grain worker read it.
 
 ``verify=True`` opens every file up front instead (Pillow's ``verify()``, with a
 progress bar) and lists every bad file in one error.
@@ -33,9 +38,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from resnet_task.errors import DataError
+from resnet_task.jpeg import decode_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BAD_IMAGE_POLICIES = ("stop", "skip")
+#: The element key that flags a replaced example, under ``bad_images="skip"`` only.
+REPLACED_KEY = "replaced"
 
 log = logging.getLogger("resnet_task")
 
@@ -55,14 +63,19 @@ class EncodedImage:
         self._source = source
         self._index = int(index)
 
-    def decode(self, fn: Callable[[str | BinaryIO], T]) -> tuple[T, np.int32]:
-        """``(fn(file), label)`` for this example's file (a path or a binary file object).
+    def decode(self, fn: Callable[[str | BinaryIO], T]) -> tuple[T, dict[str, np.ndarray]]:
+        """``(fn(file), fields)`` for this example's file (a path or a binary file object):
+        ``fields`` are the element's other keys for the example actually decoded, its
+        ``"label"`` and, under ``bad_images="skip"``, ``"replaced"``.
 
         If ``fn`` raises, the source's ``bad_images`` policy applies: ``"stop"`` raises
         :class:`DataError` naming the file, ``"skip"`` calls ``fn`` on the next decodable
-        example in index order and returns *that* example's label.
+        example in index order and returns *that* example's label, with ``"replaced"``
+        True.
         """
-        return self._source._first_good(self._index, lambda i: fn(self._source._open(i)))
+        source = self._source
+        result, used = source._first_good(self._index, lambda i: fn(source._open(i)))
+        return result, source._fields(self._index, used)
 
     def __repr__(self) -> str:
         return f"EncodedImage({self._source._describe(self._index)})"
@@ -119,13 +132,22 @@ class PolicySource:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
-        if self._encoded:  # decoded later, by the transform, through EncodedImage.decode
+        if self._encoded:
+            # Decoded later, by the transform, through EncodedImage.decode: only then is
+            # it known whether the example is replaced, so "replaced" is added there.
             return {"image": EncodedImage(self, index), "label": self._labels[index]}
-        image, label = self._first_good(index, self._decode)
-        return {"image": image, "label": label}
+        image, used = self._first_good(index, self._decode)
+        return {"image": image, **self._fields(index, used)}
 
-    def _first_good(self, index: int, decode: Callable[[int], T]) -> tuple[T, np.int32]:
-        """``(decode(i), label of i)`` for the first decodable ``i`` from ``index`` on."""
+    def _fields(self, index: int, used: int) -> dict[str, np.ndarray]:
+        """The keys besides ``"image"`` of example ``index``, read from example ``used``."""
+        fields = {"label": self._labels[used]}
+        if self._bad_images == "skip":  # "stop" never replaces: its elements stay as they were
+            fields[REPLACED_KEY] = np.bool_(used != index)
+        return fields
+
+    def _first_good(self, index: int, decode: Callable[[int], T]) -> tuple[T, int]:
+        """``(decode(i), i)`` for the first decodable ``i`` from ``index`` on."""
         n = len(self)
         for offset in range(n):
             candidate = (index + offset) % n
@@ -136,7 +158,7 @@ class PolicySource:
             except Exception as e:  # any decoder failure: name the example
                 self._record_bad(candidate, e)
                 continue
-            return result, self._labels[candidate]
+            return result, candidate
         raise DataError(f"none of the {n} {self._plural} could be decoded")
 
     def _record_bad(self, index: int, error: Exception) -> None:
@@ -171,12 +193,13 @@ def decode_image(file: str | Path | BinaryIO, image_size: int) -> np.ndarray:
     """Decode an image file (a path or a binary file object) to ``image_size`` x ``image_size``
     RGB uint8: resized so its shorter side is ``image_size``, then centre cropped."""
     size = (int(image_size), int(image_size))
-    with Image.open(file) as img:
-        # For JPEG, decode at a reduced scale that is still >= size: much faster for
-        # large photos; no-op for other formats.
-        img.draft("RGB", size)
-        img = ImageOps.fit(img.convert("RGB"), size, Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+
+    def fit(img: Image.Image, _scale: float) -> np.ndarray:
+        return np.asarray(ImageOps.fit(img, size, Image.Resampling.BILINEAR), dtype=np.uint8)
+
+    # A JPEG is decoded at a reduced scale that is still >= size: much faster for large
+    # photos (resnet_task.jpeg).
+    return decode_rgb(file, lambda height, width: size, fit)
 
 
 class ImageFileSource(PolicySource):

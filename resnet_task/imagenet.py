@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_task.image_folder import EncodedImage
+from resnet_task.jpeg import decode_rgb
 
 __all__ = ["RandomResizedCrop", "CenterCrop", "sample_crop_box", "center_crop_box",
            "decode_crop", "IMAGENET_PRESET", "resolve_recipe", "RECIPES"]
@@ -113,17 +114,19 @@ def decode_crop(file: str | BinaryIO, box_for: Callable[[int, int], Box], size: 
     JPEGs are decoded at the smallest DCT scale (1/8, 1/4, 1/2 or 1) at which the box is
     still at least ``size`` pixels on each side: most of the decoding work is skipped
     for small boxes and large photos, and the output is never upsampled because of it.
+    The decoder is :mod:`resnet_task.jpeg`'s (simplejpeg when installed, else Pillow).
     """
-    with Image.open(file) as img:
-        width, height = img.size
-        box = box_for(height, width)
-        _, _, h, w = box
-        # draft() picks the largest scale 1/s with s <= size // requested size per side.
-        request = (max(1, math.ceil(width * size / w)), max(1, math.ceil(height * size / h)))
-        drafted = img.draft("RGB", request)  # None for formats without reduced decoding
-        coord_scale = drafted[1][2] / width if drafted else 1.0
-        rgb = img if img.mode == "RGB" else img.convert("RGB")
-        return np.asarray(_crop_resize(rgb, box, size, coord_scale), dtype=np.uint8)
+    boxes: list[Box] = []
+
+    def request(height: int, width: int) -> tuple[int, int]:
+        boxes.append(box_for(height, width))
+        _, _, h, w = boxes[0]
+        return max(1, math.ceil(width * size / w)), max(1, math.ceil(height * size / h))
+
+    def crop(img: Image.Image, scale: float) -> np.ndarray:
+        return np.asarray(_crop_resize(img, boxes[0], size, scale), dtype=np.uint8)
+
+    return decode_rgb(file, request, crop)
 
 
 def _crop_array(image: np.ndarray, box_for: Callable[[int, int], Box], size: int) -> np.ndarray:
@@ -138,9 +141,10 @@ def _apply(element: Mapping[str, Any], box_for: Callable[[int, int], Box],
            size: int) -> dict[str, Any]:
     image = element["image"]
     if isinstance(image, EncodedImage):
-        # Under bad_images="skip" a bad file is replaced by the next good one, label too.
-        pixels, label = image.decode(lambda f: decode_crop(f, box_for, size))
-        return {**element, "image": pixels, "label": label}
+        # Under bad_images="skip" a bad file is replaced by the next good one, label too,
+        # and the fields say so ("replaced").
+        pixels, fields = image.decode(lambda f: decode_crop(f, box_for, size))
+        return {**element, **fields, "image": pixels}
     return {**element, "image": _crop_array(np.asarray(image), box_for, size)}
 
 

@@ -13,12 +13,16 @@ from flax import nnx
 
 import nnx_trainer
 from resnet_task.data import DatasetInfo, load_dataset
+from resnet_task.image_folder import REPLACED_KEY
 from resnet_task.imagenet import RECIPES, CenterCrop, RandomResizedCrop
-from resnet_task.metrics import TopKAccuracy
+from resnet_task.metrics import ReplacedExamples, TopKAccuracy
 from resnet_task.models import create_model
 from resnet_task.transforms import Normalize, RandomCrop, RandomHorizontalFlip
 
 OPTIMIZERS = ("sgd", "adamw")
+#: The train metric that counts examples replaced under ``bad_images="skip"``
+#: (logged as ``train/skipped_images``).
+SKIPPED_METRIC = "skipped_images"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,12 @@ class ResNetConfig:
     # optimizer settings are the fields above; resnet_task.imagenet.resolve_recipe
     # fills them in (the example's --recipe imagenet).
     recipe: str = "default"
+    # True: batches stay uint8 on the host and the step normalises them on the device
+    # (XLA fuses it into the first convolution): a quarter of the bytes to stack, move
+    # between Grain's workers and copy to the device, and no float pass per image on
+    # the host, which costs about a third as much as decoding a 224 crop
+    # (benchmarks/README.md, "Image decoding"). None: on for recipe "imagenet" only.
+    normalize_on_device: bool | None = None
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -139,9 +149,20 @@ class ResNetTask(nnx_trainer.Task):
             optax.sgd(schedule, momentum=c.momentum, nesterov=c.nesterov),
         )
 
+    @property
+    def skips_bad_images(self) -> bool:
+        """Whether undecodable files are replaced (``dataset_kwargs`` ``bad_images="skip"``)."""
+        return dict(self.config.dataset_kwargs).get("bad_images", "stop") == "skip"
+
     def configure_train_metrics(self) -> nnx.MultiMetric:
-        """Training loss and top-1 accuracy, accumulated on device."""
-        return nnx.MultiMetric(loss=nnx.metrics.Average("loss"), accuracy=nnx.metrics.Accuracy())
+        """Training loss and top-1 accuracy, accumulated on device; under
+        ``bad_images="skip"`` also ``skipped_images``, the examples replaced so far in
+        the fit (a running total, see :class:`ReplacedExamples`)."""
+        metrics: dict[str, nnx.metrics.Metric] = {
+            "loss": nnx.metrics.Average("loss"), "accuracy": nnx.metrics.Accuracy()}
+        if self.skips_bad_images:
+            metrics[SKIPPED_METRIC] = ReplacedExamples()
+        return nnx.MultiMetric(**metrics)
 
     def configure_metrics(self) -> nnx.MultiMetric:
         """Evaluation loss, top-1 and top-5 accuracy."""
@@ -173,25 +194,45 @@ class ResNetTask(nnx_trainer.Task):
             transforms.append(RandomCrop(c.crop_padding))
         if flip:
             transforms.append(RandomHorizontalFlip())
-        transforms.append(Normalize(self.info.mean, self.info.std))
-        return transforms
+        return transforms + self._host_normalize()
 
     def eval_transforms(self) -> list[Any]:
         """Normalisation (recipe "imagenet": after resize + centre crop)."""
         crop = [CenterCrop(self.info.image_shape[0])] if self.config.recipe == "imagenet" else []
-        return [*crop, Normalize(self.info.mean, self.info.std)]
+        return [*crop, *self._host_normalize()]
+
+    @property
+    def normalizes_on_device(self) -> bool:
+        """Whether the steps normalise uint8 batches (see ``ResNetConfig.normalize_on_device``)."""
+        on = self.config.normalize_on_device
+        return self.config.recipe == "imagenet" if on is None else bool(on)
+
+    def _host_normalize(self) -> list[Normalize]:
+        return [] if self.normalizes_on_device else [Normalize(self.info.mean, self.info.std)]
+
+    def _images(self, batch) -> jax.Array:
+        """The batch's images as the model takes them: normalised float32."""
+        images = batch["image"]
+        if not self.normalizes_on_device:
+            return images
+        norm = Normalize(self.info.mean, self.info.std)  # the host transform's constants
+        return images.astype(jnp.float32) * norm.scale - norm.shift
 
     # ---- steps ------------------------------------------------------------------
 
     def training_step(self, model: nnx.Module, batch) -> tuple[jax.Array, dict[str, Any]]:
-        """Mean (smoothed) cross-entropy; logits and labels feed the train accuracy."""
-        logits = model(batch["image"])
+        """Mean (smoothed) cross-entropy; logits and labels feed the train accuracy, the
+        ``replaced`` flags (``bad_images="skip"``) the count of skipped images."""
+        logits = model(self._images(batch))
         loss = classification_loss(logits, batch["label"], self.config.label_smoothing).mean()
-        return loss, {"logits": logits, "labels": batch["label"]}
+        aux = {"logits": logits, "labels": batch["label"]}
+        if REPLACED_KEY in batch:
+            aux[REPLACED_KEY] = batch[REPLACED_KEY]
+        return loss, aux
 
     def validation_step(self, model: nnx.Module, batch) -> dict[str, Any]:
         """Per-example loss (unsmoothed) and logits for the masked metrics."""
-        logits = model(batch["image"])
+        logits = model(self._images(batch))
         return {
             "loss": classification_loss(logits, batch["label"]),
             "logits": logits,
@@ -200,7 +241,7 @@ class ResNetTask(nnx_trainer.Task):
 
     def predict_step(self, model: nnx.Module, batch) -> dict[str, jax.Array]:
         """Class probabilities and the predicted class."""
-        logits = model(batch["image"])
+        logits = model(self._images(batch))
         return {"probabilities": jax.nn.softmax(logits), "prediction": logits.argmax(-1)}
 
     def hparams(self) -> dict[str, Any]:

@@ -128,19 +128,19 @@ class Normalize(grain.transforms.Map, BatchTransform):
         self.mean = tuple(float(v) for v in mean_a)
         self.std = tuple(float(v) for v in std_a)
         # One multiply-add per pixel: x * scale - shift == (x / 255 - mean) / std.
-        self._scale = (1.0 / (255.0 * std_a)).astype(np.float32)
-        self._shift = (mean_a / std_a).astype(np.float32)
+        self.scale = (1.0 / (255.0 * std_a)).astype(np.float32)
+        self.shift = (mean_a / std_a).astype(np.float32)
 
     def _normalize(self, image: np.ndarray, has_channels: bool) -> np.ndarray:
         channels = image.shape[-1] if has_channels else 1
-        if self._scale.size not in (1, channels):
+        if self.scale.size not in (1, channels):
             # Without this check NumPy would silently broadcast a 1-channel image to 3.
             raise ValueError(
-                f"Normalize has {self._scale.size} channel statistics but the image has shape "
+                f"Normalize has {self.scale.size} channel statistics but the image has shape "
                 f"{image.shape}; use the mean/std of this dataset (DatasetInfo.mean/std)"
             )
-        scale = self._scale if has_channels else self._scale[0]
-        shift = self._shift if has_channels else self._shift[0]
+        scale = self.scale if has_channels else self.scale[0]
+        shift = self.shift if has_channels else self.shift[0]
         out = image.astype(np.float32)
         out *= scale
         out -= shift

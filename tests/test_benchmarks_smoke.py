@@ -69,8 +69,9 @@ def test_image_pipeline_benchmark_runs_tiny_and_prints_its_table(tmp_path):
                       "--cache-dir", str(tmp_path))
     assert proc.returncode == 0, (proc.stdout[-2000:] + proc.stderr[-4000:])
     assert "machine:" in proc.stdout and "inputs:" in proc.stdout
-    for kind in ("folder", "arrayrecord"):
+    for kind in ("folder", "folder-hostnorm", "arrayrecord"):
         assert f"result: images/s per core {kind}" in proc.stdout, proc.stdout[-3000:]
+    assert "result: decoder pillow" in proc.stdout and "1.00x Pillow" in proc.stdout
     # torchvision either ran (and is compared) or says why it was skipped.
     assert ("result: images/s per core torchvision" in proc.stdout
             or "torchvision: skipped" in proc.stdout)

@@ -241,14 +241,28 @@ def test_mixed_dtypes_fall_back():
 # --- choosing the implementation ----------------------------------------------------------
 
 
-def test_default_follows_the_backend():
+def test_default_follows_the_backend(monkeypatch):
+    monkeypatch.delenv("NNX_TRAINER_CONV_IMPL", raising=False)
     assert default_conv_for_backend("cpu") is conv_general_dilated
     assert default_conv_for_backend("gpu") is lax.conv_general_dilated
     assert default_conv_for_backend("tpu") is lax.conv_general_dilated
     assert default_conv_for_backend() is default_conv_for_backend(jax.default_backend())
 
 
-def test_resolve_conv_impl():
+def test_the_environment_overrides_what_auto_picks(monkeypatch):
+    monkeypatch.setenv("NNX_TRAINER_CONV_IMPL", "xla")
+    assert default_conv_for_backend("cpu") is lax.conv_general_dilated
+    assert resolve_conv_impl("auto") is lax.conv_general_dilated
+    assert resolve_conv_impl("custom") is conv_general_dilated  # an explicit choice wins
+    monkeypatch.setenv("NNX_TRAINER_CONV_IMPL", "Custom")
+    assert default_conv_for_backend("gpu") is conv_general_dilated
+    monkeypatch.setenv("NNX_TRAINER_CONV_IMPL", "cudnn")
+    with pytest.raises(ValueError, match="NNX_TRAINER_CONV_IMPL='cudnn': choose xla or custom"):
+        default_conv_for_backend("cpu")
+
+
+def test_resolve_conv_impl(monkeypatch):
+    monkeypatch.delenv("NNX_TRAINER_CONV_IMPL", raising=False)
     assert resolve_conv_impl("xla") is lax.conv_general_dilated
     assert resolve_conv_impl("custom") is conv_general_dilated
     assert resolve_conv_impl("auto") is default_conv_for_backend()

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from nnx_trainer.data import PipelineConfig, train_pipeline
+from nnx_trainer.data import PipelineConfig, eval_pipeline, train_pipeline
 from resnet_task.data import load_image_folder
 from resnet_task.errors import DataError
 from resnet_task.image_folder import EncodedImage
@@ -137,9 +137,10 @@ def _recipe_task(root: Path, **overrides) -> ResNetTask:
 
 def test_trainer_pipeline_crops_are_the_same_on_every_process_and_after_a_resume(tmp_path):
     task = _recipe_task(make_jpeg_folder(tmp_path))
+    # The recipe ships uint8 batches; its steps normalise on the device.
     assert [type(t).__name__ for t in task.train_transforms()] == [
-        "RandomResizedCrop", "RandomHorizontalFlip", "Normalize"]
-    assert [type(t).__name__ for t in task.eval_transforms()] == ["CenterCrop", "Normalize"]
+        "RandomResizedCrop", "RandomHorizontalFlip"]
+    assert [type(t).__name__ for t in task.eval_transforms()] == ["CenterCrop"]
 
     def batches(process_index=0, process_count=1, start_batch=0, epoch=0):
         config = PipelineConfig(global_batch_size=4, process_index=process_index,
@@ -149,7 +150,7 @@ def test_trainer_pipeline_crops_are_the_same_on_every_process_and_after_a_resume
         return [b["image"] for b in it]
 
     one = batches()
-    assert one[0].shape == (4, 32, 32, 3) and one[0].dtype == np.float32
+    assert one[0].shape == (4, 32, 32, 3) and one[0].dtype == np.uint8
     halves = [batches(p, 2) for p in (0, 1)]
     for k, batch in enumerate(one):  # process p holds global rows p, p + 2
         np.testing.assert_array_equal(batch[0::2], halves[0][k])
@@ -206,6 +207,8 @@ def test_center_crop_is_resize_shorter_side_then_central_crop(tmp_path, shape):
 
 
 def test_draft_decode_matches_a_full_decode_and_resize(monkeypatch):
+    # Pillow's draft is spied on; simplejpeg gives the same pixels (tests/test_jpeg.py).
+    monkeypatch.setenv("RESNET_TASK_JPEG_DECODER", "pillow")
     pixels = _smooth_image(375, 500, seed=2)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=90)
@@ -331,3 +334,19 @@ def test_example_runs_the_imagenet_preset_end_to_end(tmp_path):
     line = next(x for x in proc.stdout.splitlines() if x.startswith("held-out top-1 accuracy"))
     assert "after 2 steps" in line
     assert math.isfinite(float(line.split()[3]))
+
+
+def test_normalising_on_the_device_gives_the_host_normalisations_inputs(tmp_path):
+    root = make_jpeg_folder(tmp_path)
+    on_device = _recipe_task(root)
+    on_host = _recipe_task(root, normalize_on_device=False)
+    assert on_device.normalizes_on_device and not on_host.normalizes_on_device
+    assert type(on_host.eval_transforms()[-1]).__name__ == "Normalize"
+    config = PipelineConfig(global_batch_size=4)
+    raw = next(iter(eval_pipeline(on_device.val_data(), on_device.eval_transforms(), config)[0]))
+    host = next(iter(eval_pipeline(on_host.val_data(), on_host.eval_transforms(), config)[0]))
+    assert raw["image"].dtype == np.uint8 and host["image"].dtype == np.float32
+    np.testing.assert_allclose(np.asarray(on_device._images(raw)), host["image"],
+                               rtol=1e-6, atol=1e-6)
+    # Off the imagenet recipe the default stays on the host.
+    assert not ResNetTask(ResNetConfig()).normalizes_on_device

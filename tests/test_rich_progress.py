@@ -13,6 +13,7 @@ from rich.console import Console
 from tiny_task import TinyTask
 
 import nnx_trainer
+from nnx_trainer_plugins._progress_parts import train_metric_rows
 from nnx_trainer_plugins.rich_progress import RichProgress
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -95,8 +96,18 @@ def test_plain_output_has_no_control_codes_and_one_line_per_epoch(tmp_path):
     assert all("val/accuracy" in line and "val/loss" in line for line in val_lines)
     assert "fit summary" in lines
     assert any(re.fullmatch(r"  examples/s\s+[\d.]+", line) for line in lines)
+    # TinyTask's only train metric is the loss: the last step's loss has its own row.
+    assert not any(line.startswith("  train/") for line in lines)
     assert "compiling the train step…" in lines  # said once, before the first step
     assert len(lines) < 25  # short CI logs
+
+
+def test_the_summary_shows_the_last_logged_train_metrics_but_the_loss():
+    logged = {"train/loss": jnp.float32(0.5), "train/skipped_images": jnp.int32(3),
+              "train/accuracy": jnp.float32(0.75), "val/loss": jnp.float32(1.0), "epoch": 2}
+    # A count stays an integer; other metrics are formatted as the val metrics are.
+    assert train_metric_rows(logged) == [("train/accuracy", "0.7500"),
+                                         ("train/skipped_images", "3")]
 
 
 @pytest.mark.parametrize(

@@ -530,6 +530,48 @@ def test_trainer_state_has_named_parts(tmp_path):
     assert set(content.arrays()) == {"model", "optimizer", "train_metrics"}
 
 
+
+class _StateReader:
+    """Reads trainer.state after some steps and assigns it back (as EMA-style plugins do)."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer, step):
+        if step % 2 == 0:
+            state = trainer.state
+            self.seen.append(float(np.asarray(state.model["fc2"]["bias"][...]).sum()))
+            trainer.state = state  # the same structure: allowed between steps
+
+
+def test_reading_and_assigning_the_state_between_steps_changes_no_step(tmp_path):
+    # Between steps the loop holds the state as its flat leaves and rebuilds the
+    # TrainState only when read; a read (and an assignment) must not alter the run.
+    plain = make_trainer(tmp_path / "plain", max_steps=6)
+    plain.fit(TinyTask())
+    reader = _StateReader()
+    read = make_trainer(tmp_path / "read", max_steps=6, plugins=[reader])
+    read.fit(TinyTask())
+    assert len(reader.seen) == 3
+    for a, b in zip(jax.tree.leaves(plain.state), jax.tree.leaves(read.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+class _GrowingTask(TinyTask):
+    """A custom update that adds a Variable to the model inside the step."""
+
+    def training_update(self, model, optimizers, batch):
+        loss, aux = super().training_update(model, optimizers, batch)
+        model.extra = nnx.Param(jax.numpy.zeros(()))
+        return loss, aux
+
+
+def test_a_step_that_changes_the_state_structure_fails_naming_it(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match="changed the training state's structure"):
+        trainer.fit(_GrowingTask())
+
 # ---- options a user mistypes (issue 9, item 7) --------------------------------------
 
 
