@@ -278,7 +278,7 @@ def test_imagenet_preset_resolves_to_the_flax_recipe():
     # Without the recipe nothing changes.
     args = example.parse_args([])
     assert (args.model, args.batch_size, args.lr, args.epochs, args.precision) == (
-        "simple", 32, 0.05, 30, "fp32")
+        "simple", 32, 0.05, 40, "fp32")
     assert args.recipe == "default"
     args = example.parse_args(["--precision", "bf16", "--lr", "0.2"])
     assert (args.precision, args.lr, args.warmup_fraction) == ("bf16", 0.2, 0.05)
