@@ -10,17 +10,18 @@ Two backends, chosen per call:
 * ``simplejpeg`` (the ``jpeg`` extra: ``pip install "nnx-trainer[jpeg]"``), libjpeg-turbo
   through its TurboJPEG API, decodes straight to an RGB array. It picks the same scale by
   Pillow's rule and the same default (accurate) DCT and upsampling as Pillow, so the pixels
-  are identical to Pillow's (a test compares them), only faster: 0.97 vs 1.15-1.29 ms per
-  500x375 photo here (benchmarks/README.md, "JPEG decoders").
+  are identical to Pillow's (a test compares them), only a little faster: decode +
+  RandomResizedCrop 224 of a 500x375 photo in 1.73 vs 1.81 ms (benchmarks/README.md,
+  section 8, "Decoders").
 * ``pillow``: the fallback, and what handles every file simplejpeg does not (PNG, CMYK,
   anything it rejects; a file Pillow cannot read either is bad, so the ``bad_images``
   policy sees Pillow's error, whichever backend was tried first).
 
-The others that ship as wheels were measured too and not kept: OpenCV's ``imdecode``
-(libjpeg-turbo too) decodes no faster than simplejpeg and has no reduced-scale decode to
-an arbitrary target; PyTurboJPEG needs a system ``libturbojpeg``, which the wheel does not
-bring. ``RESNET_TASK_JPEG_DECODER=pillow`` (environment, so Grain's worker processes see
-it too) forces Pillow; the default ``auto`` takes simplejpeg when it imports.
+The others that ship as wheels were measured too and not kept: OpenCV (libjpeg-turbo
+too) is faster only through its resize filter, which changes the pixels; PyTurboJPEG
+needs a system ``libturbojpeg``, which the wheel does not bring.
+``RESNET_TASK_JPEG_DECODER=pillow`` (environment, so Grain's worker processes see it
+too) forces Pillow; the default ``auto`` takes simplejpeg when it imports.
 """
 
 from __future__ import annotations
