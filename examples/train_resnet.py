@@ -11,6 +11,9 @@ evaluated on a fixed held-out split.
     python -m resnet_task.convert ./flowers ./flowers-ar   # then train on the shards:
     python examples/train_resnet.py --dataset arrayrecord --data-dir ./flowers-ar
     python examples/train_resnet.py --run-dir runs/a --resume   # continue runs/a after a stop
+    python examples/train_resnet.py --model resnet50 --stem imagenet --image-size 64 \
+        --dataset folder --data-dir ./flowers --pretrained resnet50.safetensors \
+        --freeze backbone   # fine-tune torchvision's ImageNet weights, head only
     python examples/train_resnet.py --recipe imagenet --dataset folder --data-dir ~/imagenet \
         --workers 8   # the Flax ImageNet example's ResNet-50 recipe; any flag overrides it
 """
@@ -25,6 +28,8 @@ from typing import Any
 import yaml
 
 import nnx_trainer
+from nnx_trainer.cli import error_message, failure_status
+from nnx_trainer.config_file import ConfigFile
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 from resnet_task.data import DATASET_NAMES
 from resnet_task.image_folder import BAD_IMAGE_POLICIES
@@ -37,7 +42,8 @@ from resnet_task.task import OPTIMIZERS, SKIPPED_METRIC, ResNetConfig, ResNetTas
 # parse_args then fills in the recipe's values, and explicit flags win over both.
 DEFAULTS = {
     "image_size": None, "model": "simple", "stem": "cifar", "epochs": 40, "batch_size": 32,
-    # Label smoothing 0.1: seeds 0-4 reach >= 98.61% on digits, median 99.44% (README).
+    # Label smoothing 0.1: seeds 0-4 reach >= 98.61% on digits, median 99.44%
+    # (benchmarks/README.md, section 9).
     # 40 epochs: at 30 the same seeds gave a median of 98.89% on an Intel VM (99.44% on AMD).
     "lr": 0.05, "optimizer": "sgd", "weight_decay": 5e-4, "label_smoothing": 0.1,
     "warmup_fraction": 0.05, "precision": "fp32",
@@ -100,6 +106,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--stem", choices=STEMS, default=keep,
                        help=_preset("cifar: 3x3 conv, no max-pool; imagenet: 7x7/2 conv + "
                                     "max-pool (resnet18..152 only)", "stem"))
+    model.add_argument("--pretrained", default=None, metavar="PATH",
+                       help="start from these weights (fine-tuning): another run's directory "
+                            "or checkpoint, or a .safetensors/.pth file of a torchvision/timm "
+                            "ResNet (same --model, --stem imagenet); what matches by name and "
+                            "shape is loaded, the rest (a head for another number of classes) "
+                            "starts fresh, and the run prints what was loaded and skipped")
+    model.add_argument("--freeze", choices=["none", "backbone"], default="none",
+                       help="backbone: train only the classifier head (with --pretrained)")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=keep,
                      help=_preset("training epochs", "epochs"))
@@ -131,10 +145,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--limit-train-batches", type=int, default=None,
                      help="at most this many batches per epoch (quick checks)")
     ckpt = p.add_argument_group("checkpoints (run dir/checkpoints)")
-    ckpt.add_argument("--resume", nargs="?", const="last", default=None, metavar="last|best|PATH",
+    ckpt.add_argument("--resume", nargs="?", const="last", default=None,
+                      metavar="last|best|auto|PATH",
                       help="resume from the latest checkpoint of --run-dir (also the value "
                            "when the flag is given alone), the best one by --ckpt-monitor, "
-                           "or a checkpoint directory such as runs/x/checkpoints/120")
+                           "'auto' (the latest if there is one, else start fresh: requeued "
+                           "jobs), or a checkpoint directory such as runs/x/checkpoints/120")
     ckpt.add_argument("--ckpt-every-steps", type=int, default=None, metavar="N",
                       help="save every N training steps, exactly (mid-epoch too; never "
                            "throttled)")
@@ -184,6 +200,7 @@ def run_config(args: argparse.Namespace, folder_options: dict[str, Any]) -> dict
         "optimizer": args.optimizer, "learning_rate": args.lr,
         "weight_decay": args.weight_decay, "label_smoothing": args.label_smoothing,
         "warmup_fraction": args.warmup_fraction, "seed": args.seed, "recipe": args.recipe,
+        "freeze": args.freeze,
         "dataset_kwargs": tuple(folder_options.items()) if files else (),
     }
     disable = list(args.disable_plugin) + (["checkpoint"] if args.no_checkpoint else [])
@@ -242,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad flags or data: the message says what to change
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if trainer.is_main_process:  # `nnx-trainer fit --config run_dir/config.yaml` reruns it
-        trainer.run_dir.mkdir(parents=True, exist_ok=True)
-        config["trainer"]["run_dir"] = str(trainer.run_dir)
-        (trainer.run_dir / "config.yaml").write_text(
-            yaml.safe_dump(_plain(config), sort_keys=False), encoding="utf-8")
+    # `nnx-trainer fit --config run_dir/config.yaml` reruns it; written once the fit has
+    # started, never over another config (nnx_trainer.config_file).
+    trainer.plugin_manager.register(ConfigFile(lambda run_dir: yaml.safe_dump(
+        _plain({**config, "trainer": {**config["trainer"], "run_dir": str(run_dir)}}),
+        sort_keys=False)))
     info = task.dataset_info
     print(f"{info.name}: {info.num_train} train / {info.num_val} held-out examples, "
           f"{info.num_classes} classes, images {info.image_shape}; model {args.model}; "
@@ -255,10 +272,15 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.warmup_fraction:.4g} of the steps, {args.precision}"
              if args.recipe != "default" else ""))
     try:
-        trainer.fit(task, ckpt_path=args.resume)
-    except ValueError as exc:  # e.g. --resume best without a monitor, a bad path, a used run dir
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        trainer.fit(task, ckpt_path=args.resume, init_from=args.pretrained)
+    except Exception as exc:  # e.g. --resume best without a monitor, a batch larger than the data
+        status = failure_status(exc)  # 2: change the input; 1: the training failed
+        if status is None:
+            raise
+        print(f"error: {error_message(exc)}", file=sys.stderr)
+        return status
+    if trainer.is_main_process and trainer.init_report is not None:  # --pretrained
+        print(trainer.init_report.summary())
     skipped = trainer.callback_metrics.get(f"train/{SKIPPED_METRIC}")  # --bad-images skip
     if trainer.is_main_process and skipped is not None and int(skipped) > 0:
         print(f"warning: {int(skipped)} undecodable training images were replaced by the next "

@@ -14,13 +14,15 @@ signature and its docstring, never from a hand-kept list of flags.
 
 ``--config run.yaml`` (repeatable, later files win, flags win over files) and
 ``--print_config`` come from jsonargparse. ``fit`` saves the resolved config as
-``run_dir/config.yaml``; ``nnx-trainer fit --config run_dir/config.yaml`` repeats the run
-and adding ``--ckpt_path last`` continues it.
+``run_dir/config.yaml`` once the fit has started (an earlier, different one is kept as
+``config.N.yaml``: :mod:`nnx_trainer.config_file`); ``nnx-trainer fit --config
+run_dir/config.yaml`` repeats the run and adding ``--ckpt_path last`` continues it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -36,15 +38,20 @@ from jsonargparse import ArgumentParser, Namespace
 
 from nnx_trainer.cli_config import (
     CLIError,
+    absolute_task_spec,
     add_task_arguments,
     build_task,
     check_keys,
+    expand_task_config,
     load_task_class,
     plugin_classes,
     task_spec_from,
 )
+from nnx_trainer.config_file import ConfigFile
 from nnx_trainer.plugin_manager import PluginError
+from nnx_trainer.run_lock import RunDirInUse
 from nnx_trainer.trainer import Trainer
+from nnx_trainer.write_errors import RunDirWriteError
 
 PROG = "nnx-trainer"
 COMMANDS = {
@@ -55,7 +62,6 @@ COMMANDS = {
 }
 # Trainer(plugins=...) is filled from the `plugins.*` section instead.
 TRAINER_SKIP = {"plugins"}
-CONFIG_NAME = "config.yaml"
 PREDICTIONS_NAME = "predictions.npz"
 
 
@@ -65,7 +71,8 @@ def build_parser(command: str, task_cls: type | None,
     parser = ArgumentParser(prog=f"{PROG} {command}", description=COMMANDS[command],
                             exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action="config",
-                        help="a YAML config file (repeatable: later files override earlier)")
+                        help="a YAML config file (repeatable: later files override earlier "
+                             "ones; flags override files, wherever they stand)")
     parser.add_class_arguments(Trainer, "trainer", skip=TRAINER_SKIP, fail_untyped=False)
     parser.add_argument("--task.class_path", type=str,
                         help="the Task class: pkg.mod.Class, pkg.mod:Class or path/mod.py:Class;"
@@ -87,7 +94,8 @@ def _top_parser() -> argparse.ArgumentParser:
     # parser depends on the Task named after it, so it is built once that is known.
     parser = argparse.ArgumentParser(
         prog=PROG, description="Train and evaluate an nnx_trainer Task from configs and flags.",
-        epilog=f"Run '{PROG} COMMAND --help' (add --task X for that Task's options).",
+        epilog=f"Run '{PROG} COMMAND --help' (add --task X for that Task's options). "
+               f"'{PROG} export --help': a run's checkpoint to StableHLO or ONNX.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in COMMANDS.items():
@@ -103,6 +111,10 @@ def _fail(prog: str, message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nnx-trainer``; returns the exit status (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":  # not a Trainer method: its own parser (export.py)
+        from nnx_trainer.export import main as export_main
+
+        return export_main(argv[1:])
     if not argv or argv[0] not in COMMANDS:
         try:
             _top_parser().parse_args(argv)
@@ -116,12 +128,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _canonical(args)
         spec = task_spec_from(args)
         task_cls = load_task_class(spec) if spec else None
+        if task_cls is not None:
+            args = expand_task_config(args, task_cls)
         parser = build_parser(command, task_cls, plugins)
         if task_cls is None and not {"-h", "--help"} & set(args):
             raise CLIError("no Task given: pass --task pkg.module.Class (or task.class_path "
                            "in a --config file)")
         check_keys(args, set(parser.get_defaults().keys()), plugins)
         cfg = parser.parse_args(args)
+        if cfg.get("task.class_path"):  # a file path: absolute, for the saved config
+            cfg["task.class_path"] = absolute_task_spec(cfg["task.class_path"])
     except SystemExit as exc:  # --help, --print_config
         return int(exc.code or 0)
     except CLIError as exc:
@@ -147,9 +163,25 @@ def concise(message: str) -> str:
 
 
 def _canonical(args: list[str]) -> list[str]:
-    """``--task X`` spelled as the key it sets, for the pre-parse readers."""
-    return ["--task.class_path" if a == "--task" else
+    """``--task X`` spelled as the key it sets, and every ``--config`` file moved first.
+
+    jsonargparse applies arguments in order, so a file after a flag would override it;
+    with the files first (in their order), later files override earlier ones and flags
+    override files wherever they stand, as ``--help`` says.
+    """
+    args = ["--task.class_path" if a == "--task" else
             "--task.class_path=" + a[7:] if a.startswith("--task=") else a for a in args]
+    files: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--config" and i + 1 < len(args):
+            files += args[i:i + 2]
+            i += 2
+            continue
+        (files if args[i].startswith("--config=") else rest).append(args[i])
+        i += 1
+    return files + rest
 
 
 def build_objects(cfg: Namespace, task_cls: type) -> tuple[Trainer, Any]:
@@ -188,8 +220,8 @@ def run(command: str, parser: ArgumentParser, cfg: Namespace, task_cls: type,
     """Build the objects of a parsed config and run ``command`` on them."""
     method_kwargs = {k: cfg[k] for k in _method_keys(command) if k in cfg}
     ckpt_path = method_kwargs.get("ckpt_path")
-    if ckpt_path not in (None, "last", "best") and not Path(ckpt_path).is_dir():
-        return _fail(prog, f"--ckpt_path {ckpt_path!r}: not 'last', 'best' or a directory")
+    if ckpt_path not in (None, "last", "best", "auto") and not Path(ckpt_path).is_dir():
+        return _fail(prog, f"--ckpt_path {ckpt_path!r}: not 'last', 'best', 'auto' or a directory")
     if command != "fit" and not ckpt_path and not method_kwargs.get("untrained"):
         # A fresh process has no fitted state: say so before data and model are built.
         return _fail(prog, f"{command} needs weights: pass --ckpt_path last (or best, or a "
@@ -199,14 +231,24 @@ def run(command: str, parser: ArgumentParser, cfg: Namespace, task_cls: type,
     except CLIError as exc:
         return _fail(prog, str(exc))
     if command == "fit":
-        if trainer.is_main_process:
-            save_config(parser, cfg, trainer.run_dir)
-        trainer.fit(task, **method_kwargs)
+        # Written once the fit has really started, never over another config: a start
+        # that fails leaves the config of the run it meant to continue as it was.
+        trainer.plugin_manager.register(
+            ConfigFile(lambda run_dir: config_text(parser, cfg, run_dir)))
+        try:
+            trainer.fit(task, **method_kwargs)
+        except RunDirInUse as exc:  # another live run: nothing was written
+            return _fail(prog, str(exc))
+        except Exception as exc:
+            return _run_failed(prog, exc)
         return 0
     try:
-        result = getattr(trainer, command)(task, **method_kwargs)
-    except (FileNotFoundError, ValueError) as exc:  # e.g. no checkpoint, another model's
-        return _fail(prog, str(exc))
+        # The metrics printed below are the command's output (`> m.json`): progress bars,
+        # tables and anything else printed while evaluating go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = getattr(trainer, command)(task, **method_kwargs)
+    except Exception as exc:  # e.g. no checkpoint, another model's
+        return _run_failed(prog, exc)
     if command == "predict":
         path = Path(trainer.run_dir) / PREDICTIONS_NAME
         if trainer.is_main_process:
@@ -218,13 +260,47 @@ def run(command: str, parser: ArgumentParser, cfg: Namespace, task_cls: type,
     return 0
 
 
+def failure_status(exc: BaseException) -> int | None:
+    """The exit status for an error a run reports in one line instead of a traceback.
+
+    2 (the input must change): a ``ValueError`` or missing file, which the Trainer, the
+    Task and the plugins raise for bad options, data or checkpoints, including those
+    found only once the data is counted (a batch larger than the dataset, a batch that
+    does not divide over the devices); and a non-finite loss at step 0, before any
+    update, which only the data, the initial weights or the loss can cause. 1 (the
+    training failed): a non-finite loss at a later step, or a file of the run that could
+    not be written (``RunDirWriteError``: disk full, read-only). ``None``: anything else,
+    left to raise with its traceback.
+    """
+    if isinstance(exc, RunDirWriteError):
+        return 1
+    if isinstance(exc, FloatingPointError):  # nonfinite_guard's NonFiniteLossError
+        return 2 if getattr(exc, "step", None) == 0 else 1
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return 2
+    return None
+
+
+def error_message(exc: BaseException) -> str:
+    """The exception's message and its notes (e.g. which plugin raised it), one per line."""
+    return "\n".join([str(exc).strip(), *getattr(exc, "__notes__", ())])
+
+
+def _run_failed(prog: str, exc: Exception) -> int:
+    status = failure_status(exc)
+    if status is None:
+        raise exc
+    sys.stderr.write(f"{prog}: error: {error_message(exc)}\n")
+    return status
+
+
 def _method_keys(command: str) -> list[str]:
     params = inspect.signature(getattr(Trainer, command)).parameters
     return [n for n in params if n not in ("self", "task")]
 
 
-def save_config(parser: ArgumentParser, cfg: Namespace, run_dir: Path) -> Path:
-    """Write the resolved config to ``run_dir/config.yaml``, ready for ``--config``.
+def config_text(parser: ArgumentParser, cfg: Namespace, run_dir: Path) -> str:
+    """The resolved config as YAML for ``--config``, as ``fit`` saves it (``config.yaml``).
 
     The run directory is written out (a default one is a timestamp, which a rerun would
     not find again), and ``ckpt_path`` is dropped: the file describes the run, and
@@ -235,11 +311,9 @@ def save_config(parser: ArgumentParser, cfg: Namespace, run_dir: Path) -> Path:
     for key in _method_keys("fit"):
         if key in cfg:
             cfg[key] = None
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / CONFIG_NAME
-    target.write_text(parser.dump(cfg, skip_unset=False), encoding="utf-8")
-    return target
+            if key not in _method_keys("validate"):  # fit-only (init_from): other commands
+                del cfg[key]                        # read this file too
+    return parser.dump(cfg, skip_unset=False)
 
 
 def save_predictions(outputs: Any, path: Path) -> dict[str, np.ndarray]:

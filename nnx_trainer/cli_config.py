@@ -11,8 +11,8 @@ import dataclasses
 import difflib
 import importlib
 import importlib.metadata
-import importlib.util
 import inspect
+import json
 import os
 import sys
 import types
@@ -40,7 +40,7 @@ def load_task_class(spec: str) -> type[Task]:
         raise CLIError(f"--task {spec!r}: give pkg.module.Class, pkg.module:Class or "
                        "path/to/module.py:Class")
     try:
-        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        if is_file_spec(spec):
             module = _module_from_file(Path(module_name))
         else:
             # A console script does not have the working directory on sys.path, unlike
@@ -64,14 +64,45 @@ def load_task_class(spec: str) -> type[Task]:
 
 
 def _module_from_file(path: Path) -> types.ModuleType:
+    """Import ``path`` under its own name with its folder first on ``sys.path``.
+
+    Then the file imports its sibling modules, and its classes pickle by reference: Grain
+    starts its worker processes with multiprocessing's "spawn", which hands the parent's
+    ``sys.path`` to each child, so a worker unpickling a transform imports the same file.
+    """
+    path = path.resolve()
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    name = path.stem
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # so the classes in it pickle and resolve by module name
-    spec.loader.exec_module(module)
+    folder, name = str(path.parent), path.stem
+    if not name.isidentifier():
+        raise CLIError(f"--task {str(path)!r}: {path.name!r} is not importable as a module "
+                       "(the name must be a Python identifier); rename the file")
+    if folder in sys.path:
+        sys.path.remove(folder)
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    module = importlib.import_module(name)
+    found = getattr(module, "__file__", None)
+    if found is None or Path(found).resolve() != path:
+        raise CLIError(
+            f"--task {str(path)!r}: the module name {name!r} is already taken by "
+            f"{found or 'a built-in module'}; rename the file (e.g. my_{name}.py)"
+        )
     return module
+
+
+def is_file_spec(spec: str) -> bool:
+    """Whether a ``--task`` value names a file (``path/to/mod.py:Class``)."""
+    module_name = spec.rpartition(":")[0]
+    return module_name.endswith(".py") or os.sep in module_name or "/" in module_name
+
+
+def absolute_task_spec(spec: str) -> str:
+    """``spec`` with a file path made absolute, so a saved config runs from any folder."""
+    if not is_file_spec(spec):
+        return spec
+    module_name, _, attr = spec.rpartition(":")
+    return f"{Path(module_name).resolve()}:{attr}"
 
 
 def config_parameter(cls: type) -> tuple[str, type] | None:
@@ -107,8 +138,52 @@ def add_task_arguments(parser: Any, cls: type[Task]) -> None:
     if any(p.name in fields for p in others):
         raise CLIError(f"{cls.__name__}.__init__ repeats a field of {config_cls.__name__}")
     if others:
-        parser.add_class_arguments(cls, "task", fail_untyped=False,
-                                   skip={name} | {f.name for f in dataclasses.fields(config_cls)})
+        # In the same "task" group as the fields: a second group of that name is refused.
+        parser.add_class_arguments(cls, "task", as_group=False, fail_untyped=False,
+                                   skip={name} | fields)
+
+
+def expand_task_config(argv: Sequence[str], cls: type[Task]) -> list[str]:
+    """``--task.config '{"image_size": 32}'`` as one ``--task.<field>`` flag per field.
+
+    A Task taking a dataclass ``config`` has that dataclass's fields as its keys; the
+    whole mapping is accepted too, in place, so later flags still override it.
+    """
+    config = config_parameter(cls)
+    if config is None:
+        return list(argv)
+    name, config_cls = config
+    key = f"--task.{name}"
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == key or token.startswith(key + "="):
+            if token == key:
+                if i + 1 >= len(argv):
+                    raise CLIError(f"{key} needs a value, e.g. {key} '{{\"{min(fields)}\": ...}}'")
+                text, i = argv[i + 1], i + 2
+            else:
+                text, i = token[len(key) + 1:], i + 1
+            try:
+                values = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise CLIError(f"{key}: not a JSON/YAML mapping: {exc}") from exc
+            if not isinstance(values, Mapping):
+                raise CLIError(f"{key}: expected a mapping of {config_cls.__name__} fields, "
+                               f"got {text!r}")
+            for field, value in values.items():
+                if field not in fields:
+                    near = difflib.get_close_matches(str(field), sorted(fields), n=1)
+                    hint = f"; did you mean {near[0]!r}?" if near else ""
+                    raise CLIError(f"{key}: {config_cls.__name__} has no field {field!r}{hint}")
+                text = value if isinstance(value, str) else json.dumps(value)
+                out += [f"--task.{field}", text]
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def build_task(cls: type[Task], options: Mapping[str, Any]) -> Task:

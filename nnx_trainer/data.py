@@ -238,6 +238,9 @@ def _to_iter(ds: grain.MapDataset, config: PipelineConfig) -> grain.IterDataset:
 
 def train_steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full global batches in one epoch; raises when the batch is larger than the data."""
+    if num_examples == 0:
+        raise ValueError("the training set has no examples (an empty dataset); check the "
+                         "data source it reads")
     if global_batch_size > num_examples:
         raise ValueError(
             f"batch size {global_batch_size} is larger than the training set "
@@ -332,16 +335,19 @@ def eval_pipeline(
     config: PipelineConfig,
     *,
     limit_batches: int | None = None,
+    source: str = "the evaluation data",
 ) -> tuple[grain.IterDataset, int]:
     """Padded, masked evaluation batches for this process and their count.
 
     The last global batch is filled up with copies of the last example and every
     batch carries ``mask`` (False = padding), so shapes never change and metrics
-    count each example exactly once.
+    count each example exactly once. ``source`` names the examples in errors (e.g.
+    ``"MyTask.predict_data()"``).
     """
     n = len(examples)
     if n == 0:
-        raise ValueError("the evaluation dataset is empty; provide at least one example")
+        raise ValueError(f"{source} returned no examples (an empty dataset); check the data "
+                         "source it reads, or provide at least one example")
     num_batches = eval_num_batches(n, config.global_batch_size)
     if limit_batches is not None:
         num_batches = min(num_batches, limit_batches)

@@ -110,7 +110,8 @@ def on_run_end(
     """Always called once at the end of every fit, validate, test and predict call.
 
     Like pytest's ``pytest_sessionfinish(session, exitstatus)``: close files, finish
-    runs and release resources here, according to how the run ended.
+    runs and release resources here, according to how the run ended. (A call refused
+    before it starts, its run directory held by another run, calls no hook at all.)
 
     :param trainer: the trainer.
     :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.

@@ -25,11 +25,12 @@ like pytest plugins. The rules:
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib.metadata
 import inspect
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pluggy
@@ -49,8 +50,26 @@ class PluginError(ValueError):
     """A plugin could not be found, disabled or loaded as asked."""
 
 
+class PluginHookError(PluginError, pluggy.PluginValidationError):
+    """A plugin implements a hook that is not an nnx_trainer hook, or with wrong arguments.
+
+    Also a ``pluggy.PluginValidationError``, as pluggy's own check raises.
+    """
+
+    def __init__(self, plugin: object, message: str) -> None:
+        pluggy.PluginValidationError.__init__(self, plugin, message)
+
+
+# The start of the note added to an exception raised inside a plugin's hook.
+RAISED_IN = "raised in plugin"
+
+
 class TrainerPluginManager(pluggy.PluginManager):
-    """pluggy's manager plus where each plugin came from (distribution or "passed in")."""
+    """pluggy's manager plus where each plugin came from (distribution or "passed in").
+
+    An exception raised inside a hook gets a note naming the plugin and the hook
+    (``raised in plugin 'acme' (acme-plugin), hook on_train_batch_end``).
+    """
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT_NAME)
@@ -58,6 +77,45 @@ class TrainerPluginManager(pluggy.PluginManager):
         # Installed entry points that are not registered, with the reason (shown by
         # ``nnx-trainer-plugins``): disabled, autoload off, or an opt-in not configured.
         self.inactive: dict[str, str] = {}
+
+    def _hookexec(self, hook_name: str, methods: Sequence[Any], kwargs: Mapping[str, object],
+                  firstresult: bool) -> Any:
+        # pluggy calls every hook through here. The try costs nothing until something
+        # raises (zero-cost exceptions), so the step loop's hooks stay as fast.
+        try:
+            return self._inner_hookexec(hook_name, methods, kwargs, firstresult)
+        except Exception as exc:
+            self._note_plugin(exc, hook_name, methods)
+            raise
+
+    def describe(self, name: str) -> str:
+        """``'name' (distribution)`` or ``'name' (passed in)``: where a plugin came from."""
+        return f"{name!r} ({self.origins.get(name, 'passed in')})"
+
+    def _note_plugin(self, exc: Exception, hook_name: str, methods: Sequence[Any]) -> None:
+        """Name the plugin whose hook implementation raised ``exc``, found in its traceback.
+
+        The deepest frame that runs one of the hook's implementations is the raiser (a
+        wrapper around it, or an outer hook call, is higher up); the innermost hook call
+        notes it first, and outer ones leave it be.
+        """
+        if any(note.startswith(RAISED_IN) for note in getattr(exc, "__notes__", ())):
+            return
+        codes = {}
+        for impl in methods:
+            code = getattr(inspect.unwrap(getattr(impl.function, "__func__", impl.function)),
+                           "__code__", None)
+            if code is not None:
+                codes[code] = impl
+        raiser = None
+        tb = exc.__traceback__
+        while tb is not None:
+            impl = codes.get(tb.tb_frame.f_code)
+            if impl is not None and (raiser is None or not (impl.wrapper or impl.hookwrapper)):
+                raiser = impl
+            tb = tb.tb_next
+        if raiser is not None:
+            exc.add_note(f"{RAISED_IN} {self.describe(raiser.plugin_name)}, hook {hook_name}")
 
 
 def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
@@ -144,7 +202,7 @@ def create_plugin_manager(
         name = plugin_name_of(plugin)
         if name is not None and pm.is_blocked(name):
             continue
-        pm.register(plugin, name=name)
+        _register(pm, plugin, name, "passed in")
 
     to_load = set(available) if autoload else ESSENTIAL_PLUGINS | set(requested_names)
     for name in sorted(set(available) - to_load - set(pm.inactive)):
@@ -164,11 +222,81 @@ def create_plugin_manager(
         if obj is None:  # an opt-in plugin nobody configured
             pm.inactive[name] = getattr(ep.load(), "activation", "off until configured")
             continue
-        pm.register(obj, name=name)
-        pm.origins[name] = ep.dist.name if ep.dist is not None else ep.value
+        origin = ep.dist.name if ep.dist is not None else ep.value
+        _register(pm, obj, name, f"entry point {name} = {ep.value} of distribution {origin}")
+        pm.origins[name] = origin
 
-    pm.check_pending()
+    check_hook_names(pm)
     return pm
+
+
+def call_each(pm: TrainerPluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of a hook even if some raise, then raise the first error.
+
+    pluggy stops a hook call at the first exception; a teardown hook (``on_run_end``)
+    must still reach every plugin. The order is pluggy's (the last registered first,
+    ``tryfirst``/``trylast`` respected); later errors are logged as notes on the first.
+    """
+    first: Exception | None = None
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        try:
+            pm._hookexec(hook_name, [impl], kwargs, False)
+        except Exception as exc:  # the note names the plugin (see _hookexec)
+            if first is None:
+                first = exc
+            else:
+                first.add_note(f"also raised in {hook_name}: {exc!r} "
+                               f"(plugin {pm.describe(impl.plugin_name)})")
+    if first is not None:
+        raise first
+
+
+def _class_path(plugin: Any) -> str:
+    """``module.Class`` of a plugin instance (a module's own name), not its repr."""
+    if inspect.ismodule(plugin):
+        return plugin.__name__
+    cls = plugin if inspect.isclass(plugin) else type(plugin)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _register(pm: TrainerPluginManager, plugin: Any, name: str | None, where: str) -> None:
+    """``pm.register``, with a hook that fails pluggy's checks named with ``where``."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        label = repr(name) if name else _class_path(plugin)  # unnamed: pluggy uses id()
+        raise PluginHookError(plugin, f"plugin {label} ({where}): {exc}") from exc
+
+
+def check_hook_names(pm: TrainerPluginManager) -> None:
+    """pluggy's ``check_pending`` with a message a user can act on: which plugin (entry
+    point and distribution), which unknown hook, and the nearest real hook name."""
+    known = sorted(n for n in vars(pm.hook) if not n.startswith("_")
+                   and getattr(pm.hook, n).has_spec())
+    for hook_name in sorted(vars(pm.hook)):
+        caller = getattr(pm.hook, hook_name)
+        if hook_name.startswith("_") or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.optionalhook:
+                continue
+            name = impl.plugin_name
+            entry = _entry_points().get(name) if name in pm.origins else None
+            if entry is not None:
+                plugin = (f"plugin {name!r} (entry point {name} = {entry.value} of "
+                          f"distribution {pm.origins[name]})")
+                fix = f"; or disable the plugin with disable_plugins=[{name!r}]"
+            else:  # passed in; pluggy names an unnamed instance by its id()
+                named = f"{name!r}, " if name != str(id(impl.plugin)) else ""
+                plugin = f"plugin {named}passed in: {_class_path(impl.plugin)}"
+                fix = ""
+            near = difflib.get_close_matches(hook_name, known, n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise PluginHookError(
+                impl.plugin,
+                f"{plugin} implements {hook_name!r}, which is not an nnx_trainer hook; "
+                f"{hint}Rename it, or mark an extra hook @hookimpl(optionalhook=True){fix}",
+            )
 
 
 def describe_plugins(pm: TrainerPluginManager) -> list[tuple[str, str, list[str]]]:

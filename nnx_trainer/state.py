@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -123,3 +124,34 @@ def structure_mismatch(expected: Any, got: Any) -> str | None:
                     f"{getattr(a, 'dtype', '?')} in the trained state but "
                     f"{getattr(b, 'shape', '?')} {getattr(b, 'dtype', '?')} here")
     return None
+
+
+@jax.jit
+def _first_nonfinite_leaf(leaves: list[jax.Array]) -> jax.Array:
+    finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+              else jnp.bool_(True) for x in leaves]
+    if not finite:
+        return jnp.int32(-1)
+    bad = ~jnp.stack(finite)
+    return jnp.where(bad.any(), jnp.argmax(bad), -1).astype(jnp.int32)
+
+
+def first_nonfinite_leaf(leaves: list[Any]) -> int:
+    """Index of the first array of ``leaves`` holding a NaN or Inf, or -1 (integer and key
+    arrays count as finite). One jitted reduction on device and one scalar read: the
+    answer is replicated, so every process reads the same one."""
+    return int(_first_nonfinite_leaf([jnp.asarray(x) for x in leaves]))
+
+
+def first_nonfinite(tree: Any) -> str | None:
+    """The path (``"model/bn1/var/value"``) of the first array of ``tree`` holding a NaN or
+    Inf, or ``None`` when all are finite (see :func:`first_nonfinite_leaf`)."""
+    index = first_nonfinite_leaf(jax.tree.leaves(tree))
+    return None if index < 0 else leaf_path(tree, index)
+
+
+def leaf_path(tree: Any, index: int) -> str:
+    """The path of ``jax.tree.leaves(tree)[index]`` as ``"model/bn1/bias"`` (an NNX
+    Variable's trailing ``value`` left out)."""
+    path = jax.tree_util.tree_flatten_with_path(tree)[0][index][0]
+    return jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")

@@ -7,12 +7,83 @@ elsewhere. Multi-device strategies are plugins (``select_strategy`` hook).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Sharding, SingleDeviceSharding
+
+# The cluster environments JAX's own auto-detection (``jax.distributed.initialize()``
+# with no arguments, jax._src.clusters) recognises without extra packages or network
+# calls, and the variables it reads (jax 0.10): name -> (variables that must all be
+# set, the variable holding the process count).
+CLUSTER_ENVIRONMENTS: Mapping[str, tuple[tuple[str, ...], str]] = {
+    "slurm": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID"), "SLURM_NTASKS"),
+    "ompi": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+             "OMPI_COMM_WORLD_SIZE"),
+}
+_CLUSTER_LAUNCHERS = {"slurm": "SLURM's srun", "ompi": "Open MPI's mpirun"}
+
+
+def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
+    """The multi-process cluster environment this process runs in, or None.
+
+    ``"slurm"`` under ``srun`` with more than one task, ``"ompi"`` under Open MPI's
+    ``mpirun`` with more than one rank: the environments whose variables JAX's
+    auto-detection reads. A single task (``SLURM_NTASKS=1``: an ``salloc`` shell, a
+    one-task job) is not a multi-process run.
+    """
+    environ = os.environ if environ is None else environ
+    for name, (required, count_var) in CLUSTER_ENVIRONMENTS.items():
+        if all(var in environ for var in required):
+            try:
+                if int(environ[count_var]) > 1:
+                    return name
+            except ValueError:
+                continue
+    return None
+
+
+def multi_process_launch(environ: Mapping[str, str] | None = None) -> str | None:
+    """How this process was launched as one of several, in words, or None.
+
+    Read from the environment only (the backend stays untouched): ``JAX_NUM_PROCESSES``
+    above 1, ``JAX_COORDINATOR_ADDRESS`` without a process count, or a cluster launch
+    (:func:`detect_cluster`). ``JAX_NUM_PROCESSES=1`` says "one process" and wins over
+    a cluster's variables: the way to run independent one-process trainings under
+    ``srun``/``mpirun``.
+    """
+    environ = os.environ if environ is None else environ
+    count = environ.get("JAX_NUM_PROCESSES", "").strip()
+    try:
+        processes = int(count) if count else None
+    except ValueError:
+        processes = None
+    if processes is not None:
+        return f"JAX_NUM_PROCESSES={processes}" if processes > 1 else None
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        return f"JAX_COORDINATOR_ADDRESS={environ['JAX_COORDINATOR_ADDRESS']}"
+    cluster = detect_cluster(environ)
+    if cluster is not None:
+        count_var = CLUSTER_ENVIRONMENTS[cluster][1]
+        return f"{_CLUSTER_LAUNCHERS[cluster]} ({count_var}={environ[count_var]})"
+    return None
+
+
+def refuse_single_process_in(launch: str, strategy: str) -> ValueError:
+    """The error for a one-process strategy in a multi-process launch (``launch``, in words)."""
+    return ValueError(
+        f"this process was started as one of several ({launch}), but the {strategy} "
+        "strategy trains in one process: every process would train alone as process 0, "
+        "into the same run directory. Choose a multi-process strategy: "
+        "strategy='data_parallel' or 'fsdp' (--strategy data_parallel in "
+        "examples/train_resnet.py, --trainer.strategy data_parallel for nnx-trainer fit); "
+        "or, for independent one-process runs, set JAX_NUM_PROCESSES=1 and give each its "
+        "own run directory"
+    )
 
 
 class Strategy:
@@ -90,6 +161,11 @@ class SingleDeviceStrategy(Strategy):
     name = "single_device"
 
     def __init__(self, device: jax.Device | None = None) -> None:
+        # Checked from the environment before any device query: the refusal comes before
+        # the processes of such a launch could collide in one run directory.
+        launch = multi_process_launch()
+        if launch is not None and not jax.distributed.is_initialized():
+            raise refuse_single_process_in(launch, self.name)
         self.device = device if device is not None else jax.local_devices()[0]
         self._sharding = SingleDeviceSharding(self.device)
         # On the CPU backend a device's memory is host memory: there is no transfer to

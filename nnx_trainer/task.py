@@ -78,6 +78,14 @@ class Task:
         """
         return nnx.Nothing
 
+    def import_weights(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """Map a weight file read for ``Trainer.fit(init_from=...)`` to the model's
+        ``nnx`` paths (``"stages/0/conv1/kernel"``) and layouts. The default keeps the
+        tensors as they are (a file saved from this model, or a checkpoint);
+        ``ResNetTask`` maps torchvision/timm ResNet state dicts here.
+        """
+        return tensors
+
     def configure_train_metrics(self) -> nnx.MultiMetric:
         """Metrics accumulated on device in training, updated with ``loss=`` and the aux dict."""
         return nnx.MultiMetric(loss=nnx.metrics.Average("loss"))

@@ -45,14 +45,19 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from nnx_trainer import data as data_lib
+from nnx_trainer import init_from as init_from_lib
 from nnx_trainer.compile_cache import enable_compilation_cache
+from nnx_trainer.eval_mode import warn_if_flag_overrides_mode
 from nnx_trainer.optimizers import build_optimizers, optimizer_specs
-from nnx_trainer.plugin_manager import create_plugin_manager
+from nnx_trainer.plugin_manager import call_each, create_plugin_manager
+from nnx_trainer.run_lock import RunDirInUse, RunDirLock
 from nnx_trainer.state import (
     CheckpointContent,
     CheckpointMeta,
     Outcome,
     TrainState,
+    first_nonfinite_leaf,
+    leaf_path,
     structure_mismatch,
 )
 from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
@@ -85,6 +90,8 @@ class Trainer:
     :param accumulate_grad_batches: average gradients over N batches per update.
     :param seed: seeds the model init and the data order (shuffle per epoch, augmentation).
     :param run_dir: where plugins write (checkpoints, logs); default ``runs/<timestamp>``.
+        Each fit/validate/test/predict call holds it exclusively (``run_dir/.lock``, see
+        :mod:`nnx_trainer.run_lock`): a second launch into it is refused.
     :param precision: ``"fp32"`` or ``"bf16"`` (compute dtype; parameters stay float32).
     :param strategy: a strategy name provided by a plugin, or a :class:`Strategy`.
     :param plugins: plugin objects, or entry-point names to load when autoload is off.
@@ -208,7 +215,9 @@ class Trainer:
         # task with the same model structure then use it instead of a fresh init.
         self._has_trained_state = False
         self.resumed_from: str | None = None  # the checkpoint the latest restore read
+        self.init_report: init_from_lib.InitReport | None = None  # fit(init_from=...)'s
         self._step_fns: dict[str, Any] = {}
+        self._run_lock: RunDirLock | None = None  # held during fit/validate/test/predict
 
     # ------------------------------------------------------------------ setup
 
@@ -262,8 +271,8 @@ class Trainer:
 
     @property
     def state(self) -> TrainState:
-        """The training state: ``state.model`` and ``state.optimizer``, ``nnx.State``s of
-        device arrays.
+        """The training state: ``state.model`` and ``state.optimizer``, each an
+        ``nnx.State`` of device arrays.
 
         The arrays are donated to the next train step: copy what must outlive it.
         Assigning a new state (same structure, shapes and dtypes, e.g. swapped-in
@@ -346,6 +355,11 @@ class Trainer:
                 f"grain.IterDataset stream), got {type(train).__name__}; wrap a sequence "
                 "with grain.MapDataset.source(...)"
             )
+        if not self._streaming and len(train) == 0:
+            raise ValueError(
+                f"{type(task).__name__}.train_data() returned no examples (an empty dataset); "
+                "check the data source it reads (its path, split or filters)"
+            )
         if self._streaming and self.max_steps is None:
             raise ValueError(
                 f"{type(task).__name__}.train_data() returned a grain.IterDataset, which has "
@@ -426,6 +440,8 @@ class Trainer:
         model.eval()
         self._eval_graphdef = nnx.split(model)[0]
         model.train()
+        if self.is_main_process:  # a __call__ flag that would override eval() (eval_mode.py)
+            warn_if_flag_overrides_mode(model)
         train_metrics = task.configure_train_metrics()
         self._train_metrics_graphdef, train_metrics_state = nnx.split(train_metrics)
         self._eval_metrics_graphdef = nnx.split(task.configure_metrics())[0]
@@ -607,10 +623,33 @@ class Trainer:
         self.hook.load_array_state_dict(trainer=self, state=dict(restored.plugin_arrays))
         return True
 
+    def _init_from(self, task: Task, init_from: Any) -> None:
+        """``fit(init_from=...)``: matching parameters and batch statistics, nothing else."""
+        self.init_report = None
+        if init_from is None:
+            return
+        tensors, source = init_from_lib.read_weights(init_from)
+        model_state, self.init_report = init_from_lib.partial_state(
+            self._state.model, task.import_weights(tensors), source)
+        self._state = self.strategy.place_state(TrainState(model_state, self._state.optimizer))
+        if self.is_main_process:
+            (log.warning if self.init_report.skipped else log.info)(
+                "%s", self.init_report.summary())
+
     # --------------------------------------------------------------------- fit
 
-    def fit(self, task: Task, ckpt_path: str | None = None) -> Trainer:
-        """Train ``task``; resume from ``ckpt_path`` (``"last"``, ``"best"`` or a path)."""
+    def fit(self, task: Task, ckpt_path: str | None = None,
+            init_from: str | None = None) -> Trainer:
+        """Train ``task``; resume from ``ckpt_path`` (``"last"``, ``"best"`` or a path;
+        ``"auto"``: the newest intact checkpoint if the run directory has one, else fresh).
+
+        ``init_from``: start from another run's weights instead of the initialisation:
+        a checkpoint (run, checkpoints or step directory) or a weight file; parameters
+        and batch statistics that match by path and shape are copied, the rest (a new
+        head) start fresh, no optimizer state or counters come along; the report is
+        logged and kept as ``trainer.init_report`` (:mod:`nnx_trainer.init_from`). A
+        checkpoint that ``ckpt_path`` resumes replaces it.
+        """
         # A Trainer can fit again (e.g. after early stopping): stop flags are per fit.
         self.should_stop, self.stop_reason, self.preempted = False, None, False
         self.fit_seconds, self._data_wait_closed = 0.0, 0.0
@@ -623,15 +662,24 @@ class Trainer:
         with self._run("fit"):
             self._plan(task)
             self._build(task)
+            self._init_from(task, init_from)
             resumed = self._restore(ckpt_path)
             if resumed:
-                log.warning(
-                    "resumed from %s at step %d (epoch %d, batch %d)",
-                    self.resumed_from or ckpt_path, self.global_step, self.current_epoch,
-                    self.batch_in_epoch,
+                # INFO: the progress plugin prints the same line, numbered the same way
+                # (1-based epoch of the epochs this fit runs), for whoever watches the run.
+                epochs = (max(1, math.ceil(self.total_steps / self.steps_per_epoch))
+                          if self.steps_per_epoch else self.max_epochs)
+                log.info(
+                    "resumed from %s at step %d (epoch %d/%d, %d of its batches done)",
+                    self.resumed_from or ckpt_path, self.global_step, self.current_epoch + 1,
+                    epochs, self.batch_in_epoch,
                 )
             self._has_trained_state = True  # from here on the state is this fit's
             self._val_examples = task.val_data()
+            if self._val_examples is not None and (
+                    self.check_val_every_n_epoch or self._val_every_steps):
+                # An empty or mistyped validation set fails now, not after an epoch.
+                _named_eval_sets(self._val_examples, f"{type(task).__name__}.val_data()")
             self.hook.log_hyperparams(trainer=self, params=self.hyperparameters())
             self.hook.on_fit_start(trainer=self, task=task)
             with _preemption_signals(self) as signals:
@@ -651,6 +699,7 @@ class Trainer:
         """One fit/validate/test/predict call: ``on_exception`` on failure, then always
         ``on_run_end`` with the outcome (plugins tear down there)."""
         self.stage = stage
+        lock = self._hold_run_dir(stage)  # refused: raises before any hook or write
         exception: BaseException | None = None
         try:
             yield
@@ -667,7 +716,51 @@ class Trainer:
                 outcome = Outcome.STOPPED
             else:
                 outcome = Outcome.COMPLETED
-            self.hook.on_run_end(trainer=self, stage=stage, outcome=outcome, exception=exception)
+            try:
+                # Every plugin tears down, even after one of them raised.
+                call_each(self.plugin_manager, "on_run_end", trainer=self, stage=stage,
+                          outcome=outcome, exception=exception)
+            finally:
+                self._release_run_dir(lock)
+
+    def _hold_run_dir(self, stage: str) -> RunDirLock | None:
+        """Lock ``run_dir`` for this call (see :mod:`nnx_trainer.run_lock`), or raise
+        :class:`RunDirInUse` in every process, having written nothing.
+
+        Process 0 holds the lock; with several processes it broadcasts whether it got it,
+        so all of them stop together instead of the others waiting in a collective.
+        A call made while this trainer already runs (a plugin validating inside fit)
+        shares the lock it holds: ``None``.
+        """
+        if self._run_lock is not None:
+            return None
+        lock, failed = RunDirLock(self.run_dir), None
+        if self.strategy.process_index == 0:
+            try:
+                lock.acquire(stage)
+            except Exception as exc:  # any failure: the other processes must hear of it
+                failed = exc
+        if self.strategy.process_count > 1:
+            # 0: locked; 1: held by another run; 2: process 0 failed otherwise (an OSError).
+            code = 0 if failed is None else 1 if isinstance(failed, RunDirInUse) else 2
+            code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+            if code == 1 and failed is None:
+                failed = RunDirInUse(
+                    f"run directory {self.run_dir} is in use by another run (process 0's "
+                    "error names it). Wait until that run ends, or choose another run "
+                    "directory (--run-dir, Trainer(run_dir=...))")
+            elif code == 2 and failed is None:
+                failed = RuntimeError(f"process 0 could not lock the run directory "
+                                      f"{self.run_dir}; its error says why")
+        if failed is not None:
+            raise failed
+        self._run_lock = lock
+        return lock
+
+    def _release_run_dir(self, lock: RunDirLock | None) -> None:
+        if lock is not None:
+            self._run_lock = None
+            lock.release()
 
     def _fit_loop(self) -> None:
         train_step = self._compiled("train")
@@ -836,6 +929,26 @@ class Trainer:
         first = int(record[0])
         return None if first < 0 else (first, float(record[1]))
 
+    def first_nonfinite_state(self) -> str | None:
+        """The path (``"model/..."``, ``"optimizer/..."``) of the first training-state array
+        holding a NaN or Inf, or ``None`` when every one is finite.
+
+        The loss can stay finite while the state is not (e.g. batch-norm statistics
+        overflow at a huge learning rate), so the loss record alone misses it. One jitted
+        reduction over the state and one scalar read (replicated: every process reads the
+        same answer); it waits for the device, so call it at a cadence.
+        """
+        if self._state_flat is not None:  # the loop's form: no tree rebuilt for a check
+            leaves = self._state_flat[1]
+        elif self._state_tree is not None:
+            leaves = jax.tree.leaves(self._state_tree)
+        else:
+            return None
+        index = first_nonfinite_leaf(leaves)
+        if index < 0:
+            return None
+        return leaf_path(self._state, index)
+
     def _done(self) -> bool:
         if self.preempted or self.should_stop:
             return True
@@ -987,7 +1100,8 @@ class Trainer:
                     "override it (or test_data/val_data) to return examples"
                 )
             iterator, num_batches = data_lib.eval_pipeline(
-                examples, task.eval_transforms(), self._pipeline_config(self.eval_batch_size)
+                examples, task.eval_transforms(), self._pipeline_config(self.eval_batch_size),
+                source=f"{type(task).__name__}.predict_data()",
             )
             predict_step = self._compiled("predict")
             self.hook.on_predict_start(trainer=self)
@@ -1111,6 +1225,9 @@ class _preemption_signals:
 def _named_eval_sets(examples: Any, where: str) -> dict[str | None, grain.MapDataset]:
     """``{None: dataset}`` for one dataset, or the checked ``{name: dataset}`` mapping."""
     if isinstance(examples, grain.MapDataset):
+        if len(examples) == 0:
+            raise ValueError(f"{where} returned no examples (an empty dataset); check the "
+                             "data source it reads, or return None for no evaluation")
         return {None: examples}
     if not isinstance(examples, Mapping) or not examples:
         raise TypeError(
@@ -1124,6 +1241,9 @@ def _named_eval_sets(examples: Any, where: str) -> dict[str | None, grain.MapDat
         if not isinstance(dataset, grain.MapDataset):
             raise TypeError(f"{where}[{name!r}] must be a grain.MapDataset, got "
                             f"{type(dataset).__name__}")
+        if len(dataset) == 0:
+            raise ValueError(f"{where}[{name!r}] has no examples (an empty dataset); check "
+                             "the data source it reads, or leave that set out")
     return dict(examples)
 
 

@@ -4,7 +4,7 @@ tables, where the checkpoints go. Not a plugin."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,7 @@ from rich.text import Text
 
 def checkpoint_dir(trainer: Any) -> Any:
     """The checkpoint plugin's directory for ``trainer``, or None without one."""
-    manager = getattr(trainer, "plugin_manager", None)
-    plugin = manager.get_plugin("checkpoint") if manager is not None else None
+    plugin = plugin_of(trainer, "checkpoint")
     if plugin is None:
         return None
     locate = getattr(plugin, "checkpoint_dir", None)
@@ -121,3 +120,66 @@ def rows_table(title: str, rows: list[tuple[str, str]]) -> Table:
         table.add_row(key, value)
     return table
 
+
+
+def plugin_of(trainer: Any, name: str) -> Any:
+    """The plugin registered as ``name`` on ``trainer``, or None."""
+    manager = getattr(trainer, "plugin_manager", None)
+    return manager.get_plugin(name) if manager is not None else None
+
+
+def refused_saves(trainer: Any, since_step: int, exception: BaseException | None) -> list[int]:
+    """Steps of this fit whose checkpoint was refused (a NaN/Inf state): a checkpoint
+    plugin's ``refused_steps`` (one that goes on after refusing) and the save that ended
+    the fit (a ``NonFiniteError``'s ``refused_save``, from the guard or the saver)."""
+    steps = set(getattr(plugin_of(trainer, "checkpoint"), "refused_steps", ()))
+    if getattr(exception, "refused_save", None) is not None:
+        steps.add(exception.refused_save)
+    return sorted(s for s in steps if s >= since_step)
+
+
+def summary_rows(trainer: Any, *, start_step: int, example_name: str, loss: float | None,
+                 val_metrics: Mapping[str, float | None], seconds: float,
+                 flop_rows: Callable[[float], list[tuple[str, str]]],
+                 exception: BaseException | None = None,
+                 ) -> list[tuple[str, str]]:
+    """The fit summary's rows. Rates are over training time when the ``throughput``
+    plugin measured it (no compilation, evaluation or saves in them), else over
+    ``seconds``; ``flop_rows(steps_per_sec)`` gives the FLOP/s and MFU rows."""
+    steps = trainer.global_step - start_step  # this run only (resume-aware)
+    rate = steps / seconds if seconds > 0 else 0.0
+    wall = f"{seconds:.1f} s"
+    throughput = plugin_of(trainer, "throughput")
+    totals = throughput.fit_totals(trainer) if hasattr(throughput, "fit_totals") else {}
+    if totals.get("train_steps"):
+        rate = totals["train_steps"] / totals["train_seconds"]
+    if totals.get("val_seconds") or totals.get("checkpoint_seconds"):  # time away from training
+        wall += (f" (validation {totals['val_seconds']:.1f} s, checkpoints "
+                 f"{totals['checkpoint_seconds']:.1f} s)")
+    wait_share = trainer.data_wait_seconds / seconds if seconds > 0 else 0.0
+    compile_s = ", ".join(f"{k} {v:.2f} s" for k, v in trainer.compile_seconds.items())
+    resumed = f" ({steps} this run)" if start_step else ""
+    epochs = str(trainer.current_epoch)
+    if trainer.batch_in_epoch:  # stopped inside an epoch (max_steps, should_stop, an error)
+        epochs += f" + {trainer.batch_in_epoch}/{trainer.steps_per_epoch} batches"
+    rows = [
+        ("steps", f"{trainer.global_step}{resumed}"),
+        ("epochs", epochs),
+        ("wall time", wall),
+        ("steps/s", f"{rate:.2f}"),
+        (f"{example_name}/s", f"{rate * trainer.batch_size:.1f}"),
+        *flop_rows(rate),  # FLOPs/step, FLOP/s, MFU (with a FLOP count)
+        ("data wait", f"{wait_share:.1%} ({trainer.data_wait_seconds:.2f} s)"),
+        ("compile", compile_s or "--"),
+        ("last train loss", fmt(loss)),
+        *train_metric_rows(getattr(trainer, "callback_metrics", {})),  # as last logged
+    ]
+    rows += [(name, fmt(value)) for name, value in val_metrics.items()]
+    refused = refused_saves(trainer, start_step, exception)
+    if refused:
+        which = f"step{'s' if len(refused) > 1 else ''} {', '.join(map(str, refused))}"
+        rows.append(("saves refused", f"{len(refused)} ({which}: NaN/Inf in the training "
+                                      "state)"))
+    if trainer.stop_reason:
+        rows.append(("stop reason", str(trainer.stop_reason)))
+    return rows

@@ -81,12 +81,12 @@ def metric_of(metrics: Any, monitor: str | None) -> float | None:
 def resolve(ckpt_path: str, own_dir: Path, monitor: str | None) -> tuple[Path, int | None]:
     """``(checkpoints directory, step or None for "latest/best there")`` of ``ckpt_path``.
 
-    ``"last"``/``"best"`` name this plugin's own directory; a path is a step directory
+    ``"last"``/``"best"``/``"auto"`` name this plugin's own directory; a path is a step directory
     (``run/checkpoints/120``) or a checkpoints directory. Raises with the fix when the
     path cannot be a checkpoint; whether the step is committed is Orbax's answer (its
     ``all_steps`` lists finalized steps only), checked by the caller.
     """
-    if ckpt_path in ("last", "best"):
+    if ckpt_path in ("last", "best", "auto"):
         if ckpt_path == "best" and not monitor:
             raise ValueError(
                 "ckpt_path='best' needs a metric to rank checkpoints: configure "
@@ -195,7 +195,7 @@ def jsonable(meta: dict[str, Any]) -> dict[str, Any]:
 def pick_step(manager: Any, ckpt_path: str, step: int | None, directory: Path,
               monitor: str | None) -> int | None:
     """The step to read: the given one (if Orbax lists it as committed), the best by
-    Orbax's ``best_step``, or the latest (None: ``"last"`` found nothing)."""
+    Orbax's ``best_step``, or the latest (None: ``"last"``/``"auto"`` found nothing)."""
     if step is not None:
         if step not in manager.all_steps():
             raise ValueError(f"{directory / str(step)} is not a committed checkpoint of "
@@ -210,28 +210,34 @@ def pick_step(manager: Any, ckpt_path: str, step: int | None, directory: Path,
                 "after epoch-end validation); use ckpt_path='last' or a path")
         return best
     latest = manager.latest_step()
-    if latest is None and ckpt_path != "last":
+    if latest is None and ckpt_path not in ("last", "auto"):
         raise ValueError(f"no committed checkpoint in {directory}; give a step directory "
                          "or another checkpoints directory")
     return latest
 
 
+def saved_tree(item_dir: Path) -> Any:
+    """The array metadata tree (shapes, dtypes) of a saved ``state`` item; reads no data."""
+    import orbax.checkpoint as ocp
+
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        return handler.metadata(item_dir).tree
+    finally:
+        handler.close()
+
+
 def restore_arrays(manager: Any, step: int, target: Mapping[str, Any],
-                   is_main: bool) -> dict[str, Any]:
+                   is_main: bool, saved_tree: Any) -> dict[str, Any]:
     """The ``state`` item onto ``target``; plugin arrays only where both sides have them.
 
-    The saved item's metadata says which plugin keys it holds. One this run asks for that
-    is not there keeps its fresh state (named in a warning); a saved one no plugin of this
-    run asks for stays on disk, unread.
+    The saved item's metadata (``saved_tree``) says which plugin keys it holds. One this
+    run asks for that is not there keeps its fresh state (named in a warning); a saved one
+    no plugin of this run asks for stays on disk, unread.
     """
     import orbax.checkpoint as ocp
 
     item_dir = Path(manager.directory) / str(step) / "state"
-    handler = ocp.StandardCheckpointHandler()
-    try:
-        saved_tree = handler.metadata(item_dir).tree
-    finally:
-        handler.close()
     saved = set(saved_tree.get("plugins") or {}) if isinstance(saved_tree, Mapping) else set()
     wanted = dict(target.get("plugins") or {})
     item = {k: v for k, v in target.items() if k != "plugins"}

@@ -13,7 +13,11 @@ Panels group metrics by the part after the ``train/``, ``val/`` or ``test/``
 prefix: ``train/loss`` and ``val/loss`` share the "loss" panel, ``val/accuracy``
 gets an "accuracy" panel; a name without a known prefix is its own panel and
 ``epoch`` (a counter, not a curve) is left out. Each panel plots value against
-global step, with a legend; the figure title is the run directory's name.
+global step, with a legend; the figure title is the run directory's name. Only what
+changes is plotted: a series with one value throughout (``perf/compile_seconds``) and a
+rate that only rescales another (``perf/steps_per_sec`` next to
+``perf/examples_per_sec``; on one device each ``*_per_device`` rate) are named in the
+title instead (:func:`changing_series`).
 
 The history is saved in checkpoints (``state_dict``), so the plot of a resumed run
 shows the whole run; at each fit start points after the starting step are
@@ -21,11 +25,14 @@ dropped, since the fit logs those steps again. Nothing is drawn when nothing was
 logged. matplotlib is imported only when drawing, and through its object API with
 the Agg canvas: no pyplot, no display, no change to the user's backend.
 
-Only the main process draws.
+Only the main process draws. A write that fails (disk full, read-only) is one
+:class:`~nnx_trainer.write_errors.RunDirWriteError` naming the file and the OS error: it
+fails a run that was ending well, and is one warning line after a run's own error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
+from nnx_trainer.write_errors import RunDirWriteError, writing
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,14 +76,70 @@ def panels(history: Mapping[str, list[tuple[int, float]]]) -> dict[str, list[str
     return {f: sorted(grouped[f], key=series_order) for f in families}
 
 
+def changing_series(history: Mapping[str, list[tuple[int, float]]]) -> tuple[
+        dict[str, list[tuple[int, float]]], dict[str, float], dict[str, str]]:
+    """``(series to plot, {name: constant value}, {name: the series it copies})``.
+
+    A series logged at least twice with one value throughout (``perf/compile_seconds``,
+    a count that stays 0) is a constant, stated in the title instead of drawn as a flat
+    line. A ``perf/`` rate that is another one times a fixed factor at every step is a
+    scaled copy, named in the title instead of drawn again: ``perf/steps_per_sec`` and
+    ``perf/flops_per_sec`` of ``perf/examples_per_sec`` (the batch size, the FLOPs per
+    example), and on one device each ``*_per_device`` rate of its total.
+    """
+    plotted: dict[str, list[tuple[int, float]]] = {}
+    constants: dict[str, float] = {}
+    copies: dict[str, str] = {}
+    for name in sorted(history):
+        points = history[name]
+        values = {v for _, v in points}
+        if len(points) > 1 and len(values) == 1 and all(math.isfinite(v) for v in values):
+            constants[name] = points[0][1]
+            continue
+        source = next((other for other in plotted if name.startswith("perf/")
+                       and other.startswith("perf/") and _scaled(plotted[other], points)), None)
+        if source is None:
+            plotted[name] = points
+        else:
+            copies[name] = source
+    return {name: history[name] for name in history if name in plotted}, constants, copies
+
+
+def _scaled(base: list[tuple[int, float]], other: list[tuple[int, float]]) -> bool:
+    """Whether ``other`` is ``base`` times one factor at the same steps (3 points or more)."""
+    if len(base) != len(other) or len(base) < 3 or [s for s, _ in base] != [s for s, _ in other]:
+        return False
+    if not all(math.isfinite(v) and v != 0 for _, v in base + other):
+        return False
+    ratios = [o / b for (_, b), (_, o) in zip(base, other, strict=True)]
+    return all(math.isclose(r, ratios[0], rel_tol=1e-9) for r in ratios)
+
+
+def constants_text(constants: Mapping[str, float], copies: Mapping[str, str]) -> str:
+    """The title line of what is not drawn: ``"constant: perf/compile_seconds 7.21; scaled
+    copies of perf/examples_per_sec: perf/steps_per_sec"``."""
+    parts = []
+    if constants:
+        parts.append("constant: " + ", ".join(f"{name} {value:.4g}"
+                                              for name, value in sorted(constants.items())))
+    for source in sorted(set(copies.values())):
+        names = ", ".join(sorted(n for n, s in copies.items() if s == source))
+        parts.append(f"scaled copies of {source}: {names}")
+    return "; ".join(parts)
+
+
 def draw(history: Mapping[str, list[tuple[int, float]]], title: str, dpi: int = 100) -> Figure:
-    """The figure for ``history`` (``{metric: [(step, value), ...]}``), not yet saved."""
+    """The figure for ``history`` (``{metric: [(step, value), ...]}``), not yet saved:
+    the series that change, one panel per family; constants in the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    history, constants, copies = changing_series(history)
+    if constants or copies:
+        title = f"{title}\n{constants_text(constants, copies)}"
     layout = panels(history)
-    ncols = min(3, len(layout))
-    nrows = math.ceil(len(layout) / ncols)
+    ncols = max(1, min(3, len(layout)))
+    nrows = max(1, math.ceil(len(layout) / ncols))
     fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)  # render with Agg whatever the user's backend is
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -129,13 +193,20 @@ class CurvesPlot:
         if not self.history:
             return None
         target = self.path(trainer)
-        target.parent.mkdir(parents=True, exist_ok=True)
         last = max(s for points in self.history.values() for s, _ in points)
         title = f"{self.title or Path(trainer.run_dir).name} (step {last})"
         fig = draw(self.history, title, dpi=self.dpi)
         tmp = target.with_name(target.name + ".tmp")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, target)  # a reader never sees a half-written PNG
+        # A failed write (disk full, read-only): one RunDirWriteError, no half-written tmp.
+        with writing(f"the curves of step {last}", target, step=last):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(tmp, format="png")
+                os.replace(tmp, target)  # a reader never sees a half-written PNG
+            except OSError:
+                with contextlib.suppress(OSError):  # (read-only: there is none)
+                    tmp.unlink(missing_ok=True)
+                raise
         return target
 
     def _should_draw(self, trainer: Trainer) -> bool:
@@ -181,6 +252,10 @@ class CurvesPlot:
             return
         try:
             self.save(trainer)
+        except RunDirWriteError as exc:  # the run's own error comes first: one line
+            if outcome != "exception":
+                raise
+            log.warning("curves_plot: %s", exc.reason)
         except Exception:
             if outcome != "exception":
                 raise

@@ -32,10 +32,15 @@ Standalone ``validate``/``test`` calls append to the current file.
 
 Reading metrics waits for the device, but only at the engine's log cadence
 (``log_every_n_steps``) and after evaluations. Only the main process writes.
+
+A write that fails (disk full, read-only) stops the run with one
+:class:`~nnx_trainer.write_errors.RunDirWriteError` naming the file, the step and the
+operating system's error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -46,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
 from nnx_trainer.host_values import metric_value
+from nnx_trainer.write_errors import writing
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
@@ -75,9 +81,14 @@ def _dumps(obj: Any) -> str:
 def _write_json(target: Path, data: Any) -> None:
     """Write ``data`` as JSON via a temporary file, so ``target`` is never half-written."""
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n",
-                   encoding="utf-8")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=False, default=str) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError:  # disk full or read-only: leave no half-written file behind
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def _numbered(path: Path, number: int) -> Path:
@@ -184,10 +195,11 @@ class JsonlLogger:
         if not trainer.is_main_process:
             return
         run_dir = Path(trainer.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         target = run_dir / "hparams.json"
-        self._start_fit(trainer, target)
-        _write_json(target, json_safe(dict(params)))
+        with writing("the hyperparameters", target, step=int(trainer.global_step)):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._start_fit(trainer, target)
+            _write_json(target, json_safe(dict(params)))
 
     def update_hparams(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
         """Add ``values`` to this fit's ``hparams.json`` (e.g. the FLOP count, known only
@@ -195,8 +207,9 @@ class JsonlLogger:
         target = Path(trainer.run_dir) / "hparams.json"
         if not trainer.is_main_process or not target.exists():
             return
-        _write_json(target, {**json.loads(target.read_text(encoding="utf-8")),
-                             **json_safe(dict(values))})
+        with writing("the hyperparameters", target):
+            _write_json(target, {**json.loads(target.read_text(encoding="utf-8")),
+                                 **json_safe(dict(values))})
 
     @hookimpl
     def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
@@ -208,11 +221,12 @@ class JsonlLogger:
             record[str(name)] = metric_value(value)
         line = _dumps(record) + "\n"
         path = self.path(trainer)
-        if path not in self._checked:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _cut_partial_line(path)
-            self._checked.add(path)
-        # Open per call: no handle to close on exit, crash or preemption, and the
-        # cost (one open per log cadence) is nothing next to a training step.
-        with path.open("a", encoding="utf-8") as f:
-            f.write(line)
+        with writing(f"the metrics of step {int(step)}", path, step=int(step)):
+            if path not in self._checked:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _cut_partial_line(path)
+                self._checked.add(path)
+            # Open per call: no handle to close on exit, crash or preemption, and the
+            # cost (one open per log cadence) is nothing next to a training step.
+            with path.open("a", encoding="utf-8") as f:
+                f.write(line)

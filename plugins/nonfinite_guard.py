@@ -1,28 +1,35 @@
-"""Stop training with a clear error when the training loss becomes NaN or infinite.
+"""Stop training with a clear error when the loss or the training state becomes NaN/Inf.
 
 The Trainer's compiled train step keeps a small device-side record of the first step
 whose loss was not finite (``Trainer.first_nonfinite_loss``): no extra device work
-per step and nothing read back. This plugin reads that record, and raises
-:class:`NonFiniteLossError` if a bad step was seen, only:
+per step and nothing read back. The loss can stay finite while the state is not (at a
+huge learning rate batch-norm statistics overflow first, and the training loss, which
+uses batch statistics, never shows it), so each check also runs one jitted reduction
+over the model and optimizer state (``Trainer.first_nonfinite_state``: one read of the
+state on device, one scalar back). This plugin runs both, and raises
+:class:`NonFiniteLossError` or :class:`NonFiniteStateError`, only:
 
 - every ``check_every_n_steps`` steps (default: the trainer's ``log_every_n_steps``,
   when the loggers read the device anyway),
 - at the end of each training epoch,
 - before every checkpoint save (``on_save_checkpoint`` runs this plugin first, so a
-  diverged state is never written), and
+  diverged state is never written, and the save it stops counts as refused), and
 - at the end of fit.
 
 So a run that diverges stops at most ``check_every_n_steps - 1`` steps after the
-bad one, and the message names the exact first bad step. The plugin keeps no state
-worth checkpointing: a resumed run starts a fresh record.
+bad one; the message names the exact first bad step of the loss, or the two checks
+between which the state went bad. The plugin keeps no state worth checkpointing: a
+resumed run starts a fresh record. Both errors are :class:`NonFiniteError` (a
+``FloatingPointError``): catch that to handle any divergence.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
+from nnx_trainer.state import first_nonfinite
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
@@ -30,24 +37,75 @@ if TYPE_CHECKING:
 log = logging.getLogger("nnx_trainer.nonfinite_guard")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteError(FloatingPointError):
+    """Training diverged: the loss or the training state became NaN or infinite.
+
+    :ivar refused_save: the step whose checkpoint was not written because of it
+        (``None``: found between saves).
+    """
+
+    refused_save: int | None = None
+
+
+class NonFiniteLossError(NonFiniteError):
     """The training loss became NaN or infinite.
 
     :ivar step: the first zero-based step whose loss was not finite.
     :ivar loss: that step's loss (``nan``, ``inf`` or ``-inf``).
     """
 
-    def __init__(self, message: str, step: int, loss: float) -> None:
+    def __init__(self, message: str, step: int, loss: float,
+                 refused_save: int | None = None) -> None:
         super().__init__(message)
         self.step = step
         self.loss = loss
+        self.refused_save = refused_save
+
+
+class NonFiniteStateError(NonFiniteError):
+    """The training state (model or optimizer arrays) became NaN or infinite.
+
+    :ivar last_finite: the step (steps completed) at which it was last found finite.
+    :ivar step: the step at which it was found not finite.
+    :ivar array: the path of the first array holding a NaN/Inf, e.g.
+        ``"model/bn1/var"`` (``None`` when not known).
+    """
+
+    def __init__(self, message: str, last_finite: int | None, step: int,
+                 array: str | None = None, refused_save: int | None = None) -> None:
+        super().__init__(message)
+        self.last_finite = last_finite
+        self.step = step
+        self.array = array
+        self.refused_save = refused_save
+
+
+def state_message(last_finite: int | None, step: int, array: str | None,
+                  refused_save: int | None, latest_saved: int | None,
+                  loss_finite: bool = False) -> str:
+    """The one message of a non-finite state, wherever it is found (guard or saver)."""
+    since = "the start of this fit" if last_finite is None else f"step {last_finite}"
+    where = f" (first in {array})" if array else ""
+    loss = ", while the loss stayed finite" if loss_finite else ""
+    saved = ("nothing was saved in this fit. Lower the learning rate or enable "
+             "gradient_clip_norm and start again" if latest_saved is None else
+             f"the latest checkpoint saved is step {latest_saved}. Lower the learning rate "
+             "or enable gradient_clip_norm, then start again or resume from it")
+    refused = (f"; the checkpoint of step {refused_save} was refused"
+               if refused_save is not None else "")
+    return (f"the training state became non-finite between {since} (last found finite) "
+            f"and step {step}: NaN or Inf in the training state{where}{loss}"
+            f"{refused}; {saved}")
 
 
 class NonFiniteGuard:
-    """Raise :class:`NonFiniteLossError` soon after the training loss turns NaN/Inf.
+    """Raise :class:`NonFiniteLossError` / :class:`NonFiniteStateError` soon after the
+    training loss or state turns NaN/Inf.
 
-    On by default; costs one scalar read per check (the record is kept by the
-    train step itself). Disable with ``Trainer(disable_plugins=["nonfinite_guard"])``.
+    On by default; costs two scalar reads per check (the loss record is kept by the
+    train step itself; the state check is one reduction over the state on device).
+    Disable with ``Trainer(disable_plugins=["nonfinite_guard"])``: the checkpoint plugin
+    then still refuses a non-finite state, and that refusal fails the run.
 
     :param check_every_n_steps: read the device record every N steps (``None``: the
         trainer's ``log_every_n_steps``). Smaller stops sooner after a bad step but
@@ -68,6 +126,7 @@ class NonFiniteGuard:
             )
         self.check_every_n_steps = check_every_n_steps
         self._checked_through: int | None = None  # global_step of the last passed check
+        self._resumed_at: int | None = None  # the step this fit resumed from, if it did
 
     def cadence(self, trainer: Trainer) -> int:
         """How many steps apart the record is read for ``trainer``."""
@@ -75,8 +134,19 @@ class NonFiniteGuard:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
-        """Forget any earlier fit: a resumed run starts checking at its first step."""
+        """Forget any earlier fit; check the state the fit starts from (this also compiles
+        the state check now, not inside a measured window)."""
         self._checked_through = trainer.global_step
+        resumed = getattr(trainer, "resumed_from", None) is not None
+        self._resumed_at = trainer.global_step if resumed else None
+        array = trainer.first_nonfinite_state()
+        if array is not None:
+            message = (f"the training state is not finite at the start of the fit (step "
+                       f"{trainer.global_step}): NaN or Inf in {array}; check the model's "
+                       "initialisation" + (" and the checkpoint resumed from" if resumed else ""))
+            self._stop(trainer, "non_finite_state", message)
+            raise NonFiniteStateError(message, last_finite=None, step=trainer.global_step,
+                                      array=array)
 
     @hookimpl
     def on_train_batch_end(self, trainer: Trainer) -> None:
@@ -90,9 +160,9 @@ class NonFiniteGuard:
         self.check(trainer)
 
     @hookimpl(tryfirst=True)
-    def on_save_checkpoint(self, trainer: Trainer) -> None:
+    def on_save_checkpoint(self, trainer: Trainer, step: int) -> None:
         """Runs before the checkpoint plugin: raising here means no diverged checkpoint."""
-        self.check(trainer)
+        self.check(trainer, saving=step)
 
     @hookimpl
     def on_fit_end(self, trainer: Trainer) -> None:
@@ -105,26 +175,66 @@ class NonFiniteGuard:
         if stage == "fit":
             self._checked_through = None
 
-    def check(self, trainer: Trainer) -> None:
-        """Read the record (waits for the device) and raise if a step's loss was not finite."""
+    def check(self, trainer: Trainer, saving: int | None = None) -> None:
+        """Read the loss record and the state's finiteness (waits for the device); raise
+        :class:`NonFiniteLossError` or :class:`NonFiniteStateError` if either went bad.
+
+        :param saving: the step about to be saved (its checkpoint is refused on error).
+        """
         if self._checked_through in (None, trainer.global_step):
             return  # not fitting, or no step since the last check
-        # One scalar read; the record is replicated, so every process reads the
-        # same value and all of them raise together (no process is left waiting).
+        # Scalar reads of replicated values: every process reads the same answers and
+        # all of them raise together (no process is left waiting).
         bad = trainer.first_nonfinite_loss()
-        if bad is None:
+        if bad is not None:
+            first, loss_value = bad
+            last = trainer.global_step - 1
+            refused = "" if saving is None else f"; the checkpoint of step {saving} was refused"
+            message = (
+                f"non-finite loss ({loss_value}) at step {first}, found between step "
+                f"{self._checked_through} and step {last} "
+                f"(checked every {self.cadence(trainer)} steps){refused}; lower the learning "
+                "rate, enable gradient_clip_norm, or check the data around that step "
+                "(set check_every_n_steps=1 to stop at the bad step itself)"
+            )
+            self._stop(trainer, "non_finite_loss", message)
+            raise NonFiniteLossError(message, step=first, loss=loss_value, refused_save=saving)
+        array = trainer.first_nonfinite_state()
+        if array is None:
             self._checked_through = trainer.global_step
             return
-        first, loss_value = bad
-        last = trainer.global_step - 1
-        message = (
-            f"non-finite loss ({loss_value}) at step {first}, found between step "
-            f"{self._checked_through} and step {last} "
-            f"(checked every {self.cadence(trainer)} steps); lower the learning rate, "
-            "enable gradient_clip_norm, or check the data around that step "
-            "(set check_every_n_steps=1 to stop at the bad step itself)"
-        )
+        message = state_message(self._checked_through, trainer.global_step, array, saving,
+                                latest_saved(trainer, self._resumed_at), loss_finite=True)
+        self._stop(trainer, "non_finite_state", message)
+        raise NonFiniteStateError(message, last_finite=self._checked_through,
+                                  step=trainer.global_step, array=array, refused_save=saving)
+
+    @staticmethod
+    def _stop(trainer: Trainer, reason: str, message: str) -> None:
         trainer.should_stop = True
-        trainer.stop_reason = "non_finite_loss"
+        trainer.stop_reason = reason
         log.error(message)
-        raise NonFiniteLossError(message, step=first, loss=loss_value)
+
+
+def refused_save_error(trainer: Trainer, step: int, arrays: Any,
+                       saved_steps: list[int]) -> NonFiniteStateError:
+    """The error of a checkpoint refused because ``arrays`` (what it would have written)
+    hold a NaN/Inf: the checkpoint plugin raises it, so the run fails instead of ending
+    "successfully" with nothing saved (this plugin disabled, or a plugin's arrays)."""
+    last = max((s for s in saved_steps if s < step), default=None)
+    array = first_nonfinite(arrays)
+    message = state_message(last, step, array, step, last)
+    log.error(message)
+    trainer.should_stop = True
+    trainer.stop_reason = "non_finite_state"
+    return NonFiniteStateError(message, last_finite=last, step=step, array=array,
+                               refused_save=step)
+
+
+def latest_saved(trainer: Trainer, resumed_at: int | None = None) -> int | None:
+    """The newest checkpoint step of this run: saved by the checkpoint plugin in this fit,
+    else ``resumed_at`` (the step the fit resumed from, if it did)."""
+    manager = getattr(trainer, "plugin_manager", None)
+    plugin = manager.get_plugin("checkpoint") if manager is not None else None
+    saved = [s for s in getattr(plugin, "saved_steps", ()) if s <= trainer.global_step]
+    return max(saved) if saved else resumed_at

@@ -19,16 +19,19 @@ machine). The end of fit (``save_on_end``) and preemption always save.
 ``monitor``, ``BestN(keep_best)`` by the value logged at the checkpoint's own step (none, or
 non-finite, never counts as best). Orbax deletes in the background, removes uncommitted
 saves on open (each named in a warning here first) and answers ``best_step``.
-A NaN/Inf state is never written (one jitted check per save, a warning naming the step).
+A NaN/Inf state is never written: a refused save raises ``NonFiniteStateError`` (steps).
+The same dispatch fingerprints the arrays; a restore verifies the fingerprint.
 Saves are asynchronous by default (the loop waits only for the device-to-host copy);
-``on_run_end`` closes the manager, waiting for the last one, however the run ended.
+``on_run_end`` closes the manager, waiting for the last one, however the run ended. A write
+that fails (disk full, read-only) stops the run at the next step with one error naming
+path, step and OS error, never a hang (``checkpoint_writes.py``).
 
-**Restore** (``ckpt_path=``: ``"last"``, ``"best"``, a step or checkpoints directory) reads
-onto the trainer's current shapes and shardings, so any device count or strategy loads it;
-plugin arrays come back where both sides have them. ``weights_only=True`` checkpoints hold
-the model only: evaluation loads them, ``fit`` refuses them. What Orbax lacks (an earlier
-run's steps moved aside, a replaced continuation dropped, paths resolved) is in
-``checkpoint_layout.py``.
+**Restore** (``ckpt_path=``: ``"last"``, ``"best"``, ``"auto"``, a step or checkpoints
+directory) reads onto the trainer's current shapes and shardings (any device count or
+strategy); plugin arrays come back where both sides have them. ``weights_only=True``
+checkpoints hold the model only: evaluation loads them, ``fit`` refuses them. What Orbax
+lacks: earlier runs' steps moved aside, paths resolved (``checkpoint_layout.py``);
+fingerprints, damaged steps named and stepped over (``checkpoint_integrity/_restore.py``).
 """
 
 from __future__ import annotations
@@ -44,13 +47,17 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from nnx_trainer import hookimpl
 from nnx_trainer.state import CheckpointContent, CheckpointMeta
+from nnx_trainer_plugins import checkpoint_integrity as integrity
 from nnx_trainer_plugins import checkpoint_layout as layout
+from nnx_trainer_plugins import checkpoint_restore as restore
+from nnx_trainer_plugins import checkpoint_writes as writes
+from nnx_trainer_plugins.nonfinite_guard import refused_save_error
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
 
 log = layout.log
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: with a fingerprint (checkpoint_integrity.FINGERPRINTED)
 
 
 @dataclasses.dataclass
@@ -119,6 +126,8 @@ class OrbaxCheckpoint:
         self._resumed_from: int | None = None  # step this fit restored from our directory
         self._amend_step: int | None = None  # that step, saved before its validation
         self.saved_steps: list[int] = []  # steps this instance wrote, in order
+        self._damaged: list[tuple[int, Path]] = []  # (step, where) set aside since restore
+        self._writes = writes.SaveWatch()  # a failed write: one prompt error, no hang
 
     # ----------------------------------------------------------------- manager
 
@@ -158,6 +167,7 @@ class OrbaxCheckpoint:
             # Decide from the policies only (a save in flight is waited for, not skipped),
             # so the steps saved do not depend on how fast the disk is.
             enable_should_save_is_saving_in_progress_check=False,
+            **writes.OPTIONS,  # a failed write must not leave threads waiting (hang)
         )
 
     def _open(self, trainer: Trainer) -> ocp.CheckpointManager:
@@ -169,35 +179,37 @@ class OrbaxCheckpoint:
         self._close()
         if trainer.is_main_process:  # Orbax removes them silently: name them first
             layout.warn_uncommitted(directory, removing=True)
+            self._damaged += integrity.set_aside_incomplete(directory)  # e.g. half-deleted
+        trainer.strategy.barrier("nnx_trainer_checkpoint_open")
         self._manager = ocp.CheckpointManager(directory, options=self._options(key[1]))
         self._key = key
         return self._manager
 
-    def _close(self) -> None:
+    def _close(self, exception: BaseException | None = None) -> None:
         manager, self._manager, self._key = self._manager, None, None
-        if manager is not None:
-            manager.close()  # waits for the last save and the background deletions
+        if manager is not None:  # waits for the last save and the background deletions
+            self._writes.close(manager, exception)
 
     # ------------------------------------------------------------------ saving
 
     def save(self, trainer: Trainer) -> bool:
         """Write ``trainer.checkpoint_state()`` as step ``trainer.global_step``; False when
-        nothing was written (the step is already saved, or the state is not finite)."""
+        the step is already saved. A state with NaN/Inf is refused: ``NonFiniteStateError``."""
         step, manager = trainer.global_step, self._open(trainer)
         if step in manager.all_steps():
             return False
         content = trainer.checkpoint_state()
         arrays = {"model": content.model} if self.weights_only else content.arrays()
-        if not layout.all_finite(arrays):
-            log.warning("not saving the checkpoint of step %d: the training state has NaN or "
-                        "infinite values; the last good checkpoint stays the latest", step)
-            return False
-        meta = layout.jsonable({**content.meta.to_json(), "checkpoint": {
+        finite, sums = integrity.fingerprint(arrays)  # one dispatch: NaN check, checksums
+        if not finite:  # a refused save fails the run (design.md)
+            raise refused_save_error(trainer, step, arrays, self.saved_steps)
+        meta = integrity.seal(layout.jsonable({**content.meta.to_json(), "checkpoint": {
             "format": FORMAT_VERSION, "weights_only": self.weights_only,
-            "batch_size": trainer.batch_size, "steps_per_epoch": trainer.steps_per_epoch}})
+            "batch_size": trainer.batch_size, "steps_per_epoch": trainer.steps_per_epoch}}),
+            sums)
         value = self._value_at(step)  # {}: no value at this step (or not finite), never best
         metrics = None if not self.monitor else {} if value is None else {self.monitor: value}
-        manager.save(step, args=ocp.args.Composite(
+        self._writes.save(manager, step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
             metrics=metrics, force=True)  # force: the loop (or the end of fit) decided
         self.saved_steps.append(step)
@@ -219,7 +231,7 @@ class OrbaxCheckpoint:
             self._amend_step = None
             return
         manager = self._open(trainer)
-        layout.all_finite(trainer.checkpoint_state().arrays())  # compile it now
+        integrity.fingerprint(trainer.checkpoint_state().arrays())  # compile it now
         steps, directory = list(manager.all_steps()), Path(manager.directory)
         if steps and resumed is None:  # not continuing these: "last" must be this run's
             layout.move_earlier_run_aside(directory, steps, trainer.is_main_process)
@@ -272,17 +284,21 @@ class OrbaxCheckpoint:
         self.save(trainer)
 
     @hookimpl
+    def on_train_batch_end(self) -> None:
+        """A background save that failed stops the run now, not at the next save."""
+        self._writes.poll(self._manager)
+
+    @hookimpl
     def wait_for_checkpoints(self) -> None:
-        """Block until every asynchronous save is committed."""
-        if self._manager is not None:
-            self._manager.wait_until_finished()
+        """Block until every asynchronous save is committed (``RunDirWriteError``: failed)."""
+        self._writes.wait(self._manager)
 
     @hookimpl
     def on_run_end(self, exception: BaseException | None) -> None:
         """Close the manager (waits for the last save); never mask the run's own error."""
         self._amend_step = None
         try:
-            self._close()
+            self._close(exception)
         except Exception as exc:
             if exception is None:
                 raise
@@ -294,52 +310,38 @@ class OrbaxCheckpoint:
     def restore_checkpoint(
         self, trainer: Trainer, ckpt_path: str, target: Mapping[str, Any]
     ) -> CheckpointContent | Mapping[str, Any]:
-        """The checkpoint ``ckpt_path`` on ``target``'s shapes and shardings (``{}``: none)."""
+        """The checkpoint ``ckpt_path`` on ``target``'s shapes and shardings (``{}``: none);
+        a damaged step is stepped over unless named (``checkpoint_restore.py``)."""
         own_dir = self.checkpoint_dir(trainer).absolute()
         directory, step = layout.resolve(ckpt_path, own_dir, self.monitor)
         owned = directory == own_dir
-        if ckpt_path == "last" and not layout.has_steps(own_dir):  # (partial saves: _open)
-            log.warning("ckpt_path='last': no checkpoint in %s; starting fresh", own_dir)
-            return {}
+        if ckpt_path in ("last", "auto") and not layout.has_steps(own_dir):
+            return restore.say_fresh(trainer, ckpt_path, own_dir, self._damaged)
         if not owned and trainer.is_main_process:  # someone else's: name partial saves only
             layout.warn_uncommitted(directory, removing=False)
+        if step is not None:  # named: refused if damaged (before _open moves it aside)
+            restore.refuse_if_incomplete(directory, step)
         manager = self._open(trainer) if owned else ocp.CheckpointManager(
             directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
         try:
-            step = layout.pick_step(manager, ckpt_path, step, directory, self.monitor)
-            if step is None:
-                log.warning("ckpt_path='last': no checkpoint in %s; starting fresh", own_dir)
-                return {}
-            where = directory / str(step)
-            meta = dict(manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-            info = meta.get("checkpoint", {})
-            if info.get("weights_only"):
-                if trainer.stage == "fit":
-                    raise ValueError(
-                        f"{where} was saved with weights_only=True: it has no optimizer state, "
-                        "step counters or data position, so fit cannot resume from it; resume "
-                        "from a full checkpoint, or evaluate it with trainer.validate/test/"
-                        "predict(task, ckpt_path=...)")
-                model = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore({"model": target["model"]})))["state"]["model"]
-                arrays = {**trainer.checkpoint_state().arrays(), "model": model}
-                arrays.pop("plugins", None)  # plugins keep their own state
-            else:
-                arrays = layout.restore_arrays(manager, step, target, trainer.is_main_process)
+            found = restore.read_newest_intact(manager, lambda: layout.pick_step(
+                manager, ckpt_path, step, directory, self.monitor), target, trainer,
+                fallback=owned and step is None, moved=self._damaged)
         finally:
             if not owned:
                 manager.close()
-        meta_obj = CheckpointMeta.from_json(meta)
+        if found is None:
+            return restore.say_fresh(trainer, ckpt_path, own_dir, self._damaged)
+        (step, meta, arrays), moved, self._damaged = found, self._damaged, []
+        where, meta_obj = directory / str(step), CheckpointMeta.from_json(meta)
         if trainer.stage == "fit":
-            layout.check_compatible(info, meta.get("seed"), {
+            layout.check_compatible(meta.get("checkpoint", {}), meta.get("seed"), {
                 "seed": trainer.seed, "batch_size": trainer.batch_size,
                 "steps_per_epoch": trainer.steps_per_epoch}, where)
             self._resumed_from = step if owned else None
             pending = owned and self.monitor and meta_obj.validation_pending
             self._amend_step = step if pending else None
-        if trainer.is_main_process:
-            log.info("restored checkpoint %s (step %d)", where, step)
+        restore.say_restored(trainer, ckpt_path, where, step, moved)
         return CheckpointContent.from_arrays(arrays, meta_obj, source=str(where))
 
     def __repr__(self) -> str:

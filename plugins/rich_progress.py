@@ -3,7 +3,9 @@
 On a terminal: a live bar for the running epoch ("Epoch e/E", batches, latest loss,
 steps/s, ETA; "compiling the train step…" until the first step is back), a transient bar
 while validation runs, a metrics table after each evaluation, a summary table at the end
-of a fit that completed or stopped (the last logged train and validation metrics; FLOP/s
+of a fit that completed, stopped or diverged (a ``NonFiniteError``: then with the
+checkpoints refused; rates over training time when the ``throughput`` plugin measured
+it; the last logged train and validation metrics; FLOP/s
 and MFU when the ``model_summary`` plugin counted the step's FLOPs; throughput in the
 Task's ``example_name``: "images/s" for ``ResNetTask``, "examples/s" by default), the
 checkpoint directory and a line per save, "resumed from <checkpoint> at step N", and the
@@ -40,10 +42,11 @@ from ._progress_parts import (
     make_progress,
     plain_rows,
     rows_table,
+    summary_rows,
     to_float,
-    train_metric_rows,
 )
 from .model_summary import fit_summary_rows
+from .nonfinite_guard import NonFiniteError
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
@@ -90,6 +93,7 @@ class RichProgress:
         self._epoch_mark = (0.0, 0)  # (perf_counter, global_step) at epoch start
         self._rate_mark = (0.0, 0)  # (perf_counter, global_step) at the latest loss fetch
         self._fit_start_step = 0
+        self._fit_wall_start = time.perf_counter()
         self.last_val_metrics: dict[str, float | None] = {}
         self._example_name = "examples"
         self._compiling = False  # the bar says "compiling" until the first step is back
@@ -164,32 +168,14 @@ class RichProgress:
             f"loss {fmt(loss)}  {rate:.1f} steps/s"
         )
 
-    def _summary_rows(self, trainer: Trainer) -> list[tuple[str, str]]:
-        seconds = trainer.fit_seconds
-        steps = trainer.global_step - self._fit_start_step  # this run only (resume-aware)
-        rate = steps / seconds if seconds > 0 else 0.0
-        wait_share = trainer.data_wait_seconds / seconds if seconds > 0 else 0.0
-        compile_s = ", ".join(f"{k} {v:.2f} s" for k, v in trainer.compile_seconds.items())
-        resumed = f" ({steps} this run)" if self._fit_start_step else ""
-        epochs = str(trainer.current_epoch)
-        if trainer.batch_in_epoch:  # stopped inside an epoch (max_steps, should_stop)
-            epochs += f" + {trainer.batch_in_epoch}/{trainer.steps_per_epoch} batches"
-        rows = [
-            ("steps", f"{trainer.global_step}{resumed}"),
-            ("epochs", epochs),
-            ("wall time", f"{seconds:.1f} s"),
-            ("steps/s", f"{rate:.2f}"),
-            (f"{self._example_name}/s", f"{rate * trainer.batch_size:.1f}"),
-            *fit_summary_rows(trainer, rate),  # FLOPs/step, FLOP/s, MFU (with a FLOP count)
-            ("data wait", f"{wait_share:.1%} ({trainer.data_wait_seconds:.2f} s)"),
-            ("compile", compile_s or "--"),
-            ("last train loss", fmt(self._fetch_loss())),
-            *train_metric_rows(getattr(trainer, "callback_metrics", {})),  # as last logged
-        ]
-        rows += [(name, fmt(value)) for name, value in self.last_val_metrics.items()]
-        if trainer.stop_reason:
-            rows.append(("stop reason", str(trainer.stop_reason)))
-        return rows
+    def _summary_rows(self, trainer: Trainer,
+                      exception: BaseException | None = None) -> list[tuple[str, str]]:
+        # fit_seconds is set when the loop returns: after an error, the display's own clock.
+        seconds = trainer.fit_seconds or time.perf_counter() - self._fit_wall_start
+        return summary_rows(
+            trainer, start_step=self._fit_start_step, example_name=self._example_name,
+            loss=self._fetch_loss(), val_metrics=self.last_val_metrics, seconds=seconds,
+            flop_rows=lambda rate: fit_summary_rows(trainer, rate), exception=exception)
 
     # --------------------------------------------------------------- hooks
 
@@ -202,6 +188,7 @@ class RichProgress:
         if not self._enabled:
             return
         self._fit_start_step = trainer.global_step
+        self._fit_wall_start = time.perf_counter()
         task = getattr(trainer, "task", None)
         self._example_name = getattr(task, "example_name", None) or "examples"
         if self.rich_output():
@@ -335,6 +322,8 @@ class RichProgress:
                 if was_live:
                     name = type(exception).__name__
                     self._print(f"stopped at step {trainer.global_step}: {name}")
+                if isinstance(exception, NonFiniteError):  # a diverged run: say how far
+                    self._print_summary(trainer, exception)
             return
         self._stop_notice(trainer)
         self._finish_epoch(trainer, trainer.current_epoch)  # fit stopped inside an epoch
@@ -342,7 +331,10 @@ class RichProgress:
         if outcome == "preempted":
             step, why = trainer.global_step, trainer.stop_reason
             return self._print(f"preempted ({why}) at step {step}: resume with ckpt_path='last'")
-        rows = self._summary_rows(trainer)
+        self._print_summary(trainer)
+
+    def _print_summary(self, trainer: Trainer, exception: BaseException | None = None) -> None:
+        rows = self._summary_rows(trainer, exception)
         if self.rich_output():
             self._print(rows_table("Fit summary", rows))
         else:

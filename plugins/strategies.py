@@ -26,40 +26,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nnx_trainer import Strategy, hookimpl
+
+# Cluster detection lives in the engine, which also needs it (to refuse a one-process
+# strategy in a multi-process launch); importable from here as before.
+from nnx_trainer.strategy import CLUSTER_ENVIRONMENTS, detect_cluster  # noqa: F401
 from nnx_trainer_plugins import partition_rules
 from nnx_trainer_plugins.partition_rules import Rules, mesh_shape
 
 DATA_AXIS = "data"
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-# The cluster environments JAX's own auto-detection (``jax.distributed.initialize()``
-# with no arguments, jax._src.clusters) recognises without extra packages or network
-# calls, and the variables it reads (jax 0.10): name -> (variables that must all be
-# set, the variable holding the process count).
-CLUSTER_ENVIRONMENTS: Mapping[str, tuple[tuple[str, ...], str]] = {
-    "slurm": (("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-               "SLURM_LOCALID"), "SLURM_NTASKS"),
-    "ompi": (("OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
-             "OMPI_COMM_WORLD_SIZE"),
-}
-
-
-def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
-    """The multi-process cluster environment this process runs in, or None.
-
-    ``"slurm"`` under ``srun`` with more than one task, ``"ompi"`` under Open MPI's
-    ``mpirun`` with more than one rank: the environments whose variables JAX's
-    auto-detection reads. A single task (``SLURM_NTASKS=1``: an ``salloc`` shell, a
-    one-task job) is not a multi-process run.
-    """
-    environ = os.environ if environ is None else environ
-    for name, (required, count_var) in CLUSTER_ENVIRONMENTS.items():
-        if all(var in environ for var in required):
-            try:
-                if int(environ[count_var]) > 1:
-                    return name
-            except ValueError:
-                continue
-    return None
 
 
 def initialize_distributed(
@@ -104,7 +79,18 @@ def initialize_distributed(
     if index is not None:
         kwargs["process_id"] = int(index)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)  # JAX detects what is not given (SLURM, Open MPI)
+    try:
+        jax.distributed.initialize(**kwargs)  # JAX detects what is not given (SLURM, Open MPI)
+    except RuntimeError as exc:
+        if "before any JAX calls" not in str(exc):
+            raise
+        raise ValueError(
+            "cannot join the multi-process run: something in this process already used "
+            "JAX's devices (an array, a random key, jax.devices(), a model initialised "
+            "outside the Trainer) before the Trainer joined jax.distributed; build the "
+            "Trainer first, or call nnx_trainer_plugins.strategies.initialize_distributed() "
+            "at the start of the program"
+        ) from exc
     return True
 
 

@@ -38,22 +38,27 @@ events at steps ``> k`` that the killed run wrote after its checkpoint (the resu
 run writes those steps again), so each step is shown once; what was logged at step
 ``k`` itself came before the checkpoint and stays.
 
-Only the main process writes.
+Only the main process writes. A write that fails (disk full, read-only) stops the run
+with one :class:`~nnx_trainer.write_errors.RunDirWriteError` naming the folder, the step
+and the operating system's error; the event file is dropped (closed without its
+unwritten tail).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
+from nnx_trainer.write_errors import RunDirWriteError, writing
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
@@ -96,6 +101,17 @@ def _scalar(value: Any) -> float | None:
         return None
 
 
+def _drop(writer: Any) -> None:
+    """Close the file under a writer whose write failed, losing its unwritten tail.
+
+    ``EventsWriter.close`` flushes first and stops there when that fails, leaving the
+    file open: the failing flush would then be retried, and printed, when the file is
+    collected. Closing the file itself closes it even though its flush fails.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        writer._py_recordio_writer._writer.close()
+
+
 def flatten_hparams(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict to ``{"a/b": value}`` with values TensorBoard's HPARAMS can show.
 
@@ -131,6 +147,7 @@ class TensorBoardLogger:
         self.enabled = enabled
         self.subdir = subdir
         self.writer: Any = None  # the open tensorboardX EventsWriter, if any
+        self._file = ""  # its file (for the message of a failed close)
 
     def log_dir(self, trainer: Trainer) -> Path:
         """Where this trainer's event files go."""
@@ -160,6 +177,7 @@ class TensorBoardLogger:
             log_dir.mkdir(parents=True, exist_ok=True)
             suffix = f".{os.getpid()}.{next(_FILE_NUMBERS)}"
             self.writer = EventsWriter(str(log_dir / "events"), filename_suffix=suffix)
+            self._file = getattr(self.writer, "_file_name", str(log_dir))
             if purge_step is not None:
                 # TensorBoard drops earlier events with step >= purge_step on reading this.
                 start = SessionLog(status=SessionLog.START)
@@ -177,7 +195,24 @@ class TensorBoardLogger:
         """Flush and close the event file (safe to call twice)."""
         writer, self.writer = self.writer, None
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except OSError:
+                _drop(writer)
+                raise
+
+    @contextlib.contextmanager
+    def _writing(self, trainer: Trainer, step: int) -> Iterator[None]:
+        """A failed write raises ``RunDirWriteError`` and drops the event file."""
+        try:
+            with writing(f"the TensorBoard events of step {step}", self.log_dir(trainer),
+                         step=step):
+                yield
+        except RunDirWriteError:
+            writer, self.writer = self.writer, None
+            if writer is not None:
+                _drop(writer)
+            raise
 
     # --------------------------------------------------------------- hooks
 
@@ -190,23 +225,27 @@ class TensorBoardLogger:
         self.close()
         step = int(trainer.global_step)
         resumed = getattr(trainer, "resumed_from", None) is not None and step > 0
-        if not resumed:
-            self._move_aside(trainer)
-        writer = self._open(trainer, purge_step=step + 1 if resumed else None)
-        from tensorboardX.summary import hparams, text
+        with self._writing(trainer, step):
+            if not resumed:
+                self._move_aside(trainer)
+            writer = self._open(trainer, purge_step=step + 1 if resumed else None)
+            from tensorboardX.summary import hparams, text
 
-        dumped = json.dumps(dict(params), indent=2, default=str)
-        # Four-space indent: TensorBoard renders text summaries as Markdown.
-        self._write(text("hparams", "\n".join("    " + ln for ln in dumped.splitlines())), step)
-        # SummaryWriter.add_hparams would write into a new sub-folder (a separate
-        # "run"); these three summaries in this run's own file tie the HPARAMS table
-        # to this run's scalars instead, as Lightning does.
-        try:
-            for summary in hparams(flatten_hparams(params), {}):
-                self._write(summary, step)
-        except Exception:  # a value HPARAMS cannot take must not stop training
-            log.warning("tensorboard: could not write the HPARAMS summary", exc_info=True)
-        writer.flush()
+            dumped = json.dumps(dict(params), indent=2, default=str)
+            # Four-space indent: TensorBoard renders text summaries as Markdown.
+            self._write(text("hparams", "\n".join("    " + ln for ln in dumped.splitlines())),
+                        step)
+            # SummaryWriter.add_hparams would write into a new sub-folder (a separate
+            # "run"); these three summaries in this run's own file tie the HPARAMS table
+            # to this run's scalars instead, as Lightning does.
+            try:
+                for summary in hparams(flatten_hparams(params), {}):
+                    self._write(summary, step)
+            except OSError:
+                raise
+            except Exception:  # a value HPARAMS cannot take must not stop training
+                log.warning("tensorboard: could not write the HPARAMS summary", exc_info=True)
+            writer.flush()
 
     @hookimpl
     def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
@@ -216,18 +255,23 @@ class TensorBoardLogger:
         _import_tensorboardx()
         from tensorboardX.summary import scalar
 
-        writer = self._open(trainer)
-        for name, value in metrics.items():
-            number = _scalar(value)
-            if number is not None:
-                self._write(scalar(str(name), number), int(step))
-        writer.flush()
+        with self._writing(trainer, int(step)):
+            writer = self._open(trainer)
+            for name, value in metrics.items():
+                number = _scalar(value)
+                if number is not None:
+                    self._write(scalar(str(name), number), int(step))
+            writer.flush()
 
     @hookimpl
     def on_run_end(self, outcome: str) -> None:
         """Close the event file, however the run ended; never masks an exception."""
         try:
             self.close()
+        except OSError as exc:  # its unwritten tail is lost
+            if outcome != "exception":
+                raise RunDirWriteError("the TensorBoard events", self._file, exc) from None
+            log.warning("tensorboard: could not close the event file %s: %s", self._file, exc)
         except Exception:
             if outcome != "exception":
                 raise

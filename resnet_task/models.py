@@ -15,8 +15,11 @@ between batch and running statistics with ``model.train()`` / ``model.eval()``.
 ``conv_impl`` selects the convolutions' implementation: "auto" (the default) uses
 ``nnx_trainer.conv.conv_general_dilated`` on the CPU backend, whose backward pass XLA:CPU
 runs faster (same forward, gradients equal to float tolerance), and XLA's own convolution
-on GPU and TPU; "xla" and "custom" force one or the other. "xla" is also the choice for
-forward-mode differentiation (``jax.jvp``), which a ``custom_vjp`` does not support.
+on GPU and TPU, decided when the model is traced
+(``nnx_trainer.conv.auto_conv_general_dilated``), so building a model never initialises
+the backend (a multi-process run joins ``jax.distributed`` after the Task is built);
+"xla" and "custom" force one or the other. "xla" is also the choice for forward-mode
+differentiation (``jax.jvp``), which a ``custom_vjp`` does not support.
 """
 
 from __future__ import annotations

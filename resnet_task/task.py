@@ -17,9 +17,11 @@ from resnet_task.image_folder import REPLACED_KEY
 from resnet_task.imagenet import RECIPES, CenterCrop, RandomResizedCrop
 from resnet_task.metrics import ReplacedExamples, TopKAccuracy
 from resnet_task.models import create_model
-from resnet_task.transforms import Normalize, RandomCrop, RandomHorizontalFlip
+from resnet_task.transforms import CheckLabels, Normalize, RandomCrop, RandomHorizontalFlip
 
 OPTIMIZERS = ("sgd", "adamw")
+#: ``ResNetConfig.freeze``: what stays fixed while fine-tuning.
+FREEZE = ("none", "backbone")
 #: The train metric that counts examples replaced under ``bad_images="skip"``
 #: (logged as ``train/skipped_images``).
 SKIPPED_METRIC = "skipped_images"
@@ -35,7 +37,8 @@ class ResNetConfig:
     model: str = "resnet20"
     stem: str = "cifar"
     model_kwargs: tuple[tuple[str, Any], ...] = ()
-    # "auto": nnx_trainer.conv's convolution (faster backward) on CPU, XLA's on GPU/TPU.
+    # "auto": nnx_trainer.conv's convolution (faster backward) on CPU, XLA's on GPU/TPU,
+    # chosen when the step is traced (building the task must not initialise the backend).
     conv_impl: str = "auto"
     optimizer: str = "sgd"
     learning_rate: float = 0.1
@@ -60,6 +63,9 @@ class ResNetConfig:
     # the host, which costs about a third as much as decoding a 224 crop
     # (benchmarks/README.md, "Image decoding"). None: on for recipe "imagenet" only.
     normalize_on_device: bool | None = None
+    # Fine-tuning (with Trainer.fit(init_from=...), the example's --pretrained): "backbone"
+    # trains the head only (every parameter outside ``head`` frozen); "none" trains all.
+    freeze: str = "none"
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -105,6 +111,9 @@ class ResNetTask(nnx_trainer.Task):
             raise ValueError(
                 f"unknown recipe {config.recipe!r}; choose one of: {', '.join(RECIPES)}"
             )
+        if config.freeze not in FREEZE:
+            raise ValueError(f"unknown freeze {config.freeze!r}; choose one of: "
+                             f"{', '.join(FREEZE)}")
         self.config = config
         dataset_kwargs = dict(config.dataset_kwargs)
         if config.recipe == "imagenet" and config.dataset in ("folder", "arrayrecord"):
@@ -182,24 +191,35 @@ class ResNetTask(nnx_trainer.Task):
         """The held-out split."""
         return self._val
 
+    def _check_labels(self, source: str) -> CheckLabels:
+        """Labels outside the model's classes fail the batch, naming ``source``."""
+        return CheckLabels(self.info.num_classes, f"{type(self).__name__}.{source}()")
+
     def train_transforms(self) -> list[Any]:
-        """Random crop with padding (recipe "imagenet": a random resized crop), horizontal
-        flip (not for digits), normalisation."""
+        """Random crop with padding (recipe "imagenet": a random resized crop, per
+        example), a label check (every label in ``[0, num_classes)``), horizontal flip
+        (not for digits), normalisation."""
         c = self.config
         flip = c.horizontal_flip if c.horizontal_flip is not None else c.dataset != "digits"
+        # The check is the first batch transform: per-example ones (the resized crop) go first.
+        check = self._check_labels("train_data")
         transforms: list[Any] = []
         if c.recipe == "imagenet":
-            transforms.append(RandomResizedCrop(self.info.image_shape[0]))
-        elif c.crop_padding:
-            transforms.append(RandomCrop(c.crop_padding))
+            transforms += [RandomResizedCrop(self.info.image_shape[0]), check]
+        else:
+            transforms.append(check)
+            if c.crop_padding:
+                transforms.append(RandomCrop(c.crop_padding))
         if flip:
             transforms.append(RandomHorizontalFlip())
         return transforms + self._host_normalize()
 
     def eval_transforms(self) -> list[Any]:
-        """Normalisation (recipe "imagenet": after resize + centre crop)."""
+        """Normalisation (recipe "imagenet": after resize + centre crop), after a label check."""
         crop = [CenterCrop(self.info.image_shape[0])] if self.config.recipe == "imagenet" else []
-        return [*crop, *self._host_normalize()]
+        # Evaluation and prediction share these: the check names every source it may be.
+        check = self._check_labels("val_data/test_data/predict_data")
+        return [*crop, check, *self._host_normalize()]
 
     @property
     def normalizes_on_device(self) -> bool:
@@ -243,6 +263,19 @@ class ResNetTask(nnx_trainer.Task):
         """Class probabilities and the predicted class."""
         logits = model(self._images(batch))
         return {"probabilities": jax.nn.softmax(logits), "prediction": logits.argmax(-1)}
+
+    def frozen_parameters(self) -> Any:
+        """``freeze="backbone"``: every parameter but the classifier head's."""
+        if self.config.freeze == "backbone":
+            return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("head")))
+        return nnx.Nothing
+
+    def import_weights(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """``fit(init_from=...)`` of a torchvision/timm ResNet state dict: renamed to our
+        paths and layouts (``resnet_task.torchvision_weights.nnx_weights``)."""
+        from resnet_task.torchvision_weights import is_torchvision_state_dict, nnx_weights
+
+        return nnx_weights(tensors) if is_torchvision_state_dict(tensors) else tensors
 
     def hparams(self) -> dict[str, Any]:
         """The task configuration plus the dataset's facts."""

@@ -24,8 +24,9 @@ import grain
 import numpy as np
 
 from nnx_trainer.transforms import BatchTransform, integers, uniform
+from resnet_task.errors import DataError
 
-__all__ = ["RandomCrop", "RandomHorizontalFlip", "Normalize"]
+__all__ = ["CheckLabels", "RandomCrop", "RandomHorizontalFlip", "Normalize"]
 
 _PAD_MODES = ("constant", "reflect")
 
@@ -156,3 +157,48 @@ class Normalize(grain.transforms.Map, BatchTransform):
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+class CheckLabels(grain.transforms.Map, BatchTransform):
+    """Refuse labels outside ``[0, num_classes)``: raise :class:`~resnet_task.errors.DataError`
+    naming the label, the valid range and ``source``; examples without a ``"label"`` pass.
+
+    Without it such a label trains silently (its one-hot target is all zeros). It runs
+    on the host, in Grain's read threads or worker processes, on each batch's label
+    vector only (one comparison per example), so whatever ``train_data()`` or
+    ``val_data()`` a Task returns is checked, not only the built-in loaders' output.
+    """
+
+    def __init__(self, num_classes: int, source: str = "the data"):
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"CheckLabels num_classes must be a positive integer, got "
+                             f"{num_classes!r}")
+        self.num_classes = int(num_classes)
+        self.source = source
+
+    def _check(self, labels: Any) -> None:
+        labels = np.asarray(labels)
+        # Written so that NaN fails too (every comparison with NaN is False).
+        bad = ~((labels >= 0) & (labels < self.num_classes))
+        if np.any(bad):
+            values = np.unique(labels[bad])
+            shown = ", ".join(repr(v.item()) for v in values[:5])
+            raise DataError(
+                f"{self.source} yielded label {shown}{', ...' if values.size > 5 else ''}, "
+                f"outside the valid range [0, {self.num_classes}) of the model's "
+                f"{self.num_classes} classes; fix the labels of that data source, or give "
+                f"the task a dataset with as many classes as its labels need"
+            )
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        if "label" in element:
+            self._check(element["label"])
+        return element
+
+    def map_batch(self, batch: dict[str, Any], keys: np.ndarray) -> dict[str, Any]:
+        if "label" in batch:
+            self._check(batch["label"])
+        return batch
+
+    def __repr__(self) -> str:
+        return f"CheckLabels(num_classes={self.num_classes}, source={self.source!r})"

@@ -160,7 +160,9 @@ def test_plugin_options_replace_the_default_instance(tmp_path):
 
 
 def test_the_installed_console_script(tmp_path):
-    script = shutil.which("nnx-trainer")
+    # The script beside this interpreter: a venv's bin/ need not be on PATH.
+    beside = Path(sys.executable).with_name("nnx-trainer")
+    script = str(beside) if beside.is_file() else shutil.which("nnx-trainer")
     assert script is not None, "reinstall: pip install -e ."
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]),
            "JAX_PLATFORMS": "cpu"}
@@ -175,17 +177,18 @@ def test_the_installed_console_script(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def _readme_yaml_blocks() -> list[str]:
+def _cli_guide_yaml_blocks() -> list[str]:
     import re
 
-    readme = (TESTS.parent / "README.md").read_text()
-    section = readme.split("## Configure a run", 1)[1].split("\n## ", 1)[0]
+    # The command-line guide's example configs (they were the README's before docs/).
+    page = (TESTS.parent / "docs" / "cli.md").read_text()
+    section = page.split("## Example configs", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```yaml\n(.*?)```", section, re.S)
 
 
 @pytest.mark.parametrize("index", [0, 1])
-def test_the_readme_configs_parse_and_round_trip(tmp_path, capsys, index):
-    blocks = _readme_yaml_blocks()
+def test_the_cli_guide_configs_parse_and_round_trip(tmp_path, capsys, index):
+    blocks = _cli_guide_yaml_blocks()
     assert len(blocks) == 2  # CIFAR-10 ResNet-18 and ImageNet ResNet-50
     path = tmp_path / "run.yaml"
     path.write_text(blocks[index])

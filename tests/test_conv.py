@@ -18,6 +18,7 @@ from jax import lax
 
 from nnx_trainer import conv as conv_mod
 from nnx_trainer.conv import (
+    auto_conv_general_dilated,
     conv_general_dilated,
     default_conv_for_backend,
     resolve_conv_impl,
@@ -163,6 +164,150 @@ def test_eager_and_with_precision_and_a_list_padding(custom_paths):
         y.shape, np.float32)))], want, TOLERANCE[jnp.float32])
 
 
+# --- the routed forward pass ----------------------------------------------------------------
+
+S1, S3, S7 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
+# (batch, h, w, cin, cout, kernel, stride, padding): every case the forward router tells
+# apart, at a few channels.
+ROUTED_SHAPES = {
+    "3x3 over 2x2 (kernel larger than the image)": (2, 2, 2, 8, 6, 3, 1, S3),
+    "3x3 over 1x1 (one live tap)": (2, 1, 1, 8, 6, 3, 1, S3),
+    "3x3/2 over 2x2": (2, 2, 2, 8, 6, 3, 2, S3),
+    "3x3/2 over 4x4": (2, 4, 4, 6, 8, 3, 2, S3),
+    "3x3/2 over 7x7 (odd)": (2, 7, 7, 4, 6, 3, 2, S3),
+    "3x3/2 over 9x8, asymmetric padding": (2, 9, 8, 4, 6, 3, 2, ((0, 1), (1, 0))),
+    "3x3 over 6x5": (2, 6, 5, 4, 6, 3, 1, S3),
+    "1x1 over 6x6": (2, 6, 6, 8, 12, 1, 1, S1),
+    "1x1/2 over 7x7 (odd)": (2, 7, 7, 8, 12, 1, 2, S1),
+    "1x1/2 over 2x2": (2, 2, 2, 8, 12, 1, 2, S1),
+    "1x1 over 1x1": (2, 1, 1, 12, 8, 1, 1, S1),
+    "7x7/2 stem over 8x8": (2, 8, 8, 3, 8, 7, 2, S7),
+    "7x7/2 stem over 5x5": (2, 5, 5, 3, 8, 7, 2, S7),
+    "7x7/2 stem over 3x3": (2, 3, 3, 3, 8, 7, 2, S7),
+}
+
+
+def _compare_shapes(shapes, dtype):
+    """Ours (as routed) against lax's autodiff for each shape; one compiled program."""
+    inputs, cts = [], []
+    for i, (b, h, w, ci, co, k, s, pad) in enumerate(shapes.values()):
+        rng = np.random.default_rng(i)
+        x = jnp.asarray(rng.standard_normal((b, h, w, ci), np.float32), dtype)
+        kern = jnp.asarray(rng.standard_normal((k, k, ci, co), np.float32) / k, dtype)
+        y = jax.eval_shape(lambda x, kern, s=s, pad=pad: lax.conv_general_dilated(
+            x, kern, (s, s), pad, dimension_numbers=NHWC), x, kern)
+        inputs.append((x, kern))
+        cts.append(jnp.asarray(rng.standard_normal(y.shape, np.float32), dtype))
+    geometry = [(s, pad) for *_, s, pad in shapes.values()]
+
+    @jax.jit
+    def both(inputs, cts):
+        out = []
+        for (x, kern), ct, (s, pad) in zip(inputs, cts, geometry, strict=True):
+            for fn in (lax.conv_general_dilated, conv_general_dilated):
+                y, vjp = jax.vjp(lambda a, b, fn=fn, s=s, pad=pad: fn(
+                    a, b, (s, s), pad, dimension_numbers=NHWC), x, kern)
+                out.append((y, *vjp(ct)))
+        return out
+
+    out = both(inputs, cts)
+    for i, name in enumerate(shapes):
+        try:
+            _assert_close(out[2 * i + 1], out[2 * i], TOLERANCE[dtype])
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from None
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_routed_shapes_match_autodiff(dtype):
+    # As routed by the measured rules (forward, input and kernel gradients).
+    _compare_shapes(ROUTED_SHAPES, dtype)
+
+
+def test_resnet50_shapes_at_64px_match_autodiff_as_routed():
+    # The real channel counts of ResNet-50 at 64x64 (benchmarks/conv_sweep.py --quick), two
+    # images: 3x3 over 2x2 at 512 channels, 3x3/2 to 2x2 (the dilated-transpose case), 1x1
+    # at 16x16 and 2x2 and with stride 2, and the 7x7/2 stem.
+    _compare_shapes({
+        "3x3 2x2 512": (2, 2, 2, 512, 512, 3, 1, S3),
+        "3x3 4x4 256": (2, 4, 4, 256, 256, 3, 1, S3),
+        "3x3/2 4x4 512": (2, 4, 4, 512, 512, 3, 2, S3),
+        "3x3/2 16x16 128": (2, 16, 16, 128, 128, 3, 2, S3),
+        "1x1 16x16 256->128": (2, 16, 16, 256, 128, 1, 1, S1),
+        "1x1 2x2 512->2048": (2, 2, 2, 512, 2048, 1, 1, S1),
+        "1x1/2 4x4 1024->2048": (2, 4, 4, 1024, 2048, 1, 2, S1),
+        "7x7/2 64x64 3->64": (2, 64, 64, 3, 64, 7, 2, S7),
+    }, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("path", sorted(conv_mod.FORWARD_PATHS))
+def test_every_forward_path_matches_autodiff_on_every_routed_shape(
+        path, dtype, custom_paths, monkeypatch):
+    # Each formulation forced on every shape (the stride-1 input gradient, a forward
+    # convolution of the output gradient, takes it too), with the custom gradient forms.
+    monkeypatch.setattr(conv_mod, "_forward_path", lambda *a: path)
+    _compare_shapes(ROUTED_SHAPES, dtype)
+
+
+def test_taps_that_only_read_padding_are_dropped():
+    live = conv_mod._live_taps
+    assert live((1, 1, 1, 4), (3, 3, 4, 4), conv_mod._Geometry((1, 1), S3, None)) == [(1, 1)]
+    # 7x7/2 with padding 3 over a 3x3 image: rows/columns 0 and 6 never reach a pixel.
+    taps = live((1, 3, 3, 4), (7, 7, 4, 4), conv_mod._Geometry((2, 2), S7, None))
+    assert taps == [(i, j) for i in range(1, 6) for j in range(1, 6)]
+    assert len(live((1, 8, 8, 4), (3, 3, 4, 4), conv_mod._Geometry((1, 1), S3, None))) == 9
+
+
+def test_the_forward_router_picks_the_measured_paths():
+    # ResNet-50 (ImageNet stem) shapes at 64x64 and 224x224, batch 32: see
+    # benchmarks/README.md, "Forward routing".
+    def path(h, ci, co, k, s, pad):
+        geo = conv_mod._Geometry((s, s), pad, None)
+        return conv_mod._forward_path((32, h, h, ci), (k, k, ci, co), geo)
+
+    assert path(2, 512, 512, 3, 1, S3) == "im2col"  # kernel larger than the image
+    assert path(1, 512, 512, 3, 1, S3) == "im2col"
+    assert path(2, 256, 512, 3, 2, S3) == "im2col"
+    assert path(8, 128, 128, 3, 2, S3) == "xla"  # strided, 4x4 outputs: a tie
+    assert path(4, 512, 512, 3, 2, S3) == "xla"
+    assert path(3, 512, 512, 3, 1, S3) == "xla"  # kernel as large as the image: a tie
+    assert path(16, 64, 64, 3, 1, S3) == "xla"
+    assert path(56, 64, 64, 3, 1, S3) == "xla"
+    assert path(64, 3, 64, 7, 2, S7) == "xla"
+    assert path(224, 3, 64, 7, 2, S7) == "xla"
+    assert path(16, 64, 256, 1, 1, S1) == "im2col"  # 1x1: one product over channels
+    assert path(2, 2048, 512, 1, 1, S1) == "im2col"
+    assert path(2, 1024, 2048, 1, 2, S1) == "im2col"  # 1x1 output
+    assert path(56, 256, 512, 1, 2, S1) == "im2col"
+
+    def bf16(h, ci, co, k, s, pad):
+        geo = conv_mod._Geometry((s, s), pad, None)
+        return conv_mod._forward_path((32, h, h, ci), (k, k, ci, co), geo, jnp.bfloat16)
+
+    # bfloat16: one product per tap for 3x3 to outputs of at most 8x8 (XLA's bfloat16
+    # convolution is slow on small images), XLA's from 16x16 outputs and for the stems.
+    assert bf16(2, 512, 512, 3, 1, S3) == "shifted"
+    assert bf16(8, 128, 128, 3, 1, S3) == "shifted"
+    assert bf16(16, 128, 128, 3, 2, S3) == "shifted"
+    assert bf16(16, 64, 64, 3, 1, S3) == "xla"
+    assert bf16(32, 64, 128, 3, 2, S3) == "xla"
+    assert bf16(32, 3, 64, 7, 2, S7) == "xla"
+    assert bf16(8, 3, 64, 3, 1, S3) == "xla"  # a stem over a small image: few channels
+    assert bf16(16, 256, 128, 1, 1, S1) == "im2col"
+
+
+def test_the_input_gradient_avoids_xla_dilated_transpose_where_it_is_slow():
+    slow = conv_mod._dilated_transpose_is_slow
+    geo2 = conv_mod._Geometry((2, 2), S3, None)
+    # 3x3/2 from 4x4 to 2x2: g dilated to 3x3, no larger than the kernel.
+    assert slow((3, 3, 512, 512), (32, 2, 2, 512), geo2)
+    assert slow((3, 3, 512, 512), (32, 1, 1, 512), geo2)
+    assert not slow((3, 3, 256, 512), (32, 4, 4, 512), geo2)
+    assert not slow((1, 1, 256, 512), (32, 2, 2, 512), conv_mod._Geometry((2, 2), S1, None))
+    assert not slow((3, 3, 512, 512), (32, 2, 2, 512), conv_mod._Geometry((1, 1), S3, None))
+
+
 # --- what nnx.Conv passes ---------------------------------------------------------------
 
 
@@ -249,11 +394,21 @@ def test_default_follows_the_backend(monkeypatch):
     assert default_conv_for_backend() is default_conv_for_backend(jax.default_backend())
 
 
+def _traced_primitives(conv) -> list[str]:
+    """The primitives ``conv`` traces to (a fresh function each time: no trace cache hit)."""
+    x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+    jaxpr = jax.make_jaxpr(lambda a, b: conv(a, b, (1, 1), "SAME", dimension_numbers=NHWC))(x, w)
+    return [eqn.primitive.name for eqn in jaxpr.eqns]
+
+
 def test_the_environment_overrides_what_auto_picks(monkeypatch):
     monkeypatch.setenv("NNX_TRAINER_CONV_IMPL", "xla")
     assert default_conv_for_backend("cpu") is lax.conv_general_dilated
-    assert resolve_conv_impl("auto") is lax.conv_general_dilated
+    # "auto" decides when traced, so the variable counts at trace time.
+    assert _traced_primitives(resolve_conv_impl("auto")) == ["conv_general_dilated"]
     assert resolve_conv_impl("custom") is conv_general_dilated  # an explicit choice wins
+    monkeypatch.setenv("NNX_TRAINER_CONV_IMPL", "custom")
+    assert _traced_primitives(resolve_conv_impl("auto")) == ["custom_vjp_call"]
     monkeypatch.setenv("NNX_TRAINER_CONV_IMPL", "Custom")
     assert default_conv_for_backend("gpu") is conv_general_dilated
     monkeypatch.setenv("NNX_TRAINER_CONV_IMPL", "cudnn")
@@ -265,7 +420,10 @@ def test_resolve_conv_impl(monkeypatch):
     monkeypatch.delenv("NNX_TRAINER_CONV_IMPL", raising=False)
     assert resolve_conv_impl("xla") is lax.conv_general_dilated
     assert resolve_conv_impl("custom") is conv_general_dilated
-    assert resolve_conv_impl("auto") is default_conv_for_backend()
+    assert resolve_conv_impl("auto") is auto_conv_general_dilated
+    # Traced on this (CPU) backend: the engine's convolution, with its custom VJP.
+    expected = "custom_vjp_call" if jax.default_backend() == "cpu" else "conv_general_dilated"
+    assert _traced_primitives(resolve_conv_impl("auto")) == [expected]
     with pytest.raises(ValueError, match="unknown conv_impl 'fast'.*auto, xla, custom"):
         resolve_conv_impl("fast")
 
@@ -277,8 +435,11 @@ def _tiny_resnet_grads(conv_impl: str, dtype) -> tuple:
     from resnet_task.models import BottleneckBlock, ResNet
 
     # Every kind of convolution ResNets have: the ImageNet stem's 7x7/2 (then max-pool), and
-    # bottlenecks' 1x1, 3x3 at strides 1 and 2, and 1x1 projections at strides 1 and 2.
-    model = ResNet((1, 1), BottleneckBlock, num_classes=3, stem="imagenet", width=4,
+    # bottlenecks' 1x1, 3x3 at strides 1 and 2, and 1x1 projections at strides 1 and 2;
+    # 16x16 images leave 4x4, 2x2 and 1x1 for the stages, as ResNet-50 at 64x64 leaves
+    # 16x16 .. 2x2: 3x3/2 from 4x4 to 2x2 and from 2x2 to 1x1, 3x3 over 2x2 and over 1x1
+    # (kernel larger than the image: the forward router's im2col path).
+    model = ResNet((1, 2, 2), BottleneckBlock, num_classes=3, stem="imagenet", width=4,
                    conv_impl=conv_impl, dtype=dtype, param_dtype=dtype,
                    rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
     model.train()  # batch statistics, as in a train step
@@ -299,11 +460,19 @@ def _tiny_resnet_grads(conv_impl: str, dtype) -> tuple:
 # nnx.BatchNorm keeps float32 running statistics, which float64 updates warn about.
 @pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_resnet_train_step_gradients_match_autodiff(dtype, custom_paths):
+@pytest.mark.parametrize(("dtype", "forced"), [
+    ("float64", True), ("float32", True), ("float32", False)],
+    ids=["float64-custom-forms", "float32-custom-forms", "float32-as-routed"])
+def test_resnet_train_step_gradients_match_autodiff(dtype, forced, monkeypatch):
     # float64 shows the formulations are exact (any difference is rounding); float32 is the
-    # real step, where batch norm over 4 images of 2x2 pixels amplifies rounding ~10x.
-    tol = {"float64": 1e-12, "float32": 1e-4}[dtype]
+    # real step, where batch norm over 4 images of 2x2 and 1x1 pixels amplifies rounding
+    # ~100x (1.4e-4 seen on the head's 4 gradients).
+    # "custom forms": the shifted-product kernel gradient and stride-phase input gradient
+    # forced on every layer; "as routed": every choice as the measured rules make it.
+    if forced:
+        monkeypatch.setattr(conv_mod, "_shifted_products_pay", lambda *a: True)
+        monkeypatch.setattr(conv_mod, "_phases_pay", lambda *a: True)
+    tol = {"float64": 1e-12, "float32": 5e-4}[dtype]
     with jax.enable_x64(dtype == "float64"):
         (loss_x, grads_x), (loss_c, grads_c) = (
             _tiny_resnet_grads(impl, jnp.dtype(dtype)) for impl in ("xla", "custom"))

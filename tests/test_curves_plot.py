@@ -198,3 +198,36 @@ def test_importing_the_logging_plugins_imports_no_heavy_library():
                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_only_changing_series_are_plotted_and_the_rest_is_named_in_the_title():
+    from nnx_trainer_plugins.curves_plot import changing_series
+
+    examples = [(20, 3000.0), (40, 3300.0), (60, 3100.0)]
+    history = {
+        "train/loss": [(20, 2.0), (40, 1.5), (60, 1.0)],
+        "val/accuracy": [(44, 0.9)],  # one evaluation: a point, not a constant
+        "perf/compile_seconds": [(20, 7.25), (40, 7.25), (60, 7.25)],
+        "train/skipped_images": [(20, 0.0), (40, 0.0), (60, 0.0)],
+        "perf/examples_per_sec": examples,
+        "perf/steps_per_sec": [(s, v / 32) for s, v in examples],  # batch size 32
+        "perf/flops_per_sec": [(s, v * 1.6e7) for s, v in examples],
+        "perf/flops_per_sec_per_device": [(s, v * 1.6e7) for s, v in examples],  # 1 device
+        "perf/data_wait_share": [(20, 0.1), (40, 0.02), (60, 0.05)],
+    }
+    plotted, constants, copies = changing_series(history)
+    assert list(plotted) == ["train/loss", "val/accuracy", "perf/examples_per_sec",
+                             "perf/data_wait_share"]  # in the order logged
+    assert constants == {"perf/compile_seconds": 7.25, "train/skipped_images": 0.0}
+    assert copies == dict.fromkeys(["perf/steps_per_sec", "perf/flops_per_sec",
+                                    "perf/flops_per_sec_per_device"], "perf/examples_per_sec")
+    fig = draw(history, "exp-7")
+    assert fig._suptitle.get_text() == (
+        "exp-7\nconstant: perf/compile_seconds 7.25, train/skipped_images 0; scaled copies "
+        "of perf/examples_per_sec: perf/flops_per_sec, perf/flops_per_sec_per_device, "
+        "perf/steps_per_sec")
+    labels = {line.get_label() for ax in fig.axes for line in ax.get_lines()}
+    assert labels == set(plotted)
+    # A rate that is not a fixed multiple of another (here the data wait) is its own curve.
+    history["perf/steps_per_sec"] = [(20, 90.0), (40, 110.0), (60, 95.0)]
+    assert "perf/steps_per_sec" in changing_series(history)[0]

@@ -139,8 +139,8 @@ def test_trainer_pipeline_crops_are_the_same_on_every_process_and_after_a_resume
     task = _recipe_task(make_jpeg_folder(tmp_path))
     # The recipe ships uint8 batches; its steps normalise on the device.
     assert [type(t).__name__ for t in task.train_transforms()] == [
-        "RandomResizedCrop", "RandomHorizontalFlip"]
-    assert [type(t).__name__ for t in task.eval_transforms()] == ["CenterCrop"]
+        "RandomResizedCrop", "CheckLabels", "RandomHorizontalFlip"]
+    assert [type(t).__name__ for t in task.eval_transforms()] == ["CenterCrop", "CheckLabels"]
 
     def batches(process_index=0, process_count=1, start_batch=0, epoch=0):
         config = PipelineConfig(global_batch_size=4, process_index=process_index,

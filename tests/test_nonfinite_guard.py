@@ -11,6 +11,7 @@ from tiny_task import TinyModel, TinyTask
 
 import nnx_trainer
 from nnx_trainer.plugin_manager import create_plugin_manager
+from nnx_trainer.state import first_nonfinite
 from nnx_trainer.trainer import _record_nonfinite
 from nnx_trainer_plugins.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 
@@ -101,10 +102,14 @@ class FakeTrainer(SimpleNamespace):
         first = int(self.record[0])
         return None if first < 0 else (first, float(self.record[1]))
 
+    def first_nonfinite_state(self):
+        return first_nonfinite(self.state)
+
 
 def fake_trainer(pm) -> FakeTrainer:
     trainer = FakeTrainer(
-        global_step=0, log_every_n_steps=50, should_stop=False, stop_reason=None, hook=pm.hook
+        global_step=0, log_every_n_steps=50, should_stop=False, stop_reason=None, hook=pm.hook,
+        state={"model": {"w": jnp.ones(3)}},
     )
     trainer.start_fit()
     return trainer
@@ -151,9 +156,10 @@ def test_default_cadence_reads_the_device_only_at_checks(tmp_path, monkeypatch):
     trainer.fit(NaNFrom(None))
     monkeypatch.undo()
     assert trainer.global_step == 12
-    # Cadence (log_every_n_steps=6) and epoch ends (every 4 steps), one read each;
+    # The state the fit starts from, then cadence (log_every_n_steps=6) and epoch ends
+    # (every 4 steps), two scalar reads each (the loss record, then the state's check);
     # the end-of-fit save and fit end find step 12 already checked.
-    assert reads == [4, 6, 8, 12]
+    assert reads == [0, 4, 4, 6, 6, 8, 8, 12, 12]
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
@@ -169,6 +175,9 @@ def test_default_instance_is_on_and_reads_nothing_without_steps():
     class FakeTrainer:
         global_step = 0
         log_every_n_steps = 50
+
+        def first_nonfinite_state(self):
+            return None  # the state the fit starts from is checked (and the check compiled)
 
     guard.on_fit_start(FakeTrainer())
     guard.check(FakeTrainer())  # nothing recorded: no read, no error
@@ -193,6 +202,9 @@ def test_nothing_is_checked_after_the_fit_ended():
 
         def first_nonfinite_loss(self):
             return (0, float("nan"))  # a record a finished fit left behind
+
+        def first_nonfinite_state(self):
+            return None
 
     trainer = FakeTrainer()
     guard.on_fit_start(trainer)

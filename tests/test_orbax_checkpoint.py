@@ -25,6 +25,7 @@ from tiny_task import TinyTask
 
 import nnx_trainer
 from nnx_trainer import data as data_lib
+from nnx_trainer_plugins.nonfinite_guard import NonFiniteStateError
 from nnx_trainer_plugins.orbax_checkpoint import AllSavePolicy
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint as _OrbaxCheckpoint
 
@@ -344,16 +345,16 @@ class NaNAfter(TinyTask):
         return jnp.where(step == self.bad, jnp.nan, 1.0) * loss, aux
 
 
-def test_non_finite_state_is_never_committed_and_the_last_good_one_restores(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger=CKPT_LOG)
+def test_non_finite_state_is_never_committed_and_the_last_good_one_restores(tmp_path):
     ckpt = OrbaxCheckpoint(every_n_steps=1, keep_last=10)
-    make_trainer(tmp_path, ckpt, max_steps=7).fit(NaNAfter(bad=4))
-    # Step index 4 is the fifth step: states after 5, 6, 7 steps hold NaN.
+    # Step index 4 is the fifth step: the state after 5 steps holds NaN. Without the
+    # non-finite guard the refused save itself fails the run (no "successful" exit).
+    with pytest.raises(NonFiniteStateError, match=r"between step 4 \(last found finite\) and "
+                       r"step 5: .*the checkpoint of step 5 was refused; the latest "
+                       r"checkpoint saved is step 4"):
+        make_trainer(tmp_path, ckpt, max_steps=7).fit(NaNAfter(bad=4))
     assert committed(tmp_path / "run" / "checkpoints") == [1, 2, 3, 4]
-    for step in (5, 6, 7):
-        assert f"not saving the checkpoint of step {step}: the training state has NaN" in (
-            caplog.text
-        )
+    assert ckpt.saved_steps == [1, 2, 3, 4]
     trainer = make_trainer(tmp_path, OrbaxCheckpoint(), max_steps=7)
     trainer.validate(NaNAfter(bad=4), ckpt_path="last")
     assert trainer.global_step == 4

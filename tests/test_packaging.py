@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import textwrap
@@ -75,12 +76,20 @@ USER_TASK = '''
 
 def test_a_fit_from_a_project_with_its_own_plugins_package(wheel, tmp_path):
     env_dir = tmp_path / "venv"
-    # System site-packages give the dependencies (no download); the wheel itself goes
-    # into the venv, whose site-packages come first, and the run checks it used that.
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    # The running environment's site-packages give the dependencies (no download): a
+    # .pth file lists them after the new venv's own, so the wheel installed there comes
+    # first and the run checks it used that. (``system_site_packages`` would give the
+    # base interpreter's, not the active virtualenv's, where most users install.)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    install = [str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall",
-               str(wheel)]
+    inner_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    outer = [p for p in dict.fromkeys(site.getsitepackages()) if Path(p).is_dir()]
+    (Path(inner_site) / "outer_environment.pth").write_text("\n".join(outer) + "\n")
+    install = [sys.executable, "-m", "pip", "--python", str(python)]
+    install = [*install, "install", "-q", "--no-deps", "--force-reinstall", str(wheel)]
     proc = subprocess.run(install, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pluggy
 import pytest
@@ -158,8 +159,11 @@ def test_listing_command_shows_plugins_and_their_hooks(third_party, capsys):
 
 def test_listing_command_is_installed_as_a_console_script(monkeypatch):
     monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
+    # The script beside this interpreter: a venv's bin/ need not be on PATH.
+    beside = Path(sys.executable).with_name("nnx-trainer-plugins")
+    script = str(beside) if beside.is_file() else "nnx-trainer-plugins"
     out = subprocess.run(
-        ["nnx-trainer-plugins"], capture_output=True, text=True, check=True, timeout=120
+        [script], capture_output=True, text=True, check=True, timeout=120
     ).stdout
     assert "progress  [nnx-trainer]" in out
 

@@ -30,3 +30,13 @@ def test_the_readme_task_snippet_runs_as_written(tmp_path):
     assert trained["val/accuracy"] > 0.8  # 38 held-out wines; chance is 1/3
     assert best["test/accuracy"] >= trained["val/accuracy"] - 1e-6
     assert (tmp_path / "runs" / "wine" / "checkpoints").is_dir()
+
+
+def test_the_readme_links_point_at_files_that_exist():
+    # The README is the newcomer's page; everything else is linked (docs/, benchmarks/).
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert "docs/task_guide.md" in local and "benchmarks/README.md" in local
+    missing = [link for link in local if not (README.parent / link).exists()]
+    assert not missing, f"README links to missing files: {missing}"

@@ -124,6 +124,6 @@ def test_short_training_lowers_the_loss_and_reports_top5(tmp_path):
 def test_digits_transforms_skip_the_flip():
     task = ResNetTask()
     names = [type(t).__name__ for t in task.train_transforms()]
-    assert names == ["RandomCrop", "Normalize"]
+    assert names == ["CheckLabels", "RandomCrop", "Normalize"]
     assert task.dataset_info.image_shape == (16, 16, 1)
     assert optax  # imported for the schedule API used above

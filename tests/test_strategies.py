@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from processes import clean_env, free_port
 
 import nnx_trainer
 from nnx_trainer_plugins.strategies import DataParallel
@@ -19,12 +20,7 @@ from nnx_trainer_plugins.strategies import DataParallel
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def _env(devices: int | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.pop("XLA_FLAGS", None)
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+_env = clean_env
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +91,9 @@ def test_strategy_names_are_offered_through_the_plugin(tmp_path):
     assert trainer.strategy.name == "data_parallel"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_processes(tmp_path: Path, count: int, tag: str, *extra: str) -> list[dict]:
     """Start ``count`` cooperating processes; return each one's JSON report."""
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / f"{tag}-{i}.json" for i in range(count)]
     procs = [
         subprocess.Popen(

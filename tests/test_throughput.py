@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import re
+
 import pytest
+from fake_clock import FakeClock
+from rich.console import Console
 from tiny_task import TinyTask
 
 import nnx_trainer
+from nnx_trainer_plugins.rich_progress import RichProgress
 from nnx_trainer_plugins.throughput import Throughput
 
 
@@ -52,3 +58,73 @@ def test_loaded_by_default_through_its_entry_point(tmp_path, monkeypatch):
     monkeypatch.delenv("NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     trainer = nnx_trainer.Trainer(run_dir=tmp_path)
     assert isinstance(trainer.plugin_manager.get_plugin("throughput"), Throughput)
+
+
+class Clockwork:
+    """Moves a fake clock as a run would: 10 ms per train step, 2 s per evaluation batch,
+    3 s per checkpoint save (saves asked for every ``save_every`` steps)."""
+
+    name = "clockwork"
+
+    def __init__(self, clock: FakeClock, save_every: int) -> None:
+        self.clock, self.save_every = clock, save_every
+
+    @nnx_trainer.hookimpl(tryfirst=True)  # the step's time, before the window closes
+    def on_train_batch_end(self):
+        self.clock.seconds += 0.01
+
+    @nnx_trainer.hookimpl
+    def on_validation_batch_end(self):
+        self.clock.seconds += 2.0
+
+    @nnx_trainer.hookimpl
+    def should_save_checkpoint(self, step):
+        return step % self.save_every == 0
+
+    @nnx_trainer.hookimpl(trylast=True)  # after the throughput plugin saw the save start
+    def on_save_checkpoint(self):
+        self.clock.seconds += 3.0
+
+
+def test_a_window_with_a_validation_or_a_save_reports_the_same_training_rate(
+        tmp_path, monkeypatch):
+    # The data wait is real time; on a fake clock it would be a (tiny) stray term.
+    monkeypatch.setattr(nnx_trainer.Trainer, "data_wait_seconds", property(lambda self: 0.0))
+    clock, logged, out = FakeClock(), Logged(), io.StringIO()
+    throughput = Throughput(clock=lambda: clock.seconds)
+    progress = RichProgress(console=Console(file=out, width=120), force=False)
+    trainer = nnx_trainer.Trainer(
+        run_dir=tmp_path, batch_size=8, eval_batch_size=10, max_epochs=3,
+        log_every_n_steps=10, plugin_autoload=False,
+        plugins=[throughput, Clockwork(clock, save_every=15), logged, progress],
+    )
+    # 160 examples / 8 = 20 steps per epoch: validations after steps 20, 40, 60 (2
+    # batches, 4 s each) and saves after 15, 30, 45, 60 (+ the end-of-fit save), 3 s each.
+    trainer.fit(TinyTask(n_train=160, n_val=20))
+    perf = {step: m for step, m in logged.records if "perf/steps_per_sec" in m}
+    assert sorted(perf) == [20, 30, 40, 50, 60]  # the window ending at 10 holds compilation
+    for m in perf.values():  # 10 ms a step in every window, whatever else ran in it
+        assert m["perf/steps_per_sec"] == pytest.approx(100.0)
+        assert m["perf/examples_per_sec"] == pytest.approx(800.0)
+    away = {step: {k: v for k, v in m.items() if k in ("perf/val_seconds",
+                                                        "perf/checkpoint_seconds")}
+            for step, m in perf.items()}
+    assert away == {
+        20: {"perf/checkpoint_seconds": pytest.approx(3.0)},  # the save after step 15
+        30: {"perf/val_seconds": pytest.approx(4.0)},  # step 20's epoch-end validation
+        40: {"perf/checkpoint_seconds": pytest.approx(3.0)},  # step 30's save
+        50: {"perf/val_seconds": pytest.approx(4.0),  # step 40's validation
+             "perf/checkpoint_seconds": pytest.approx(3.0)},  # and step 45's save
+        60: {},
+    }
+    # Over the fit, after compilation: 50 steps in 0.5 s; step 60's validation and its
+    # two saves (periodic, then the end of fit) after the last window count too.
+    assert throughput.totals == pytest.approx({
+        "train_seconds": 0.5, "train_steps": 50, "val_seconds": 12.0,
+        "checkpoint_seconds": 15.0})
+    # The fit summary's rates are the same training-time figures (no compilation,
+    # evaluation or saves in them); the time away is on the wall-time row.
+    summary = out.getvalue()[out.getvalue().index("fit summary"):]
+    assert re.search(r"\n  steps/s +100\.00\n  examples/s +800\.0\n", summary)
+    assert re.search(r"\n  wall time +[\d.]+ s \(validation 12\.0 s, checkpoints 15\.0 s\)\n",
+                     summary)

@@ -1,0 +1,120 @@
+"""Bad data is refused, not learned: labels outside the model's classes, empty datasets."""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+import pytest
+from tiny_task import TinyTask, make_examples
+
+import nnx_trainer
+from resnet_task.data import DataError
+from resnet_task.task import ResNetTask
+
+# The synthetic dataset: no files, no download; 4 classes.
+TINY = dict(
+    dataset="synthetic", image_size=8, model="simple",
+    model_kwargs=(("num_blocks", 1), ("initial_features", 4)),
+    dataset_kwargs=(("num_examples", 64), ("num_classes", 4)),
+)
+
+
+def _relabelled(examples: grain.MapDataset, label: int, every: int) -> grain.MapDataset:
+    """``examples`` with every ``every``-th label replaced by ``label``, from a plain list
+    (a source of the user's own, as a subclass would return)."""
+    rows = [dict(examples[i]) for i in range(len(examples))]
+    for i in range(0, len(rows), every):
+        rows[i]["label"] = np.int32(label)
+    return grain.MapDataset.source(rows)
+
+
+class OutOfRangeTrainLabels(ResNetTask):
+    """A subclass whose own training source has labels past the last class."""
+
+    def train_data(self) -> grain.MapDataset:
+        return _relabelled(super().train_data(), label=7, every=5)
+
+
+class NegativeValLabels(ResNetTask):
+    """A subclass whose own validation source has a negative label."""
+
+    def val_data(self) -> grain.MapDataset:
+        return _relabelled(super().val_data(), label=-1, every=3)
+
+
+def _trainer(tmp_path, **kwargs) -> nnx_trainer.Trainer:
+    options = dict(max_steps=3, batch_size=16, run_dir=tmp_path / "run",
+                   plugin_autoload=False, log_every_n_steps=1)
+    return nnx_trainer.Trainer(**{**options, **kwargs})
+
+
+@pytest.mark.parametrize("worker_count", [0, 2], ids=["in-process", "grain-workers"])
+def test_a_subclass_source_with_out_of_range_labels_fails_naming_label_range_and_source(
+        tmp_path, worker_count):
+    with pytest.raises(DataError) as caught:
+        _trainer(tmp_path, worker_count=worker_count).fit(OutOfRangeTrainLabels(**TINY))
+    message = str(caught.value)
+    assert "label 7" in message and "[0, 4)" in message
+    assert "OutOfRangeTrainLabels.train_data()" in message
+
+
+def test_an_out_of_range_validation_label_fails_the_evaluation(tmp_path):
+    task = NegativeValLabels(**TINY)
+    with pytest.raises(DataError, match=r"label -1, outside the valid range \[0, 4\)"):
+        _trainer(tmp_path).validate(task, untrained=True)
+
+
+def test_labels_in_range_train_as_before(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.fit(ResNetTask(**TINY))
+    assert trainer.global_step == 3 and "val/accuracy" in trainer.callback_metrics
+
+
+class EmptyTrain(TinyTask):
+    def train_data(self):
+        return make_examples(0)
+
+
+class EmptyVal(TinyTask):
+    def val_data(self):
+        return grain.MapDataset.source([])
+
+
+class EmptyNamedVal(TinyTask):
+    def val_data(self):
+        return {"clean": make_examples(8, seed=1), "noisy": grain.MapDataset.source([])}
+
+
+class EmptyTest(TinyTask):
+    def test_data(self):
+        return grain.MapDataset.source([])
+
+
+class EmptyPredict(TinyTask):
+    def predict_data(self):
+        return grain.MapDataset.source([])
+
+
+def test_an_empty_train_data_is_named_not_taken_for_a_batch_size_problem(tmp_path):
+    with pytest.raises(ValueError) as caught:
+        _trainer(tmp_path).fit(EmptyTrain())
+    message = str(caught.value)
+    assert "EmptyTrain.train_data() returned no examples" in message
+    assert "batch size" not in message
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_an_empty_val_data_fails_the_fit_before_its_first_step(tmp_path):
+    trainer = _trainer(tmp_path, plugin_autoload=None)
+    with pytest.raises(ValueError, match=r"EmptyVal\.val_data\(\) returned no examples"):
+        trainer.fit(EmptyVal())
+    assert trainer.global_step == 0
+    with pytest.raises(ValueError, match=r"EmptyNamedVal\.val_data\(\)\['noisy'\] has no"):
+        _trainer(tmp_path).fit(EmptyNamedVal())
+
+
+def test_empty_test_and_predict_data_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"EmptyTest\.test_data\(\) returned no examples"):
+        _trainer(tmp_path).test(EmptyTest(), untrained=True)
+    with pytest.raises(ValueError, match=r"EmptyPredict\.predict_data\(\) returned no examples"):
+        _trainer(tmp_path).predict(EmptyPredict(), untrained=True)
