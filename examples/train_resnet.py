@@ -44,7 +44,7 @@ DEFAULTS = {
     "image_size": None, "model": "simple", "stem": "cifar", "epochs": 40, "batch_size": 32,
     # Label smoothing 0.1: seeds 0-4 reach >= 98.61% on digits, median 99.44%
     # (benchmarks/README.md, section 9).
-    # 40 epochs: at 30 the same seeds gave a median of 98.89% on an Intel VM (99.44% on AMD).
+    # 40 epochs: at 30 the median fell below 99% on one of the machines measured (same section).
     "lr": 0.05, "optimizer": "sgd", "weight_decay": 5e-4, "label_smoothing": 0.1,
     "warmup_fraction": 0.05, "precision": "fp32",
 }

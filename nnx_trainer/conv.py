@@ -64,7 +64,7 @@ __all__ = [
 ConvFn = Callable[..., jax.Array]
 
 # Bytes of one tap's input rows plus the output-gradient rows per chunk of the
-# kernel-gradient loop. Measured on a 2-core EPYC (benchmarks/conv_grad.py --explore):
+# kernel-gradient loop. Measured with benchmarks/conv_grad.py --explore (benchmarks/README.md, 7):
 # about 1 MiB keeps a chunk's tap copies and gradient rows in L2 and gives 1.2-2.5x
 # over one product across the whole batch (whose tap copies are each the size of the
 # input); much smaller chunks pay the loop's overhead, larger ones drift back towards
@@ -237,8 +237,8 @@ def _forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: _Geometry
     """Which formulation computes this forward convolution (a key of ``FORWARD_PATHS``).
 
     Measured per shape, forward alone, paired rounds in one run
-    (``benchmarks/conv_sweep.py --forward-paths``, 2-core EPYC shared with other work, so
-    only large or repeated ratios count; table in ``benchmarks/README.md``):
+    (``benchmarks/conv_sweep.py --forward-paths``, on a machine shared with other work, so
+    only large or repeated ratios count; table in ``benchmarks/README.md``, 7b):
 
     * kernel larger than the image (3x3 over 2x2 or 1x1, 3x3/2 over 2x2): XLA:CPU's
       convolution is pathological, im2col + one product is 70-430x faster with 256-512
@@ -343,7 +343,7 @@ def _shifted_products_pay(x_shape: Sequence[int], w_shape: Sequence[int],
                           g_shape: Sequence[int], geo: _Geometry) -> bool:
     """Whether the chunked shifted products beat XLA's kernel gradient for this shape.
 
-    Measured on a 2-core EPYC, float32, batch 32-128 (``benchmarks/conv_grad.py``):
+    Measured float32, batch 32-128 (``benchmarks/conv_grad.py``; ``benchmarks/README.md``, 7):
     1x1 kernels 1.5-5x (one product, no taps); stride 2 with >= 64 channels 1.05-1.8x
     (XLA's strided kernel gradient is slow); stride 1 only with >= 128 channels at 8x8 and
     up (1.2-3.3x) or >= 64 channels at 32x32 and up (1.5-1.8x). Below that, with few

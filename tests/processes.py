@@ -23,6 +23,12 @@ def clean_env(devices: int | None = None) -> dict[str, str]:
     return env
 
 
+def script_env() -> dict[str, str]:
+    """:func:`clean_env` for a test script's training process: CPU only, and only the
+    plugins the script registers itself (no autoload)."""
+    return {**clean_env(), "JAX_PLATFORMS": "cpu", "NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD": "1"}
+
+
 def jax_process_env(port: int, count: int, index: int) -> dict[str, str]:
     """The variables the multi-process launch of docs/sharding.md sets for process ``index``."""
     return {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(count),

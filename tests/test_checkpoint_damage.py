@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import script_env
 from tiny_task import TinyTask
 
 import nnx_trainer
@@ -31,20 +32,13 @@ CKPT_LOG = "nnx_trainer.checkpoint"
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    return env
-
-
 def train(run_dir: Path, *extra: str, max_steps: int = 12) -> tuple[subprocess.CompletedProcess,
                                                                      dict]:
     out = run_dir.parent / f"{run_dir.name}.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), "--max-steps", str(max_steps),
          "--out", str(out), *CADENCE, *extra],
-        env=_env(), capture_output=True, text=True, timeout=240)
+        env=script_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
     return proc, json.loads(out.read_text())
@@ -329,7 +323,7 @@ def test_the_checksum_sees_any_flipped_bit_and_not_the_sharding():
         "        for spec in (P(), P('a'), P(None, 'b'), P('a', 'b'), P('b', 'a'))}\n"
         "print(sorted(sums))\n"
     )
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**script_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -351,7 +345,7 @@ def _two_processes(tmp_path: Path, tag: str, *extra: str) -> list[str]:
     procs = [subprocess.Popen(
         [sys.executable, str(script), "--port", str(port), "--count", "2", "--index", str(i),
          "--out", str(tmp_path / f"{tag}-{i}.json"), *keep_all, *extra],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)

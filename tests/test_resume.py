@@ -11,7 +11,6 @@ step and its final arrays bit for bit (CPU, same settings).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -21,19 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import script_env
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "ckpt_train.py"
 MAX_STEPS = 20
 BEST_K = ("--every-n-steps", "3", "--monitor", "val/loss", "--keep-best", "2", "--keep-last", "1")
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    return env
 
 
 def _read_step_values(path) -> dict[int, float]:
@@ -66,7 +59,7 @@ class Run:
 
     def run(self, *extra: str, rc: int = 0) -> Run:
         self.proc = subprocess.run(
-            self.args(*extra), env=_env(), capture_output=True, text=True, timeout=240
+            self.args(*extra), env=script_env(), capture_output=True, text=True, timeout=240
         )
         assert self.proc.returncode == rc, (
             f"{self.name}: exit {self.proc.returncode}, expected {rc}\n"
@@ -175,7 +168,7 @@ def test_sigterm_from_the_parent_saves_exits_zero_and_resumes_exactly(tmp_path, 
     run_dir = tmp_path / "run"
     first = Run(tmp_path, "terminated", run_dir)
     proc = subprocess.Popen(
-        first.args("--step-sleep", "0.15"), env=_env(), stdout=subprocess.PIPE,
+        first.args("--step-sleep", "0.15"), env=script_env(), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -281,7 +274,7 @@ def test_sigkill_mid_stream_resumes_from_grains_iterator_state(tmp_path):
 def test_checkpoint_restores_onto_another_device_count_and_strategy(tmp_path):
     # One device -> FSDP over 4 (sharded leaves) and back: the arrays restore onto the
     # trainer's target shardings, values unchanged.
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**script_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT.with_name("ckpt_reshard.py")), str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=240,
@@ -300,7 +293,7 @@ def test_checkpoint_restores_onto_another_device_count_and_strategy(tmp_path):
 
 
 def _start_processes(script: Path, port: int, outs: list[Path], *extra: str) -> list:
-    env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+    env = {k: v for k, v in script_env().items() if k != "JAX_PLATFORMS"}
     return [
         subprocess.Popen(
             [sys.executable, str(script), "--port", str(port), "--count", str(len(outs)),
@@ -337,7 +330,7 @@ def test_two_processes_with_clocks_across_the_throttle_boundary_save_the_same_st
     # broadcasts: both save 4, 12, 20 and the end, 24.
     port = _port()
     script = SCRIPT.with_name("multiprocess_run.py")
-    env = {k: v for k, v in _env().items() if k != "JAX_PLATFORMS"}
+    env = {k: v for k, v in script_env().items() if k != "JAX_PLATFORMS"}
     procs, outs = [], [tmp_path / f"p{i}.json" for i in range(2)]
     for i, seconds in enumerate((10, 16)):
         procs.append(subprocess.Popen(
@@ -394,7 +387,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resu
     whole = tmp_path / "whole.json"
     single = subprocess.run(
         [sys.executable, str(script), "--out", str(whole), "--max-steps", "40"],
-        env=_env(), capture_output=True, text=True, timeout=240,
+        env=script_env(), capture_output=True, text=True, timeout=240,
     )
     assert single.returncode == 0, single.stderr[-3000:]
     reference = json.loads(whole.read_text())["losses"]
