@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from wine_snippet import run_wine_example
 
 import nnx_trainer
 from nnx_trainer import hookspecs
@@ -82,16 +83,6 @@ def _task_guide_example() -> str:
 
 @pytest.mark.slow
 def test_the_task_guide_example_runs_as_written(tmp_path):
-    (tmp_path / "wine.py").write_text(_task_guide_example())
-    proc = subprocess.run(
-        [sys.executable, "wine.py"], cwd=tmp_path, capture_output=True, text=True,
-        env={**os.environ, "WANDB_MODE": "disabled"}, timeout=600, stdin=subprocess.DEVNULL,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    trained, new_instance, best = (eval(x) for x in lines[:3])  # noqa: S307 - our own output
-    assert trained == new_instance
-    assert trained["val/accuracy"] > 0.8  # 38 held-out wines; chance is 1/3
-    assert best["test/accuracy"] >= trained["val/accuracy"] - 1e-6
+    proc = run_wine_example(_task_guide_example(), tmp_path)
     # The guide sets learning_rate_schedule, so the lr_monitor plugin finds the rate.
     assert "cannot determine the learning rate" not in proc.stderr + proc.stdout
