@@ -171,6 +171,7 @@ def _measure_conv(args, sz, label, side, ci, co, k, s, pad, count) -> dict:
     from jax import lax
 
     from nnx_trainer import conv as conv_mod
+    from nnx_trainer import conv_forward, conv_gradients
 
     dtype = jnp.dtype(args.dtype)
     dn = ("NHWC", "HWIO", "NHWC")
@@ -194,12 +195,13 @@ def _measure_conv(args, sz, label, side, ci, co, k, s, pad, count) -> dict:
         "ours": jax.jit(functools.partial(fwd_bwd, conv_mod.conv_general_dilated)),
     }
     if args.explore:
-        geo = conv_mod._geometry(x, w, (s, s), pad, None, None, dn, 1, 1, None, None, None)
+        geo = conv_forward.geometry_of(x, w, (s, s), pad, None, None, dn, 1, 1, None, None, None)
         kg_whole, kg_im2col, ig_phases = _explore_fns(jnp, lax, conv_mod)
         strides, pads = geo.strides, geo.padding
         fns["kgrad xla"] = jax.jit(
             lambda x, w, ct: jax.vjp(lambda b: xla_conv(x, b), w)[1](ct))
-        fns["kgrad ours"] = jax.jit(lambda x, w, ct: conv_mod._kernel_grad(x, ct, w.shape, geo))
+        fns["kgrad ours"] = jax.jit(
+            lambda x, w, ct: conv_gradients.kernel_grad(x, ct, w.shape, geo))
         fns["kgrad whole-batch"] = jax.jit(
             lambda x, w, ct: kg_whole(x, ct, w.shape, strides, pads))
         fns["kgrad im2col/chunk"] = jax.jit(
@@ -208,11 +210,11 @@ def _measure_conv(args, sz, label, side, ci, co, k, s, pad, count) -> dict:
             lambda x, w, ct: kg_im2col(x, ct, w.shape, strides, pads, rows=4096))
 
         def chunked(x, w, ct, nbytes):
-            saved, conv_mod._CHUNK_BYTES = conv_mod._CHUNK_BYTES, nbytes
+            saved, conv_gradients.CHUNK_BYTES = conv_gradients.CHUNK_BYTES, nbytes
             try:  # the chunk size is read while tracing
-                return conv_mod._kernel_grad(x, ct, w.shape, geo)
+                return conv_gradients.kernel_grad(x, ct, w.shape, geo)
             finally:
-                conv_mod._CHUNK_BYTES = saved
+                conv_gradients.CHUNK_BYTES = saved
 
         for kib in (256, 4096, 1 << 16):
             fns[f"kgrad ours chunk={kib}KiB"] = jax.jit(

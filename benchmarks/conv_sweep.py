@@ -195,6 +195,7 @@ def jax_fns(shape: tuple, batch: int, dtype_name: str, which: str) -> dict:
     from jax import lax
 
     from nnx_trainer import conv as conv_mod
+    from nnx_trainer import conv_forward
 
     h, w, ci, co, kh, kw, strides, padding = shape
     dtype = jnp.dtype(dtype_name)
@@ -211,9 +212,9 @@ def jax_fns(shape: tuple, batch: int, dtype_name: str, which: str) -> dict:
     ct = jnp.asarray(rng.standard_normal(y.shape, np.float32), dtype)
     impls = {"xla": lax.conv_general_dilated, "ours": conv_mod.conv_general_dilated}
     if which == "paths":
-        geo = conv_mod._Geometry(strides, padding, None)
+        geo = conv_forward.Geometry(strides, padding, None)
         compiled = {name: jax.jit(lambda a, b, f=f: f(a, b, geo))
-                    for name, f in conv_mod.FORWARD_PATHS.items()}
+                    for name, f in conv_forward.FORWARD_PATHS.items()}
         return {name: (lambda f=f: jax.block_until_ready(f(x, k))) for name, f in
                 compiled.items()}
     if which == "fwd":
@@ -263,23 +264,24 @@ def torch_fn(shape: tuple, batch: int, dtype_name: str, which: str) -> Callable[
 
 def paths_taken(shape: tuple, batch: int, dtype: str) -> tuple[str, str]:
     """The forward path and the backward's (input gradient, kernel gradient) forms."""
-    from nnx_trainer import conv as conv_mod
+    from nnx_trainer import conv_forward as fwd_mod
+    from nnx_trainer import conv_gradients as grad_mod
 
     h, w, ci, co, kh, kw, strides, padding = shape
-    geo = conv_mod._Geometry(strides, padding, None)
+    geo = fwd_mod.Geometry(strides, padding, None)
     x_shape, w_shape = (batch, h, w, ci), (kh, kw, ci, co)
-    ho = conv_mod._out_size(h, kh, strides[0], padding[0])
-    wo = conv_mod._out_size(w, kw, strides[1], padding[1])
+    ho = fwd_mod.out_size(h, kh, strides[0], padding[0])
+    wo = fwd_mod.out_size(w, kw, strides[1], padding[1])
     g_shape = (batch, ho, wo, co)
-    fwd = conv_mod._forward_path(x_shape, w_shape, geo, dtype)
-    if conv_mod._phases_pay(w_shape, g_shape, geo):
+    fwd = fwd_mod.forward_path(x_shape, w_shape, geo, dtype)
+    if grad_mod.phases_pay(w_shape, g_shape, geo):
         dx = "phases"
-    elif (dx_geo := conv_mod._stride1_input_grad_geometry(w_shape, geo)) is not None:
-        dx = conv_mod._forward_path(g_shape, (kh, kw, co, ci), dx_geo, dtype)
+    elif (dx_geo := grad_mod.stride1_input_grad_geometry(w_shape, geo)) is not None:
+        dx = fwd_mod.forward_path(g_shape, (kh, kw, co, ci), dx_geo, dtype)
     else:  # the transpose of the forward's formulation
-        slow = fwd == "xla" and conv_mod._dilated_transpose_is_slow(w_shape, g_shape, geo)
+        slow = fwd == "xla" and grad_mod.dilated_transpose_is_slow(w_shape, g_shape, geo)
         dx = "T(" + ("im2col" if slow else fwd) + ")"
-    dw = "taps" if conv_mod._shifted_products_pay(x_shape, w_shape, g_shape, geo) else "xla"
+    dw = "taps" if grad_mod.shifted_products_pay(x_shape, w_shape, g_shape, geo) else "xla"
     return fwd, f"dx {dx}, dW {dw}"
 
 
@@ -293,7 +295,7 @@ def step_comparison(args: argparse.Namespace) -> dict:
     import numpy as np
     from flax import nnx
 
-    from nnx_trainer import conv as conv_mod
+    from nnx_trainer import conv_forward
     from resnet_task.models import create_model
 
     name, stem, size = args.step.split("/")
@@ -303,7 +305,7 @@ def step_comparison(args: argparse.Namespace) -> dict:
     y = jnp.asarray(np.arange(batch) % 10, jnp.int32)
     # Compute dtype (parameters stay float32): --dtype bfloat16, else float32.
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    routed = conv_mod._forward_path
+    routed = conv_forward.forward_path
     calls = {}
     for variant in ("xla", "ours", "ours, XLA forward"):
         model = create_model(name, num_classes=10, stem=stem, rngs=nnx.Rngs(0), dtype=dtype,
@@ -318,12 +320,12 @@ def step_comparison(args: argparse.Namespace) -> dict:
             return nnx.grad(loss)(nnx.merge(graphdef, p, r))
 
         # The route is read when the step is traced, i.e. while it is compiled here.
-        conv_mod._forward_path = (lambda *a: "xla") if variant.endswith("forward") else routed
+        conv_forward.forward_path = (lambda *a: "xla") if variant.endswith("forward") else routed
         try:
             t = time.perf_counter()
             compiled = jax.jit(grads).lower(params, rest, x, y).compile()
         finally:
-            conv_mod._forward_path = routed
+            conv_forward.forward_path = routed
         temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
         jax.block_until_ready(compiled(params, rest, x, y))
         print(f"  {variant:18s} compile + first step {time.perf_counter() - t:5.1f} s, "

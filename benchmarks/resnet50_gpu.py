@@ -10,7 +10,7 @@ are counted from the model itself: every convolution and matrix product in the t
 forward pass contributes ``2 x MACs`` (MACs from the operand shapes), and a training
 step costs 3x the forward (forward, input gradients, weight gradients). BatchNorm,
 ReLU and pooling are not counted, as is standard. Peaks (dense bf16, no sparsity):
-the ``model_summary`` plugin's ``PEAK_FLOPS`` table (the one the Trainer's MFU uses); on a
+``nnx_trainer.flops.PEAK_FLOPS`` (the one the Trainer's MFU uses); on a
 device not in it pass ``--peak-flops``.
 
     python benchmarks/resnet50_gpu.py --batch-size 256 --steps 30   # on a GPU
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import workloads
     from flax import nnx
 
-    from nnx_trainer_plugins.model_summary import peak_flops
+    from nnx_trainer.flops import peak_flops
 
     device = jax.devices()[0]
     print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}", flush=True)

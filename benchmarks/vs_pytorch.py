@@ -21,7 +21,13 @@ variables, batch sizes, and PyTorch's channels_last: ~25 more minutes here.
 Besides wall time each child reports process CPU time per step (all threads), which
 other work on the machine disturbs much less than wall time.
 
-    python benchmarks/vs_pytorch.py                 # ~10 min on this 2-core VM
+``--suite`` measures the three rows the README reports (ResNet-18 CIFAR 32² batch 128,
+ResNet-50 64² batch 32, ResNet-50 224² batch 16) in one run and prints them as one
+table; ``--precision bf16`` (or ``--suite --with-bf16``, an extra column) runs ours with
+``Trainer(precision="bf16")``.
+
+    python benchmarks/vs_pytorch.py                 # ~10 min on a 2-core CPU
+    python benchmarks/vs_pytorch.py --suite --with-bf16
     python benchmarks/vs_pytorch.py --explore
 """
 
@@ -36,6 +42,10 @@ from pathlib import Path
 import harness
 
 SCRIPT = Path(__file__).resolve()
+
+# The README's rows: (model, image side, batch).
+SUITE: list[tuple[str, int, int]] = [("resnet18", 32, 128), ("resnet50", 64, 32),
+                                     ("resnet50", 224, 16)]
 
 # (label, worker, XLA_FLAGS, extra environment, extra worker arguments)
 EXPLORE_VARIANTS: list[tuple[str, str, str, dict, list[str]]] = [
@@ -94,6 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6,
                    help="timed steps per measurement (the fit times its second epoch of "
                         "steps+1 batches)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="ours (Trainer.fit) in this compute precision; PyTorch stays float32")
+    p.add_argument("--suite", action="store_true",
+                   help="the three README rows (ResNet-18 CIFAR 32/128, ResNet-50 64/32 and "
+                        "224/16) in one run, as one table")
+    p.add_argument("--with-bf16", action="store_true",
+                   help="with --suite: also ours in bf16, as an extra column")
     p.add_argument("--explore", action="store_true",
                    help="also measure XLA flags, layouts, threads and batch sizes (~25 min here)")
     p.add_argument("--explore-steps", type=int, default=3,
@@ -287,7 +304,8 @@ def jax_fit_worker(args: argparse.Namespace) -> dict:
     s = sizes(args)
     per_epoch = s["steps"] + 1
     task = jax_task(args, per_epoch)
-    fit = workloads.timed_fit(task, batch_size=s["batch_size"], epochs=2)
+    fit = workloads.timed_fit(task, batch_size=s["batch_size"], epochs=2,
+                              precision=args.precision)
     return {"images_per_second": fit.images_per_second,
             "images_per_second_with_boundaries": fit.steps_per_second * s["batch_size"],
             "cpu_ms_per_step": fit.cpu_seconds_per_step * 1e3,
@@ -341,6 +359,7 @@ def child(args: argparse.Namespace, worker: str, *extra: str, xla_flags: str = "
     s = sizes(args)
     argv = [sys.executable, str(SCRIPT), "--_worker", worker, "--model", args.model,
             "--batch-size", str(s["batch_size"]), "--steps", str(steps or args.steps),
+            "--precision", args.precision,
             *(["--image-size", str(args.image_size)] if args.image_size else []),
             *(["--quick"] if args.quick else []), *extra]
     child_env = {**os.environ, **(env or {})}
@@ -360,18 +379,13 @@ def line(label: str, r: dict) -> str:
             f"CPU {r['cpu_ms_per_step']:8.0f} ms/step  peak RSS {r['peak_rss_mib']:6.0f} MiB")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args._worker:
-        return run_worker(args)
-    harness.prepare_runtime(quick=args.quick)
-    stem = "imagenet" if args.model == "resnet50" else "cifar"
-    harness.print_header(f"{args.model} ({stem} stem) training: PyTorch vs nnx-trainer", args,
-                         extra_packages=["torch"])
+def measure(args: argparse.Namespace) -> dict:
+    """One configuration: PyTorch, the hand JAX loop and ours, each in its own process."""
     s = sizes(args)
+    stem = "imagenet" if args.model == "resnet50" else "cifar"
     print(f"model {args.model} ({stem} stem, width {s['width']}), {s['image_size']}x"
           f"{s['image_size']}x3 float32 in memory, batch {s['batch_size']}, "
-          f"{s['steps']} timed steps each", flush=True)
+          f"{s['steps']} timed steps each; ours in {args.precision}", flush=True)
     results = {}
     if torch_available():
         results["torch"] = child(args, "torch")
@@ -402,6 +416,57 @@ def main(argv: list[str] | None = None) -> int:
     if "jax-hand" in results:
         print(f"  ratio ours/jax-hand (the Trainer's share): "
               f"{fit['images_per_second'] / results['jax-hand']['images_per_second']:.3f}")
+    return results
+
+
+def suite(args: argparse.Namespace) -> None:
+    """The README's three rows in one run, then one Markdown table of them."""
+    rows = []
+    for model, side, batch in SUITE:
+        row_args = argparse.Namespace(**{**vars(args), "model": model, "image_size": side,
+                                         "batch_size": batch, "precision": "fp32"})
+        print(flush=True)
+        results = measure(row_args)
+        if args.with_bf16:
+            bf16_args = argparse.Namespace(**{**vars(row_args), "precision": "bf16"})
+            results["jax-fit-bf16"] = child(bf16_args, "jax-fit")
+            print(line("ours in bf16: Trainer(precision='bf16')", results["jax-fit-bf16"]),
+                  flush=True)
+        rows.append((model, side, batch, results))
+    print("\n| model, input, batch | PyTorch images/s | hand JAX | ours `Trainer.fit` "
+          "| ours / PyTorch | peak RSS ours / PyTorch |"
+          + (" ours bf16 | bf16 / fp32 |" if args.with_bf16 else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if args.with_bf16 else ""))
+    nan = {"images_per_second": float("nan"), "peak_rss_mib": float("nan")}
+    for model, side, batch, r in rows:
+        torch_r, hand, fit = r.get("torch", nan), r.get("jax-hand", nan), r["jax-fit"]
+        stem = "ImageNet" if model == "resnet50" else "CIFAR"
+        shown = sizes(argparse.Namespace(**{**vars(args), "model": model, "image_size": side,
+                                            "batch_size": batch}))  # --quick shrinks them
+        cells = [f"{model} {stem} stem, {shown['image_size']}², {shown['batch_size']}",
+                 f"{torch_r['images_per_second']:.1f}",
+                 f"{hand['images_per_second']:.1f}", f"{fit['images_per_second']:.1f}",
+                 f"**{fit['images_per_second'] / torch_r['images_per_second']:.2f}**",
+                 f"{fit['peak_rss_mib'] / torch_r['peak_rss_mib']:.2f}"]
+        if args.with_bf16:
+            bf16 = r["jax-fit-bf16"]["images_per_second"]
+            cells += [f"{bf16:.1f}", f"{bf16 / fit['images_per_second']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        return run_worker(args)
+    harness.prepare_runtime(quick=args.quick)
+    title = ("ResNet training suite" if args.suite
+             else f"{args.model} ({'imagenet' if args.model == 'resnet50' else 'cifar'} stem) "
+                  "training")
+    harness.print_header(f"{title}: PyTorch vs nnx-trainer", args, extra_packages=["torch"])
+    if args.suite:
+        suite(args)
+    else:
+        measure(args)
     if args.explore:
         explore(args)
     return 0

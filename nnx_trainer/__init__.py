@@ -4,6 +4,7 @@ from nnx_trainer.data import MASK_KEY
 from nnx_trainer.hookspecs import hookimpl, hookspec
 from nnx_trainer.plugin_manager import ENTRY_POINT_GROUP, PluginError
 from nnx_trainer.run_lock import RunDirInUse
+from nnx_trainer.run_view import RunView
 from nnx_trainer.state import CheckpointContent, CheckpointMeta, Outcome, TrainState
 from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
 from nnx_trainer.task import OptimizerSpec, Task
@@ -19,6 +20,7 @@ __all__ = [
     "OptimizerSpec",
     "PluginError",
     "RunDirInUse",
+    "RunView",
     "SingleDeviceStrategy",
     "Strategy",
     "Task",

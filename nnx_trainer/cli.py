@@ -111,9 +111,7 @@ def _fail(prog: str, message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``nnx-trainer``; returns the exit status (2 for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":  # not a Trainer method: its own parser (export.py)
-        from nnx_trainer.export import main as export_main
-
+    if argv and argv[0] == "export":  # not a Trainer method: its own parser
         return export_main(argv[1:])
     if not argv or argv[0] not in COMMANDS:
         try:
@@ -145,6 +143,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentError as exc:
         return _fail(prog, concise(str(exc)))
     return run(command, parser, cfg, task_cls, prog)
+
+
+def export_main(argv: Sequence[str]) -> int:
+    """``nnx-trainer export``: a run's checkpoint to a StableHLO or ONNX file
+    (:mod:`nnx_trainer.export`), its Task and Trainer built from the run's config."""
+    from nnx_trainer import export  # jax.export and ONNX: only for this subcommand
+
+    prog = f"{PROG} export"
+    parser = argparse.ArgumentParser(prog=prog, description=export.__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="the file to write")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the run's config.yaml (repeatable, as for fit)")
+    parser.add_argument("--ckpt_path", default="best",
+                        help="'best' (default), 'last' or a checkpoint directory")
+    parser.add_argument("--format", choices=export.FORMATS, default="stablehlo")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="a fixed batch size (default: symbolic, any batch)")
+    parser.add_argument("--input_key", default="image",
+                        help="the key of the examples that is the model's input")
+    parser.add_argument("--platforms", default=None,
+                        help="StableHLO: comma-separated platforms, e.g. cpu,cuda")
+    args = parser.parse_args(argv)
+    try:
+        config_args = [a for path in args.config for a in ("--config", path)]
+        spec = task_spec_from(config_args)
+        if not spec:
+            raise CLIError(f"{args.config}: no task.class_path in the config")
+        task_cls = load_task_class(spec)
+        command_parser = build_parser("predict", task_cls, plugin_classes())
+        trainer, task = build_objects(command_parser.parse_args(config_args), task_cls)
+        path = export.export_run(
+            trainer, task, args.out, ckpt_path=args.ckpt_path, format=args.format,
+            batch_size=args.batch_size, input_key=args.input_key,
+            platforms=args.platforms.split(",") if args.platforms else None)
+    except (CLIError, FileNotFoundError, ValueError, ImportError) as exc:
+        return _fail(prog, str(exc))
+    print(f"{path} ({path.stat().st_size} bytes, {args.format})")
+    return 0
 
 
 def concise(message: str) -> str:

@@ -53,7 +53,8 @@ def load_task_class(spec: str) -> type[Task]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = [n for n, v in vars(module).items() if inspect.isclass(v)]
+            # dir(), not vars(): a package may export its classes lazily (resnet_task does).
+            names = [n for n in dir(module) if inspect.isclass(getattr(module, n, None))]
             near = difflib.get_close_matches(part, names, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise CLIError(f"--task {spec!r}: {module_name!r} has no {part!r}{hint}")

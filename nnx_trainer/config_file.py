@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from nnx_trainer.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from nnx_trainer.trainer import Trainer
+    from nnx_trainer.run_view import RunView
 
 CONFIG_NAME = "config.yaml"
 __all__ = ["CONFIG_NAME", "ConfigFile", "write_config"]
@@ -53,7 +53,7 @@ class ConfigFile:
         self.written: Path | None = None  # where the latest fit's config is
 
     @hookimpl(trylast=True)
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Save the config now that the fit has really started (main process only)."""
         if trainer.is_main_process:
             run_dir = Path(trainer.run_dir)

@@ -30,16 +30,14 @@ evaluation example (``input_key``, after ``eval_transforms``). nnx_trainer's own
 CPU convolution (``nnx_trainer.conv``, a ``custom_vjp`` for a faster backward pass) is
 swapped for XLA's, whose forward pass it shares, so the exported program is plain.
 
-``nnx-trainer export --config RUN/config.yaml --ckpt_path best --format onnx OUT`` is
-:func:`main`.
+``nnx-trainer export --config RUN/config.yaml --ckpt_path best --format onnx OUT``
+(``nnx_trainer.cli.export_main``) calls :func:`export_run`.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -300,45 +298,3 @@ def export_run(
     example = example_input(task, input_key, input_dtype)
     return export_model(model, example, out, format=format, batch_size=batch_size,
                         platforms=platforms)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``nnx-trainer export``: a run's checkpoint to a StableHLO or ONNX file."""
-    from nnx_trainer import cli
-
-    parser = argparse.ArgumentParser(
-        prog=f"{cli.PROG} export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="the file to write")
-    parser.add_argument("--config", required=True, action="append",
-                        help="the run's config.yaml (repeatable, as for fit)")
-    parser.add_argument("--ckpt_path", default="best",
-                        help="'best' (default), 'last' or a checkpoint directory")
-    parser.add_argument("--format", choices=FORMATS, default="stablehlo")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="a fixed batch size (default: symbolic, any batch)")
-    parser.add_argument("--input_key", default="image",
-                        help="the key of the examples that is the model's input")
-    parser.add_argument("--platforms", default=None,
-                        help="StableHLO: comma-separated platforms, e.g. cpu,cuda")
-    args = parser.parse_args(argv)
-    prog = f"{cli.PROG} export"
-    try:
-        config_args = [a for path in args.config for a in ("--config", path)]
-        spec = cli.task_spec_from(config_args)
-        if not spec:
-            raise cli.CLIError(f"{args.config}: no task.class_path in the config")
-        task_cls = cli.load_task_class(spec)
-        command_parser = cli.build_parser("predict", task_cls, cli.plugin_classes())
-        trainer, task = cli.build_objects(command_parser.parse_args(config_args), task_cls)
-        path = export_run(
-            trainer, task, args.out, ckpt_path=args.ckpt_path, format=args.format,
-            batch_size=args.batch_size, input_key=args.input_key,
-            platforms=args.platforms.split(",") if args.platforms else None)
-    except (cli.CLIError, FileNotFoundError, ValueError, ImportError) as exc:
-        return cli._fail(prog, str(exc))
-    print(f"{path} ({path.stat().st_size} bytes, {args.format})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,6 +4,13 @@ Hooks are called with keyword arguments only; an implementation may accept any
 subset of a spec's arguments (pluggy's rule), so adding an argument to a spec
 never breaks existing plugins.
 
+The ``trainer`` argument of every hook is the run as plugins see it, a
+:class:`~nnx_trainer.run_view.RunView`: the members that protocol lists are what a
+plugin may read and set, and all it may rely on. Plugins share what they know through
+hooks, never by looking each other up by name: the plugin that knows something calls
+the hook (``trainer.hook.log_model_summary(...)``), and every plugin that wants it
+implements that hook, built-in or third-party alike (pytest's ``pytest_report_header``).
+
 Ordering between plugins, where it matters (pluggy calls later-registered
 plugins first; ``tryfirst``/``trylast`` pin the exceptions):
 
@@ -14,6 +21,10 @@ plugins first; ``tryfirst``/``trylast`` pin the exceptions):
   checkpoint monitor) read them in ``on_validation_end`` or ``log_metrics`` alike.
 - ``on_run_end``: every plugin tears down there, whatever the order; nothing may
   assume another plugin is still open (loggers flush their own files).
+- Hooks that plugins call for each other (:func:`log_model_summary`,
+  :func:`on_checkpoint_saved`, :func:`checkpoint_dir`, :func:`report_console`,
+  :func:`training_time`, :func:`fit_summary_rows`) are called from inside another hook:
+  each says when, so an implementation knows which of its own hooks have run by then.
 
 Arguments that carry numbers (losses, metrics) are device arrays: the engine
 never forces a host sync for a hook. A plugin that needs a Python number
@@ -28,9 +39,14 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from nnx_trainer.flops import StepFlops
+    from nnx_trainer.run_view import RunView
     from nnx_trainer.strategy import Strategy
     from nnx_trainer.task import Task
-    from nnx_trainer.trainer import Trainer
 
 PROJECT_NAME = "nnx_trainer"
 
@@ -44,7 +60,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec(historic=True)
-def on_plugins_loaded(trainer: Trainer) -> None:
+def on_plugins_loaded(trainer: RunView) -> None:
     """Called once every plugin is registered, before any run starts.
 
     Historic: a plugin registered later still receives it.
@@ -59,7 +75,7 @@ def on_plugins_loaded(trainer: Trainer) -> None:
 
 
 @hookspec(firstresult=True)
-def select_strategy(trainer: Trainer, name: str) -> Strategy | None:
+def select_strategy(trainer: RunView, name: str) -> Strategy | None:
     """Return the :class:`~nnx_trainer.strategy.Strategy` called ``name``, or None.
 
     Stops at first non-None result. When no plugin answers for ``"single_device"``
@@ -82,7 +98,7 @@ def strategy_names() -> list[str]:
 
 
 @hookspec
-def on_fit_start(trainer: Trainer, task: Task) -> None:
+def on_fit_start(trainer: RunView, task: Task) -> None:
     """Called after the model, optimizer and data are built and placed, before the first step.
 
     A resumed run has already restored its state when this is called.
@@ -93,7 +109,7 @@ def on_fit_start(trainer: Trainer, task: Task) -> None:
 
 
 @hookspec
-def on_fit_end(trainer: Trainer, task: Task) -> None:
+def on_fit_end(trainer: RunView, task: Task) -> None:
     """Called after the last training step, validation and checkpoint of a fit that was
     not preempted and raised nothing (``completed`` or ``stopped``). Teardown belongs in
     :func:`on_run_end`, which always runs.
@@ -105,7 +121,7 @@ def on_fit_end(trainer: Trainer, task: Task) -> None:
 
 @hookspec
 def on_run_end(
-    trainer: Trainer, stage: str, outcome: str, exception: BaseException | None
+    trainer: RunView, stage: str, outcome: str, exception: BaseException | None
 ) -> None:
     """Always called once at the end of every fit, validate, test and predict call.
 
@@ -123,7 +139,7 @@ def on_run_end(
 
 
 @hookspec
-def on_train_epoch_start(trainer: Trainer, epoch: int) -> None:
+def on_train_epoch_start(trainer: RunView, epoch: int) -> None:
     """Called before the first batch of a training epoch.
 
     :param trainer: the running trainer.
@@ -132,7 +148,7 @@ def on_train_epoch_start(trainer: Trainer, epoch: int) -> None:
 
 
 @hookspec
-def on_train_epoch_end(trainer: Trainer, epoch: int) -> None:
+def on_train_epoch_end(trainer: RunView, epoch: int) -> None:
     """Called after the last batch of a training epoch, before end-of-epoch validation.
 
     :param trainer: the running trainer.
@@ -141,7 +157,7 @@ def on_train_epoch_end(trainer: Trainer, epoch: int) -> None:
 
 
 @hookspec
-def on_train_batch_start(trainer: Trainer, step: int, batch: Mapping[str, Any]) -> None:
+def on_train_batch_start(trainer: RunView, step: int, batch: Mapping[str, Any]) -> None:
     """Called before a train step is dispatched.
 
     :param trainer: the running trainer.
@@ -152,7 +168,7 @@ def on_train_batch_start(trainer: Trainer, step: int, batch: Mapping[str, Any]) 
 
 
 @hookspec
-def on_train_batch_end(trainer: Trainer, step: int, loss: Any) -> None:
+def on_train_batch_end(trainer: RunView, step: int, loss: Any) -> None:
     """Called after a train step is dispatched (the step may still be running on device).
 
     ``trainer.global_step`` already counts this step.
@@ -169,7 +185,7 @@ def on_train_batch_end(trainer: Trainer, step: int, loss: Any) -> None:
 
 
 @hookspec
-def on_validation_start(trainer: Trainer, stage: str) -> None:
+def on_validation_start(trainer: RunView, stage: str) -> None:
     """Called before the first evaluation batch.
 
     :param trainer: the running trainer.
@@ -178,7 +194,7 @@ def on_validation_start(trainer: Trainer, stage: str) -> None:
 
 
 @hookspec
-def on_validation_batch_end(trainer: Trainer, stage: str, batch_index: int) -> None:
+def on_validation_batch_end(trainer: RunView, stage: str, batch_index: int) -> None:
     """Called after each evaluation batch is dispatched.
 
     :param trainer: the running trainer.
@@ -188,7 +204,7 @@ def on_validation_batch_end(trainer: Trainer, stage: str, batch_index: int) -> N
 
 
 @hookspec
-def on_validation_end(trainer: Trainer, stage: str, metrics: Mapping[str, Any]) -> None:
+def on_validation_end(trainer: RunView, stage: str, metrics: Mapping[str, Any]) -> None:
     """Called with the computed metrics of a complete evaluation.
 
     :param trainer: the running trainer.
@@ -198,7 +214,7 @@ def on_validation_end(trainer: Trainer, stage: str, metrics: Mapping[str, Any]) 
 
 
 @hookspec
-def on_predict_start(trainer: Trainer) -> None:
+def on_predict_start(trainer: RunView) -> None:
     """Called before the first prediction batch.
 
     :param trainer: the running trainer.
@@ -206,7 +222,7 @@ def on_predict_start(trainer: Trainer) -> None:
 
 
 @hookspec
-def on_predict_end(trainer: Trainer, outputs: Any) -> None:
+def on_predict_end(trainer: RunView, outputs: Any) -> None:
     """Called with the gathered predictions (padding removed).
 
     :param trainer: the running trainer.
@@ -215,7 +231,7 @@ def on_predict_end(trainer: Trainer, outputs: Any) -> None:
 
 
 @hookspec
-def on_exception(trainer: Trainer, exception: BaseException) -> None:
+def on_exception(trainer: RunView, exception: BaseException) -> None:
     """Called when a run stops with an exception (KeyboardInterrupt too); it is re-raised after.
 
     :param trainer: the running trainer.
@@ -229,7 +245,7 @@ def on_exception(trainer: Trainer, exception: BaseException) -> None:
 
 
 @hookspec
-def state_dict(trainer: Trainer) -> Mapping[str, Any] | None:
+def state_dict(trainer: RunView) -> Mapping[str, Any] | None:
     """Return plugin state to store in checkpoints, keyed by a name unique to the plugin.
 
     The engine merges every plugin's mapping into one; values must be
@@ -240,7 +256,7 @@ def state_dict(trainer: Trainer) -> Mapping[str, Any] | None:
 
 
 @hookspec
-def load_state_dict(trainer: Trainer, state: Mapping[str, Any]) -> None:
+def load_state_dict(trainer: RunView, state: Mapping[str, Any]) -> None:
     """Restore plugin state from a checkpoint; pick your own key out of ``state``.
 
     :param trainer: the running trainer.
@@ -249,7 +265,7 @@ def load_state_dict(trainer: Trainer, state: Mapping[str, Any]) -> None:
 
 
 @hookspec
-def array_state_dict(trainer: Trainer) -> Mapping[str, Any] | None:
+def array_state_dict(trainer: RunView) -> Mapping[str, Any] | None:
     """Return pytrees of device arrays to checkpoint, keyed by a name unique to the plugin.
 
     For example ``{"ema": (...)}``; None (or nothing) when there is nothing to save.
@@ -264,7 +280,7 @@ def array_state_dict(trainer: Trainer) -> Mapping[str, Any] | None:
 
 
 @hookspec
-def load_array_state_dict(trainer: Trainer, state: Mapping[str, Any]) -> None:
+def load_array_state_dict(trainer: RunView, state: Mapping[str, Any]) -> None:
     """Take back the arrays of a restored checkpoint; pick your own key out of ``state``.
 
     ``state`` holds only the keys that were in the checkpoint and that some plugin of
@@ -279,7 +295,7 @@ def load_array_state_dict(trainer: Trainer, state: Mapping[str, Any]) -> None:
 
 @hookspec(firstresult=True)
 def restore_checkpoint(
-    trainer: Trainer, ckpt_path: str, target: Mapping[str, Any]
+    trainer: RunView, ckpt_path: str, target: Mapping[str, Any]
 ) -> Mapping[str, Any] | None:
     """Return the checkpoint ``ckpt_path`` restored onto ``target``'s shapes and shardings.
 
@@ -293,14 +309,15 @@ def restore_checkpoint(
 
 
 @hookspec(firstresult=True)
-def should_save_checkpoint(trainer: Trainer, step: int) -> bool | None:
+def should_save_checkpoint(trainer: RunView, step: int) -> bool | None:
     """Whether the loop's save point after ``step`` steps should save.
 
     Stops at first non-None result. The loop asks once per step, after that step's
-    validation and before the next batch is consumed (the trainer's invariant 7), in
-    every process at the same steps; the answer must be the same in every process (a
-    time-based answer is decided on process 0 and agreed). The checkpoint plugin answers
-    from its Orbax save-decision policy. Nobody answering means no periodic saves.
+    validation and before the next batch is consumed (invariant 7 of
+    :mod:`nnx_trainer.fit_loop`), in every process at the same steps; the answer must be
+    the same in every process (a time-based answer is decided on process 0 and agreed).
+    The checkpoint plugin answers from its Orbax save-decision policy. Nobody answering
+    means no periodic saves.
 
     :param trainer: the running trainer (counters already at the next step).
     :param step: steps completed.
@@ -308,7 +325,7 @@ def should_save_checkpoint(trainer: Trainer, step: int) -> bool | None:
 
 
 @hookspec
-def on_save_checkpoint(trainer: Trainer, step: int, reason: str) -> None:
+def on_save_checkpoint(trainer: RunView, step: int, reason: str) -> None:
     """Save now; ``reason``: ``"periodic"``, ``"end"`` or ``"preemption"``.
 
     The loop calls it at its save point when :func:`should_save_checkpoint` says so
@@ -323,8 +340,33 @@ def on_save_checkpoint(trainer: Trainer, step: int, reason: str) -> None:
 
 
 @hookspec
-def wait_for_checkpoints(trainer: Trainer) -> None:
+def wait_for_checkpoints(trainer: RunView) -> None:
     """Block until every asynchronous save has committed (before exit or preemption)."""
+
+
+@hookspec
+def on_checkpoint_saved(trainer: RunView, step: int) -> None:
+    """Called by the checkpoint plugin once the save of ``step`` is under way (its arrays
+    off the device; an asynchronous write commits later, see :func:`wait_for_checkpoints`).
+
+    Called from its :func:`on_save_checkpoint` (``trylast``): every other implementation
+    of that save has run. A refused or skipped save (``fast_dev_run``) calls nothing.
+
+    :param trainer: the running trainer.
+    :param step: the step saved (steps completed).
+    """
+
+
+@hookspec(firstresult=True)
+def checkpoint_dir(trainer: RunView) -> Path | None:
+    """Return the directory this run's checkpoints are written to, or None.
+
+    Stops at first non-None result. The checkpoint plugin answers; the progress display
+    asks from its :func:`on_fit_start` (it prints the directory, and a line per save only
+    when someone answered).
+
+    :param trainer: the running trainer.
+    """
 
 
 # --------------------------------------------------------------------------
@@ -333,7 +375,7 @@ def wait_for_checkpoints(trainer: Trainer) -> None:
 
 
 @hookspec
-def log_hyperparams(trainer: Trainer, params: Mapping[str, Any]) -> None:
+def log_hyperparams(trainer: RunView, params: Mapping[str, Any]) -> None:
     """Record the run's configuration once, at the start of fit.
 
     :param trainer: the running trainer.
@@ -342,7 +384,7 @@ def log_hyperparams(trainer: Trainer, params: Mapping[str, Any]) -> None:
 
 
 @hookspec
-def log_metrics(trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
+def log_metrics(trainer: RunView, metrics: Mapping[str, Any], step: int) -> None:
     """Record metrics at the log cadence (training) or after an evaluation.
 
     :param trainer: the running trainer.
@@ -352,13 +394,77 @@ def log_metrics(trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None
     """
 
 
+@hookspec
+def log_model_summary(
+    trainer: RunView, summary: Mapping[str, Any], flops: StepFlops | None
+) -> None:
+    """Record what the model is and what one train step costs, once per fit.
+
+    Called by the ``model_summary`` plugin from its :func:`on_train_batch_start` of the
+    fit's first step (the FLOP count needs a batch): after :func:`log_hyperparams` and
+    :func:`on_fit_start`, so a logger adds these to the configuration it recorded. A fit
+    that runs no step does not call it. :mod:`nnx_trainer.flops` turns the count into rates.
+
+    :param trainer: the running trainer.
+    :param summary: :func:`nnx_trainer.summary.model_summary` of the model (as
+        ``params["model"]`` of :func:`log_hyperparams`).
+    :param flops: XLA's FLOP count of one train step, or None (not counted).
+    """
+
+
+# --------------------------------------------------------------------------
+# Reporting (what plugins show through the progress display)
+# --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def report_console(trainer: RunView) -> Console | None:
+    """Return the Rich console a plugin should print on, or None.
+
+    Stops at first non-None result. Asked whenever a plugin prints (the model summary,
+    from :func:`on_fit_start` on). The progress display answers with its console, so the
+    lines land above its live bar; nobody answering means stdout.
+
+    :param trainer: the running trainer.
+    """
+
+
+@hookspec(firstresult=True)
+def training_time(trainer: RunView) -> Mapping[str, float] | None:
+    """Return this fit's training time apart from evaluation and saves, or None.
+
+    Stops at first non-None result. Keys: ``train_seconds``, ``train_steps`` (after
+    compilation), ``val_seconds``, ``checkpoint_seconds``. The ``throughput`` plugin
+    answers; the progress display asks from its :func:`on_run_end` of a fit, and its
+    rates are over the fit's wall time when nobody answers (or ``train_steps`` is 0).
+
+    :param trainer: the running trainer.
+    """
+
+
+@hookspec
+def fit_summary_rows(
+    trainer: RunView, exception: BaseException | None
+) -> list[tuple[str, str]] | None:
+    """Return ``(name, value)`` rows to add to the end-of-fit summary (or None).
+
+    Like pytest's ``pytest_report_header``: every plugin contributes its own lines. Called
+    by the progress display from its :func:`on_run_end` of a fit that completed, stopped
+    or diverged (``exception`` a ``NonFiniteError``). The rows follow the display's own,
+    before the stop reason, later-registered plugins first.
+
+    :param trainer: the running trainer (counters at the fit's end).
+    :param exception: the error that ended the fit, or None.
+    """
+
+
 # --------------------------------------------------------------------------
 # Gradients
 # --------------------------------------------------------------------------
 
 
 @hookspec
-def configure_gradient_transforms(trainer: Trainer) -> list[Any] | None:
+def configure_gradient_transforms(trainer: RunView) -> list[Any] | None:
     """Return optax transformations to chain before the task's optimizer (e.g. noise, clipping).
 
     Called once when the optimizer is built; the results of all plugins are chained

@@ -20,6 +20,12 @@ like pytest plugins. The rules:
 - A plugin instance passed in ``plugins=`` whose ``name`` attribute equals an entry
   point's name replaces that entry point's default.
 - After loading, ``check_pending()`` makes a misspelled hook fail at start-up.
+- An entry point whose library is not installed is not a crash: its import raises
+  ``ModuleNotFoundError`` for a module other than its own (a plugin that imports its
+  library lazily calls :func:`~nnx_trainer.plugin_libraries.require_modules`), and on
+  autoload it is left unregistered with a reason naming the extra to install, read
+  from its distribution's metadata (``pip install nnx-trainer[tensorboard]``);
+  requested by name, that reason is an error.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any
 import pluggy
 
 from nnx_trainer import hookspecs
+from nnx_trainer.plugin_libraries import missing_library
 
 ENTRY_POINT_GROUP = "nnx_trainer"
 AUTOLOAD_ENV = "NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD"
@@ -215,7 +222,12 @@ def create_plugin_manager(
         try:
             obj = _instantiate(ep.load(), requested=name in requested_names)
         except Exception as exc:
+            reason = missing_library(ep, exc)
+            if reason is not None and name not in requested_names:
+                pm.inactive[name] = reason  # listed with the extra to install; no crash
+                continue
             raise PluginError(
+                f"plugin {name!r} ({ep.value}) {reason}" if reason is not None else
                 f"plugin {name!r} ({ep.value}) failed to load: {exc!r}; "
                 f"disable it with disable=[{name!r}] or fix the installation"
             ) from exc

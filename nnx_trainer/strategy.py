@@ -200,3 +200,17 @@ def _implicit_transfers_allowed() -> bool:
     """False under a host-to-device transfer guard: the batch then goes up explicitly."""
     return (jax.config.jax_transfer_guard_host_to_device in (None, "allow")
             and jax.config.jax_transfer_guard in (None, "allow"))
+
+
+def resolve_strategy(strategy: str | Strategy, hook: Any, view: Any) -> Strategy:
+    """``strategy`` itself, or the strategy a plugin provides under that name
+    (``select_strategy``, asked with ``trainer=view``), or the built-in single device."""
+    if isinstance(strategy, Strategy):
+        return strategy
+    chosen = hook.select_strategy(trainer=view, name=strategy)
+    if chosen is not None:
+        return chosen
+    if strategy == SingleDeviceStrategy.name:
+        return SingleDeviceStrategy()
+    offered = sorted({SingleDeviceStrategy.name, *sum(hook.strategy_names(), [])})
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of: {', '.join(offered)}")

@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 if TYPE_CHECKING:
-    from nnx_trainer.trainer import Trainer
+    from nnx_trainer.run_view import RunView
 
 Batch = Mapping[str, jax.Array]
 #: What selects variables: a Variable type, ``nnx.PathContains("backbone")``, ``nnx.All(...)``...
@@ -43,10 +43,11 @@ class Task:
     ``training_step``, ``validation_step`` and ``predict_step`` are traced under
     ``jax.jit``: use ``jax.numpy`` and no Python side effects.
 
-    ``self.trainer`` is set by the Trainer before any ``configure_*`` call.
+    ``self.trainer`` is set by the Trainer before any ``configure_*`` call: the run as a
+    :class:`~nnx_trainer.run_view.RunView` (counters, options, ``compute_dtype``...).
     """
 
-    trainer: Trainer | None = None
+    trainer: RunView | None = None
     #: What one example is, in throughput figures and summaries ("images/s" for an image task).
     example_name: str = "examples"
 

@@ -1,11 +1,11 @@
 """Parts of the progress display (``rich_progress``): value formatting, bar columns,
-tables, where the checkpoints go. Not a plugin."""
+tables, the fit summary's rows. Not a plugin."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
@@ -21,16 +21,11 @@ from rich.progress import Task as RichTask
 from rich.table import Table
 from rich.text import Text
 
+from nnx_trainer import flops as flops_lib
+from nnx_trainer.flops import StepFlops, format_count
 
-def checkpoint_dir(trainer: Any) -> Any:
-    """The checkpoint plugin's directory for ``trainer``, or None without one."""
-    plugin = plugin_of(trainer, "checkpoint")
-    if plugin is None:
-        return None
-    locate = getattr(plugin, "checkpoint_dir", None)
-    if callable(locate):
-        return locate(trainer)
-    return getattr(plugin, "directory", None)
+if TYPE_CHECKING:
+    from nnx_trainer import RunView
 
 
 def epochs_total(trainer: Any) -> int:
@@ -122,35 +117,49 @@ def rows_table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 
 
-def plugin_of(trainer: Any, name: str) -> Any:
-    """The plugin registered as ``name`` on ``trainer``, or None."""
-    manager = getattr(trainer, "plugin_manager", None)
-    return manager.get_plugin(name) if manager is not None else None
+def flop_rows(trainer: RunView, flops: StepFlops | None,
+              steps_per_sec: float) -> list[tuple[str, str]]:
+    """The fit summary's FLOP rows: per step, FLOP/s and, where the device's peak is
+    known, the MFU (none without a FLOP count)."""
+    if flops is None:
+        return []
+    precision = trainer.precision
+    rows = [("FLOPs/step", f"{format_count(flops.per_step)} "
+                           f"({format_count(flops.per_example)}/example)")]
+    rates = flops_lib.achieved(flops.per_step, steps_per_sec, trainer.strategy.num_devices,
+                               precision)
+    if rates:
+        rows.append(("FLOP/s", f"{format_count(rates['flops_per_sec'], 'FLOP/s')} "
+                               f"({format_count(rates['flops_per_sec_per_device'], 'FLOP/s')}"
+                               " per device)"))
+    if "mfu" in rates:
+        kind = flops_lib.device_kind()
+        peak = flops_lib.peak_flops(kind, precision)
+        rows.append(("MFU", f"{rates['mfu']:.1%} of {format_count(peak, 'FLOP/s')} "
+                            f"({kind}, {precision})"))
+    return rows
 
 
-def refused_saves(trainer: Any, since_step: int, exception: BaseException | None) -> list[int]:
-    """Steps of this fit whose checkpoint was refused (a NaN/Inf state): a checkpoint
-    plugin's ``refused_steps`` (one that goes on after refusing) and the save that ended
-    the fit (a ``NonFiniteError``'s ``refused_save``, from the guard or the saver)."""
-    steps = set(getattr(plugin_of(trainer, "checkpoint"), "refused_steps", ()))
-    if getattr(exception, "refused_save", None) is not None:
-        steps.add(exception.refused_save)
-    return sorted(s for s in steps if s >= since_step)
+def refused_saves(since_step: int, exception: BaseException | None) -> list[int]:
+    """The step whose checkpoint was refused when a NaN/Inf state ended the fit (a
+    ``NonFiniteError``'s ``refused_save``, from the guard or the saver), if in this fit. A
+    plugin that goes on after refusing says so itself (the ``fit_summary_rows`` hook)."""
+    step = getattr(exception, "refused_save", None)
+    return [step] if step is not None and step >= since_step else []
 
 
-def summary_rows(trainer: Any, *, start_step: int, example_name: str, loss: float | None,
+def summary_rows(trainer: RunView, *, start_step: int, example_name: str, loss: float | None,
                  val_metrics: Mapping[str, float | None], seconds: float,
-                 flop_rows: Callable[[float], list[tuple[str, str]]],
-                 exception: BaseException | None = None,
+                 flops: StepFlops | None, exception: BaseException | None = None,
                  ) -> list[tuple[str, str]]:
-    """The fit summary's rows. Rates are over training time when the ``throughput``
-    plugin measured it (no compilation, evaluation or saves in them), else over
-    ``seconds``; ``flop_rows(steps_per_sec)`` gives the FLOP/s and MFU rows."""
+    """The fit summary's rows. Rates are over training time when a plugin measured it
+    (the ``training_time`` hook: no compilation, evaluation or saves in them), else over
+    ``seconds``; with the step's FLOP count, FLOP/s and MFU rows; then the rows other
+    plugins contribute (the ``fit_summary_rows`` hook)."""
     steps = trainer.global_step - start_step  # this run only (resume-aware)
     rate = steps / seconds if seconds > 0 else 0.0
     wall = f"{seconds:.1f} s"
-    throughput = plugin_of(trainer, "throughput")
-    totals = throughput.fit_totals(trainer) if hasattr(throughput, "fit_totals") else {}
+    totals = trainer.hook.training_time(trainer=trainer) or {}
     if totals.get("train_steps"):
         rate = totals["train_steps"] / totals["train_seconds"]
     if totals.get("val_seconds") or totals.get("checkpoint_seconds"):  # time away from training
@@ -168,18 +177,20 @@ def summary_rows(trainer: Any, *, start_step: int, example_name: str, loss: floa
         ("wall time", wall),
         ("steps/s", f"{rate:.2f}"),
         (f"{example_name}/s", f"{rate * trainer.batch_size:.1f}"),
-        *flop_rows(rate),  # FLOPs/step, FLOP/s, MFU (with a FLOP count)
+        *flop_rows(trainer, flops, rate),  # FLOPs/step, FLOP/s, MFU (with a FLOP count)
         ("data wait", f"{wait_share:.1%} ({trainer.data_wait_seconds:.2f} s)"),
         ("compile", compile_s or "--"),
         ("last train loss", fmt(loss)),
         *train_metric_rows(getattr(trainer, "callback_metrics", {})),  # as last logged
     ]
     rows += [(name, fmt(value)) for name, value in val_metrics.items()]
-    refused = refused_saves(trainer, start_step, exception)
+    refused = refused_saves(start_step, exception)
     if refused:
         which = f"step{'s' if len(refused) > 1 else ''} {', '.join(map(str, refused))}"
         rows.append(("saves refused", f"{len(refused)} ({which}: NaN/Inf in the training "
                                       "state)"))
+    for contributed in trainer.hook.fit_summary_rows(trainer=trainer, exception=exception):
+        rows += [(str(name), str(value)) for name, value in contributed or ()]
     if trainer.stop_reason:
         rows.append(("stop reason", str(trainer.stop_reason)))
     return rows

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
+from nnx_trainer.plugin_libraries import require_modules
 from nnx_trainer.write_errors import RunDirWriteError, writing
 
 if TYPE_CHECKING:
@@ -51,6 +52,10 @@ if TYPE_CHECKING:
 PREFIXES = ("train", "val", "test")
 SKIP = frozenset({"epoch"})
 STATE_KEY = "curves_plot"
+
+# matplotlib comes with the [plots] extra. Without it this module does not load, and
+# the plugin manager lists the plugin as installed, not active, naming the extra.
+require_modules("matplotlib")
 
 log = logging.getLogger("nnx_trainer.curves_plot")
 

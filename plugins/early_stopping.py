@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from nnx_trainer import hookimpl
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
 
 log = logging.getLogger("nnx_trainer.early_stopping")
 
@@ -128,7 +128,7 @@ class EarlyStopping:
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def _read(self, trainer: Trainer, metrics: Mapping[str, Any]) -> float:
+    def _read(self, trainer: RunView, metrics: Mapping[str, Any]) -> float:
         if self.monitor in metrics:
             raw = metrics[self.monitor]
         elif self.monitor in trainer.callback_metrics:
@@ -142,7 +142,7 @@ class EarlyStopping:
             )
         return float(raw)  # one host read per validation
 
-    def _stop(self, trainer: Trainer, why: str) -> None:
+    def _stop(self, trainer: RunView, why: str) -> None:
         trainer.should_stop = True
         trainer.stop_reason = "early_stopping"
         self.stopped_epoch = trainer.current_epoch
@@ -153,7 +153,7 @@ class EarlyStopping:
     # ------------------------------------------------------------------- hooks
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Start counting; a fresh fit forgets an earlier one, a resumed fit continues."""
         if not self._restored:
             self._reset()
@@ -162,7 +162,7 @@ class EarlyStopping:
         self._checks_this_fit = 0
 
     @hookimpl
-    def on_validation_end(self, trainer: Trainer, stage: str, metrics: Mapping[str, Any]) -> None:
+    def on_validation_end(self, trainer: RunView, stage: str, metrics: Mapping[str, Any]) -> None:
         """Compare the monitored value with the best so far; stop once patience runs out."""
         if stage != "validate" or not self._fitting:
             return
@@ -187,7 +187,7 @@ class EarlyStopping:
             )
 
     @hookimpl
-    def on_run_end(self, trainer: Trainer, stage: str, outcome: str) -> None:
+    def on_run_end(self, trainer: RunView, stage: str, outcome: str) -> None:
         """The fit is over, however it ended: later standalone validations do not count.
 
         After a fit that ran to its end, say so when the monitor was never checked (no

@@ -49,7 +49,7 @@ from flax import nnx
 from nnx_trainer import hookimpl
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
 
 
 def _is_variable(x: Any) -> bool:
@@ -139,7 +139,7 @@ class EMA:
 
     # ---------------------------------------------------------------- access
 
-    def averaged_model_state(self, trainer: Trainer) -> nnx.State:
+    def averaged_model_state(self, trainer: RunView) -> nnx.State:
         """The model state (``trainer.state.model``) with the averaged parameters, as copies.
 
         ``nnx.update(model, ema.averaged_model_state(trainer))`` loads it into a model.
@@ -153,7 +153,7 @@ class EMA:
         values = [jnp.copy(x) for x in self._ema] if copy else self._ema
         return _replace_leaves(state, self._state_positions, values)
 
-    def _locate(self, trainer: Trainer) -> list[jax.Array]:
+    def _locate(self, trainer: RunView) -> list[jax.Array]:
         """Find the Param arrays in ``trainer.state``; returns them (the model's, in order)."""
         state = trainer.state
         self._state_positions = param_positions(state, model_key="model")
@@ -161,12 +161,12 @@ class EMA:
         leaves = jax.tree.leaves(state.model)
         return [leaves[i] for i in self._model_positions]
 
-    def _start(self, trainer: Trainer) -> None:
+    def _start(self, trainer: RunView) -> None:
         """A fresh average: the current parameters."""
         # Copies (new buffers): the state's arrays are donated to the next step.
         self._ema = tuple(jnp.copy(x) for x in self._locate(trainer))
 
-    def _fits(self, trainer: Trainer) -> bool:
+    def _fits(self, trainer: RunView) -> bool:
         """Whether the average has the shapes and dtypes of the current parameters."""
         if self._ema is None:
             return False
@@ -179,7 +179,7 @@ class EMA:
     # ------------------------------------------------------------ checkpoint
 
     @hookimpl
-    def array_state_dict(self, trainer: Trainer) -> dict[str, Any] | None:
+    def array_state_dict(self, trainer: RunView) -> dict[str, Any] | None:
         """The average, saved with the checkpoint's arrays (allocated first if need be).
 
         Before a restore the average must exist (it is the restore target), so a first
@@ -191,7 +191,7 @@ class EMA:
         return {self.name: self._ema}
 
     @hookimpl
-    def load_array_state_dict(self, trainer: Trainer, state: Mapping[str, Any]) -> None:
+    def load_array_state_dict(self, trainer: RunView, state: Mapping[str, Any]) -> None:
         """Take the checkpoint's average (the checkpoint plugin warns when it has none)."""
         saved = state.get(self.name)
         if saved is None:
@@ -210,7 +210,7 @@ class EMA:
     # ----------------------------------------------------------------- train
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Continue a restored average, else start one from the current parameters."""
         if not (self._restored and self._fits(trainer)):
             self._start(trainer)
@@ -219,7 +219,7 @@ class EMA:
         self._final_state = None
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer) -> None:
+    def on_train_batch_end(self, trainer: RunView) -> None:
         """Fold the new parameters in (one async device op; read before the next step donates)."""
         if self._ema is None or not self._fitting:
             return
@@ -229,13 +229,13 @@ class EMA:
             self._ema = _ema_update(self._ema, params, self.decay)
 
     @hookimpl
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: RunView) -> None:
         """Optionally leave the average in the model (after the fit's last checkpoint)."""
         if self.apply_at_end and self._ema is not None:
             trainer.state = self._swapped(trainer.state, copy=True)
 
     @hookimpl
-    def on_run_end(self, trainer: Trainer, stage: str, outcome: str) -> None:
+    def on_run_end(self, trainer: RunView, stage: str, outcome: str) -> None:
         """Training weights back if an evaluation failed; after a fit, what evaluates next.
 
         A fit that completed or stopped leaves an average that belongs to its final state
@@ -254,7 +254,7 @@ class EMA:
 
     # ------------------------------------------------------------------ eval
 
-    def _swap_in(self, trainer: Trainer) -> None:
+    def _swap_in(self, trainer: RunView) -> None:
         if not self.use_for_eval or self._ema is None or self._raw is not None:
             return
         if not self._fitting and trainer.state is not self._final_state:
@@ -263,7 +263,7 @@ class EMA:
         # The eval steps do not donate the state, so the training arrays stay valid.
         trainer.state = self._swapped(self._raw)
 
-    def _restore(self, trainer: Trainer) -> None:
+    def _restore(self, trainer: RunView) -> None:
         if self._raw is None:
             return
         after_fit = not self._fitting
@@ -273,21 +273,21 @@ class EMA:
             self._final_state = trainer.state  # the setter made a new container
 
     @hookimpl
-    def on_validation_start(self, trainer: Trainer) -> None:
+    def on_validation_start(self, trainer: RunView) -> None:
         """Evaluate with the averaged parameters."""
         self._swap_in(trainer)
 
     @hookimpl(tryfirst=True)
-    def on_validation_end(self, trainer: Trainer) -> None:
+    def on_validation_end(self, trainer: RunView) -> None:
         """Training weights back first, so other plugins (checkpoints) see them."""
         self._restore(trainer)
 
     @hookimpl
-    def on_predict_start(self, trainer: Trainer) -> None:
+    def on_predict_start(self, trainer: RunView) -> None:
         """Predict with the averaged parameters."""
         self._swap_in(trainer)
 
     @hookimpl(tryfirst=True)
-    def on_predict_end(self, trainer: Trainer) -> None:
+    def on_predict_end(self, trainer: RunView) -> None:
         """Training weights back."""
         self._restore(trainer)

@@ -3,7 +3,9 @@
 Files, under ``trainer.run_dir`` (created on first write):
 
 - ``hparams.json``: the run's configuration from ``log_hyperparams`` (rewritten at
-  each fit start, atomically, so a resumed run shows its latest configuration).
+  each fit start, atomically, so a resumed run shows its latest configuration), plus
+  ``flops`` from ``log_model_summary`` (the train step's FLOP count, known at the first
+  step).
 - ``<filename>`` (default ``metrics.jsonl``): one line per call,
   ``{"step": 120, "time": 1700000000.0, "train/loss": 0.41, "epoch": 1.0}``;
   ``time`` is Unix time in seconds, every metric a float.
@@ -54,7 +56,8 @@ from nnx_trainer.host_values import metric_value
 from nnx_trainer.write_errors import writing
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
+    from nnx_trainer.flops import StepFlops
 
 
 def json_safe(value: Any) -> Any:
@@ -174,11 +177,11 @@ class JsonlLogger:
         self.filename = filename
         self._checked: set[Path] = set()  # files whose tail was checked in this process
 
-    def path(self, trainer: Trainer) -> Path:
+    def path(self, trainer: RunView) -> Path:
         """Where this trainer's metrics go."""
         return Path(trainer.run_dir) / self.filename
 
-    def _start_fit(self, trainer: Trainer, hparams_path: Path) -> None:
+    def _start_fit(self, trainer: RunView, hparams_path: Path) -> None:
         """This fit's records are its own: a resumed fit drops the rows it will redo, a
         fresh one moves an earlier fit's files aside (see the module docstring)."""
         path = self.path(trainer)
@@ -190,7 +193,7 @@ class JsonlLogger:
         self._checked.add(path)
 
     @hookimpl
-    def log_hyperparams(self, trainer: Trainer, params: Mapping[str, Any]) -> None:
+    def log_hyperparams(self, trainer: RunView, params: Mapping[str, Any]) -> None:
         """Write ``run_dir/hparams.json`` (via a temporary file, so it is never half-written)."""
         if not trainer.is_main_process:
             return
@@ -201,7 +204,7 @@ class JsonlLogger:
             self._start_fit(trainer, target)
             _write_json(target, json_safe(dict(params)))
 
-    def update_hparams(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
+    def update_hparams(self, trainer: RunView, values: Mapping[str, Any]) -> None:
         """Add ``values`` to this fit's ``hparams.json`` (e.g. the FLOP count, known only
         at the first step), rewritten atomically like the first write."""
         target = Path(trainer.run_dir) / "hparams.json"
@@ -212,7 +215,13 @@ class JsonlLogger:
                                  **json_safe(dict(values))})
 
     @hookimpl
-    def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
+    def log_model_summary(self, trainer: RunView, flops: StepFlops | None) -> None:
+        """Add the train step's FLOP count to ``hparams.json`` (the parameters are in it)."""
+        if flops is not None:
+            self.update_hparams(trainer, {"flops": flops.as_dict()})
+
+    @hookimpl
+    def log_metrics(self, trainer: RunView, metrics: Mapping[str, Any], step: int) -> None:
         """Append ``{"step", "time", **metrics}`` as one line; complete on disk on return."""
         if not trainer.is_main_process:
             return

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from nnx_trainer import hookimpl
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
 
 log = logging.getLogger("nnx_trainer.lr_monitor")
 
@@ -92,7 +92,7 @@ class LearningRateMonitor:
         return "inject_hyperparams" if self._leaves else None
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Find where the learning rate can be read (the optimizer is built by now)."""
         self._schedule, self._leaves = None, []
         schedule = getattr(trainer.task, "learning_rate_schedule", None)
@@ -113,7 +113,7 @@ class LearningRateMonitor:
                 type(trainer.task).__name__,
             )
 
-    def learning_rates(self, trainer: Trainer) -> dict[str, Any]:
+    def learning_rates(self, trainer: RunView) -> dict[str, Any]:
         """``{"train/lr": value, ...}`` for the latest optimizer update (device scalars)."""
         if self._schedule is not None:
             updates = trainer.global_step // trainer.accumulate_grad_batches
@@ -128,7 +128,7 @@ class LearningRateMonitor:
             values[METRIC if i == 0 else f"{METRIC}_{i}"] = jnp.copy(leaves[index])
         return values
 
-    def _log(self, trainer: Trainer) -> None:
+    def _log(self, trainer: RunView) -> None:
         values = self.learning_rates(trainer)
         if not values:
             return
@@ -138,7 +138,7 @@ class LearningRateMonitor:
         trainer.hook.log_metrics(trainer=trainer, metrics=values, step=trainer.global_step)
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer) -> None:
+    def on_train_batch_end(self, trainer: RunView) -> None:
         """At the trainer's log cadence, log the learning rate (no host read)."""
         if (
             self.logging_interval == "step"
@@ -147,7 +147,7 @@ class LearningRateMonitor:
             self._log(trainer)
 
     @hookimpl
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
+    def on_train_epoch_end(self, trainer: RunView) -> None:
         """With ``logging_interval="epoch"``, log once per epoch."""
         if self.logging_interval == "epoch":
             self._log(trainer)

@@ -26,76 +26,24 @@ resumed run starts a fresh record. Both errors are :class:`NonFiniteError` (a
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nnx_trainer import hookimpl
-from nnx_trainer.state import first_nonfinite
+from nnx_trainer.nonfinite import (
+    NonFiniteError,
+    NonFiniteLossError,
+    NonFiniteStateError,
+    state_message,
+)
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
+
+# The errors live in the engine (the checkpoint plugin and the display use them too);
+# importing them from here keeps working.
+__all__ = ["NonFiniteError", "NonFiniteGuard", "NonFiniteLossError", "NonFiniteStateError"]
 
 log = logging.getLogger("nnx_trainer.nonfinite_guard")
-
-
-class NonFiniteError(FloatingPointError):
-    """Training diverged: the loss or the training state became NaN or infinite.
-
-    :ivar refused_save: the step whose checkpoint was not written because of it
-        (``None``: found between saves).
-    """
-
-    refused_save: int | None = None
-
-
-class NonFiniteLossError(NonFiniteError):
-    """The training loss became NaN or infinite.
-
-    :ivar step: the first zero-based step whose loss was not finite.
-    :ivar loss: that step's loss (``nan``, ``inf`` or ``-inf``).
-    """
-
-    def __init__(self, message: str, step: int, loss: float,
-                 refused_save: int | None = None) -> None:
-        super().__init__(message)
-        self.step = step
-        self.loss = loss
-        self.refused_save = refused_save
-
-
-class NonFiniteStateError(NonFiniteError):
-    """The training state (model or optimizer arrays) became NaN or infinite.
-
-    :ivar last_finite: the step (steps completed) at which it was last found finite.
-    :ivar step: the step at which it was found not finite.
-    :ivar array: the path of the first array holding a NaN/Inf, e.g.
-        ``"model/bn1/var"`` (``None`` when not known).
-    """
-
-    def __init__(self, message: str, last_finite: int | None, step: int,
-                 array: str | None = None, refused_save: int | None = None) -> None:
-        super().__init__(message)
-        self.last_finite = last_finite
-        self.step = step
-        self.array = array
-        self.refused_save = refused_save
-
-
-def state_message(last_finite: int | None, step: int, array: str | None,
-                  refused_save: int | None, latest_saved: int | None,
-                  loss_finite: bool = False) -> str:
-    """The one message of a non-finite state, wherever it is found (guard or saver)."""
-    since = "the start of this fit" if last_finite is None else f"step {last_finite}"
-    where = f" (first in {array})" if array else ""
-    loss = ", while the loss stayed finite" if loss_finite else ""
-    saved = ("nothing was saved in this fit. Lower the learning rate or enable "
-             "gradient_clip_norm and start again" if latest_saved is None else
-             f"the latest checkpoint saved is step {latest_saved}. Lower the learning rate "
-             "or enable gradient_clip_norm, then start again or resume from it")
-    refused = (f"; the checkpoint of step {refused_save} was refused"
-               if refused_save is not None else "")
-    return (f"the training state became non-finite between {since} (last found finite) "
-            f"and step {step}: NaN or Inf in the training state{where}{loss}"
-            f"{refused}; {saved}")
 
 
 class NonFiniteGuard:
@@ -127,16 +75,18 @@ class NonFiniteGuard:
         self.check_every_n_steps = check_every_n_steps
         self._checked_through: int | None = None  # global_step of the last passed check
         self._resumed_at: int | None = None  # the step this fit resumed from, if it did
+        self._saved: list[int] = []  # steps the checkpoint plugin saved in this fit
 
-    def cadence(self, trainer: Trainer) -> int:
+    def cadence(self, trainer: RunView) -> int:
         """How many steps apart the record is read for ``trainer``."""
         return self.check_every_n_steps or trainer.log_every_n_steps
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Forget any earlier fit; check the state the fit starts from (this also compiles
         the state check now, not inside a measured window)."""
         self._checked_through = trainer.global_step
+        self._saved = []
         resumed = getattr(trainer, "resumed_from", None) is not None
         self._resumed_at = trainer.global_step if resumed else None
         array = trainer.first_nonfinite_state()
@@ -149,25 +99,36 @@ class NonFiniteGuard:
                                       array=array)
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer) -> None:
+    def on_train_batch_end(self, trainer: RunView) -> None:
         """Read the record at the cadence only."""
         if trainer.global_step % self.cadence(trainer) == 0:
             self.check(trainer)
 
     @hookimpl
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
+    def on_train_epoch_end(self, trainer: RunView) -> None:
         """Check before end-of-epoch validation spends time on a diverged model."""
         self.check(trainer)
 
     @hookimpl(tryfirst=True)
-    def on_save_checkpoint(self, trainer: Trainer, step: int) -> None:
+    def on_save_checkpoint(self, trainer: RunView, step: int) -> None:
         """Runs before the checkpoint plugin: raising here means no diverged checkpoint."""
         self.check(trainer, saving=step)
 
     @hookimpl
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: RunView) -> None:
         """Last check (a no-op when the end-of-fit save already checked this step)."""
         self.check(trainer)
+
+    @hookimpl
+    def on_checkpoint_saved(self, step: int) -> None:
+        """Remember the saves, for the message of a later divergence."""
+        self._saved.append(step)
+
+    def latest_saved(self, trainer: RunView) -> int | None:
+        """The newest checkpoint step of this run: saved in this fit, else the step the fit
+        resumed from (if it did)."""
+        saved = [s for s in self._saved if s <= trainer.global_step]
+        return max(saved) if saved else self._resumed_at
 
     @hookimpl
     def on_run_end(self, stage: str) -> None:
@@ -175,7 +136,7 @@ class NonFiniteGuard:
         if stage == "fit":
             self._checked_through = None
 
-    def check(self, trainer: Trainer, saving: int | None = None) -> None:
+    def check(self, trainer: RunView, saving: int | None = None) -> None:
         """Read the loss record and the state's finiteness (waits for the device); raise
         :class:`NonFiniteLossError` or :class:`NonFiniteStateError` if either went bad.
 
@@ -204,37 +165,13 @@ class NonFiniteGuard:
             self._checked_through = trainer.global_step
             return
         message = state_message(self._checked_through, trainer.global_step, array, saving,
-                                latest_saved(trainer, self._resumed_at), loss_finite=True)
+                                self.latest_saved(trainer), loss_finite=True)
         self._stop(trainer, "non_finite_state", message)
         raise NonFiniteStateError(message, last_finite=self._checked_through,
                                   step=trainer.global_step, array=array, refused_save=saving)
 
     @staticmethod
-    def _stop(trainer: Trainer, reason: str, message: str) -> None:
+    def _stop(trainer: RunView, reason: str, message: str) -> None:
         trainer.should_stop = True
         trainer.stop_reason = reason
         log.error(message)
-
-
-def refused_save_error(trainer: Trainer, step: int, arrays: Any,
-                       saved_steps: list[int]) -> NonFiniteStateError:
-    """The error of a checkpoint refused because ``arrays`` (what it would have written)
-    hold a NaN/Inf: the checkpoint plugin raises it, so the run fails instead of ending
-    "successfully" with nothing saved (this plugin disabled, or a plugin's arrays)."""
-    last = max((s for s in saved_steps if s < step), default=None)
-    array = first_nonfinite(arrays)
-    message = state_message(last, step, array, step, last)
-    log.error(message)
-    trainer.should_stop = True
-    trainer.stop_reason = "non_finite_state"
-    return NonFiniteStateError(message, last_finite=last, step=step, array=array,
-                               refused_save=step)
-
-
-def latest_saved(trainer: Trainer, resumed_at: int | None = None) -> int | None:
-    """The newest checkpoint step of this run: saved by the checkpoint plugin in this fit,
-    else ``resumed_at`` (the step the fit resumed from, if it did)."""
-    manager = getattr(trainer, "plugin_manager", None)
-    plugin = manager.get_plugin("checkpoint") if manager is not None else None
-    saved = [s for s in getattr(plugin, "saved_steps", ()) if s <= trainer.global_step]
-    return max(saved) if saved else resumed_at

@@ -46,15 +46,15 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from nnx_trainer import hookimpl
+from nnx_trainer.nonfinite import refused_save_error
 from nnx_trainer.state import CheckpointContent, CheckpointMeta
 from nnx_trainer_plugins import checkpoint_integrity as integrity
 from nnx_trainer_plugins import checkpoint_layout as layout
 from nnx_trainer_plugins import checkpoint_restore as restore
 from nnx_trainer_plugins import checkpoint_writes as writes
-from nnx_trainer_plugins.nonfinite_guard import refused_save_error
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
 
 log = layout.log
 FORMAT_VERSION = 3  # 3: with a fingerprint (checkpoint_integrity.FINGERPRINTED)
@@ -131,8 +131,9 @@ class OrbaxCheckpoint:
 
     # ----------------------------------------------------------------- manager
 
-    def checkpoint_dir(self, trainer: Trainer) -> Path:
-        """Where this trainer's checkpoints go."""
+    @hookimpl
+    def checkpoint_dir(self, trainer: RunView) -> Path:
+        """Where this trainer's checkpoints go (the ``checkpoint_dir`` hook)."""
         if self.directory is not None:
             return self.directory
         return Path(trainer.run_dir) / "checkpoints"
@@ -170,7 +171,7 @@ class OrbaxCheckpoint:
             **writes.OPTIONS,  # a failed write must not leave threads waiting (hang)
         )
 
-    def _open(self, trainer: Trainer) -> ocp.CheckpointManager:
+    def _open(self, trainer: RunView) -> ocp.CheckpointManager:
         """The manager of this plugin's directory, created on first use."""
         directory = self.checkpoint_dir(trainer).absolute()
         key = (directory, trainer.steps_per_epoch)
@@ -192,7 +193,7 @@ class OrbaxCheckpoint:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, trainer: Trainer) -> bool:
+    def save(self, trainer: RunView) -> bool:
         """Write ``trainer.checkpoint_state()`` as step ``trainer.global_step``; False when
         the step is already saved. A state with NaN/Inf is refused: ``NonFiniteStateError``."""
         step, manager = trainer.global_step, self._open(trainer)
@@ -213,6 +214,7 @@ class OrbaxCheckpoint:
             state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
             metrics=metrics, force=True)  # force: the loop (or the end of fit) decided
         self.saved_steps.append(step)
+        trainer.hook.on_checkpoint_saved(trainer=trainer, step=step)
         return True
 
     def _value_at(self, step: int) -> float | None:
@@ -224,7 +226,7 @@ class OrbaxCheckpoint:
     # ------------------------------------------------------------- fit hooks
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Open the directory; keep an earlier run's or a replaced continuation's steps out."""
         resumed, self._resumed_from = self._resumed_from, None
         if trainer.fast_dev_run:
@@ -248,7 +250,7 @@ class OrbaxCheckpoint:
             manager.wait_until_finished()
 
     @hookimpl(trylast=True)
-    def should_save_checkpoint(self, trainer: Trainer, step: int) -> bool:
+    def should_save_checkpoint(self, trainer: RunView, step: int) -> bool:
         """Orbax's save-decision policy answers (process 0 decides time, all agree)."""
         if trainer.fast_dev_run:
             return False
@@ -263,7 +265,7 @@ class OrbaxCheckpoint:
         return manager.should_save(step)
 
     @hookimpl
-    def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
+    def log_metrics(self, trainer: RunView, metrics: Mapping[str, Any], step: int) -> None:
         """Remember the monitored value and its step, to store with that step's checkpoint."""
         if not self.monitor:
             return
@@ -277,7 +279,7 @@ class OrbaxCheckpoint:
                         self.monitor, ", ".join(sorted(metrics)))
 
     @hookimpl(trylast=True)
-    def on_save_checkpoint(self, trainer: Trainer, reason: str) -> None:
+    def on_save_checkpoint(self, trainer: RunView, reason: str) -> None:
         """Write the checkpoint (after every other plugin saw the request)."""
         if trainer.fast_dev_run or (reason == "end" and not self.save_on_end):
             return
@@ -308,7 +310,7 @@ class OrbaxCheckpoint:
 
     @hookimpl
     def restore_checkpoint(
-        self, trainer: Trainer, ckpt_path: str, target: Mapping[str, Any]
+        self, trainer: RunView, ckpt_path: str, target: Mapping[str, Any]
     ) -> CheckpointContent | Mapping[str, Any]:
         """The checkpoint ``ckpt_path`` on ``target``'s shapes and shardings (``{}``: none);
         a damaged step is stepped over unless named (``checkpoint_restore.py``)."""

@@ -37,7 +37,7 @@ import jax
 from nnx_trainer import hookimpl
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
 
 log = logging.getLogger("nnx_trainer.profiler")
 
@@ -105,7 +105,7 @@ class Profiler:
         self._done = False  # this fit's range is traced (or could not be)
         self._annotation: Any = None
 
-    def _traces_here(self, trainer: Trainer) -> bool:
+    def _traces_here(self, trainer: RunView) -> bool:
         return self.all_processes or trainer.is_main_process
 
     def _stop(self) -> None:
@@ -120,7 +120,7 @@ class Profiler:
                      _span(self.traced_steps), self.trace_dir, self.trace_dir)
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Forget the previous fit; choose this fit's trace directory."""
         self._stop()  # a trace left open by an earlier fit that never reached its end
         self._done, self.traced_steps = False, []
@@ -130,7 +130,7 @@ class Profiler:
         self.trace_dir = root
 
     @hookimpl
-    def on_train_batch_start(self, trainer: Trainer, step: int) -> None:
+    def on_train_batch_start(self, trainer: RunView, step: int) -> None:
         """Start the trace at the first step of the range; open this step's annotation."""
         if self._done or not self.first <= step <= self.last or not self._traces_here(trainer):
             return
@@ -149,7 +149,7 @@ class Profiler:
         self.traced_steps.append(step)
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer, step: int, loss: Any) -> None:
+    def on_train_batch_end(self, trainer: RunView, step: int, loss: Any) -> None:
         """Close the step's annotation; after the range's last step, wait for it and stop."""
         if self._annotation is not None:
             annotation, self._annotation = self._annotation, None
@@ -159,7 +159,7 @@ class Profiler:
             self._stop()
 
     @hookimpl
-    def on_run_end(self, trainer: Trainer) -> None:
+    def on_run_end(self, trainer: RunView) -> None:
         """However the run ended, no trace stays running."""
         with contextlib.suppress(Exception):  # never replace the exception being reported
             self._stop()

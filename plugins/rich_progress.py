@@ -4,15 +4,14 @@ On a terminal: a live bar for the running epoch ("Epoch e/E", batches, latest lo
 steps/s, ETA; "compiling the train step…" until the first step is back), a transient bar
 while validation runs, a metrics table after each evaluation, a summary table at the end
 of a fit that completed, stopped or diverged (a ``NonFiniteError``: then with the
-checkpoints refused; rates over training time when the ``throughput`` plugin measured
-it; the last logged train and validation metrics; FLOP/s
-and MFU when the ``model_summary`` plugin counted the step's FLOPs; throughput in the
-Task's ``example_name``: "images/s" for ``ResNetTask``, "examples/s" by default), the
-checkpoint directory and a line per save, "resumed from <checkpoint> at step N", and the
-Ctrl-C/SIGTERM notice once, on its own line. Elsewhere (CI logs, pipes): the same as
-plain lines, no live display. Colour follows Rich's rules (``NO_COLOR``,
-``FORCE_COLOR``). Only the main process displays; the display closes in ``on_run_end``,
-however the fit ended.
+checkpoints refused; rates over training time when a plugin measured it (``training_time``
+hook); the last logged train and validation metrics; FLOP/s and MFU with the step's FLOP
+count (``log_model_summary`` hook); throughput in the Task's ``example_name``; then the
+rows of the ``fit_summary_rows`` hook), the checkpoint directory (``checkpoint_dir`` hook)
+and a line per save, "resumed from <checkpoint> at step N", and the Ctrl-C/SIGTERM notice
+once, on its own line. Elsewhere (CI logs, pipes): the same as plain lines, no live
+display. Colour follows Rich's rules (``NO_COLOR``, ``FORCE_COLOR``). Only the main
+process displays; the display closes in ``on_run_end``, however the fit ended.
 
 The loss is a device scalar: read at most ``refresh_per_second`` times a second (live
 display only), at epoch end and at fit end, never once per step. While the bar runs,
@@ -34,9 +33,10 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from nnx_trainer import hookimpl
+from nnx_trainer.flops import StepFlops
+from nnx_trainer.nonfinite import NonFiniteError
 
 from ._progress_parts import (
-    checkpoint_dir,
     epochs_total,
     fmt,
     make_progress,
@@ -45,11 +45,9 @@ from ._progress_parts import (
     summary_rows,
     to_float,
 )
-from .model_summary import fit_summary_rows
-from .nonfinite_guard import NonFiniteError
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
 
 COMPILING = "compiling the train step…"
 
@@ -101,6 +99,7 @@ class RichProgress:
         self._stop_notice_shown = False
         self._has_checkpoints = False
         self._saved_step: int | None = None
+        self._flops: StepFlops | None = None  # the train step's count (log_model_summary)
 
     # ------------------------------------------------------------- helpers
 
@@ -134,7 +133,7 @@ class RichProgress:
         """Logging filter: keep the engine's signal notice out of the live bar (printed by us)."""
         return not (self._live and record.getMessage().startswith("received SIG"))
 
-    def _stop_notice(self, trainer: Trainer) -> None:
+    def _stop_notice(self, trainer: RunView) -> None:
         """The Ctrl-C/SIGTERM notice, once, on its own line (live display only; see module)."""
         if self._stop_notice_shown or not getattr(trainer, "preempted", False):
             return
@@ -146,7 +145,7 @@ class RichProgress:
         self._print(f"received {name}: stopping after the current step and saving a "
                     f"checkpoint{again}")
 
-    def _finish_epoch(self, trainer: Trainer, epoch: int) -> None:
+    def _finish_epoch(self, trainer: RunView, epoch: int) -> None:
         """Final bar state and the epoch line (also for an epoch cut short by a stop)."""
         if not self._epoch_open:
             return
@@ -168,19 +167,19 @@ class RichProgress:
             f"loss {fmt(loss)}  {rate:.1f} steps/s"
         )
 
-    def _summary_rows(self, trainer: Trainer,
+    def _summary_rows(self, trainer: RunView,
                       exception: BaseException | None = None) -> list[tuple[str, str]]:
         # fit_seconds is set when the loop returns: after an error, the display's own clock.
         seconds = trainer.fit_seconds or time.perf_counter() - self._fit_wall_start
         return summary_rows(
             trainer, start_step=self._fit_start_step, example_name=self._example_name,
             loss=self._fetch_loss(), val_metrics=self.last_val_metrics, seconds=seconds,
-            flop_rows=lambda rate: fit_summary_rows(trainer, rate), exception=exception)
+            flops=self._flops, exception=exception)
 
     # --------------------------------------------------------------- hooks
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Start the live display (terminal) and remember where this run starts."""
         self._stop_live()  # a display left over from an earlier fit that never ended
         self._reset()
@@ -189,8 +188,7 @@ class RichProgress:
             return
         self._fit_start_step = trainer.global_step
         self._fit_wall_start = time.perf_counter()
-        task = getattr(trainer, "task", None)
-        self._example_name = getattr(task, "example_name", None) or "examples"
+        self._example_name = getattr(trainer.task, "example_name", None) or "examples"
         if self.rich_output():
             self.progress = make_progress(self.console, self.refresh_per_second)
             self.progress.start()
@@ -202,13 +200,23 @@ class RichProgress:
                 f"{trainer.current_epoch + 1}/{epochs_total(trainer)}, "
                 f"{trainer.batch_in_epoch} of its batches done)"
             )
-        directory = checkpoint_dir(trainer)
+        directory = trainer.hook.checkpoint_dir(trainer=trainer)
         self._has_checkpoints = directory is not None
         if directory is not None:
             self._print(f"checkpoints: {directory}")
 
     @hookimpl
-    def on_train_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def report_console(self) -> Console:
+        """Other plugins print on our console, so their lines do not break the live bar."""
+        return self.console
+
+    @hookimpl
+    def log_model_summary(self, flops: StepFlops | None) -> None:
+        """Keep the train step's FLOP count for the summary's FLOP/s and MFU rows."""
+        self._flops = flops
+
+    @hookimpl
+    def on_train_epoch_start(self, trainer: RunView, epoch: int) -> None:
         """Open the epoch's bar; a resumed epoch starts at the batch it stopped at."""
         if not self._enabled:
             return
@@ -231,7 +239,7 @@ class RichProgress:
             )
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer, loss: Any) -> None:
+    def on_train_batch_end(self, trainer: RunView, loss: Any) -> None:
         """Keep the loss on device; read it only when the display is due for a refresh."""
         if not self._enabled:
             return
@@ -259,25 +267,25 @@ class RichProgress:
         )
 
     @hookimpl
-    def on_train_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+    def on_train_epoch_end(self, trainer: RunView, epoch: int) -> None:
         """Print the epoch line; the bar gives way to validation."""
         if self._enabled:
             self._finish_epoch(trainer, epoch)
 
     @hookimpl
-    def on_validation_start(self, trainer: Trainer, stage: str) -> None:
+    def on_validation_start(self, trainer: RunView, stage: str) -> None:
         """A transient bar for evaluation batches (the engine does not say how many)."""
         if self._live and trainer.is_main_process:
             self._val_task = self.progress.add_task(stage.capitalize(), total=None, unit="batches")
 
     @hookimpl
-    def on_validation_batch_end(self, trainer: Trainer, batch_index: int) -> None:
+    def on_validation_batch_end(self, trainer: RunView, batch_index: int) -> None:
         """Advance the evaluation bar (no device read)."""
         if self._val_task is not None:
             self.progress.update(self._val_task, completed=batch_index + 1)
 
     @hookimpl
-    def on_validation_end(self, trainer: Trainer, stage: str, metrics: Mapping[str, Any]) -> None:
+    def on_validation_end(self, trainer: RunView, stage: str, metrics: Mapping[str, Any]) -> None:
         """Print the evaluation's metrics: a table on a terminal, one line otherwise."""
         if self._val_task is not None:
             self.progress.remove_task(self._val_task)
@@ -296,7 +304,7 @@ class RichProgress:
             self._print(f"{stage}  step {trainer.global_step}  {pairs}")
 
     @hookimpl
-    def on_save_checkpoint(self, trainer: Trainer, step: int, reason: str) -> None:
+    def on_save_checkpoint(self, trainer: RunView, step: int, reason: str) -> None:
         """A line per save (when a checkpoint plugin is active); the stop notice first."""
         if not self._enabled:
             return
@@ -307,7 +315,7 @@ class RichProgress:
 
     @hookimpl
     def on_run_end(
-        self, trainer: Trainer, stage: str, outcome: str, exception: BaseException | None
+        self, trainer: RunView, stage: str, outcome: str, exception: BaseException | None
     ) -> None:
         """Close the display however the fit ended; the summary after a fit that finished."""
         if stage != "fit" or not self._enabled:
@@ -333,7 +341,7 @@ class RichProgress:
             return self._print(f"preempted ({why}) at step {step}: resume with ckpt_path='last'")
         self._print_summary(trainer)
 
-    def _print_summary(self, trainer: Trainer, exception: BaseException | None = None) -> None:
+    def _print_summary(self, trainer: RunView, exception: BaseException | None = None) -> None:
         rows = self._summary_rows(trainer, exception)
         if self.rich_output():
             self._print(rows_table("Fit summary", rows))

@@ -58,10 +58,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
+from nnx_trainer.plugin_libraries import require_modules
 from nnx_trainer.write_errors import RunDirWriteError, writing
 
 if TYPE_CHECKING:
     from nnx_trainer import Trainer
+
+# tensorboardX comes with the [tensorboard] extra. Without it this module does not load,
+# and the plugin manager lists the plugin as installed, not active, naming the extra.
+require_modules("tensorboardX")
 
 log = logging.getLogger("nnx_trainer.tensorboard")
 

@@ -31,27 +31,29 @@ only puts the clock reading after the wait. The first window of a fit includes
 compilation and is reported as such (``perf/compile_seconds``) instead of as a
 throughput.
 
-With the train step's FLOP count (the ``model_summary`` plugin), each window also has
-``perf/flops_per_sec`` (the whole mesh: FLOPs per step x steps/s),
-``perf/flops_per_sec_per_device`` and, where the device's peak is known
-(``model_summary.PEAK_FLOPS``), ``perf/mfu`` (model FLOP utilisation, a fraction),
-from the same training-only rate.
+With the train step's FLOP count (the ``log_model_summary`` hook, which the
+``model_summary`` plugin calls), each window also has ``perf/flops_per_sec`` (the whole
+mesh: FLOPs per step x steps/s), ``perf/flops_per_sec_per_device`` and, where the
+device's peak is known (:data:`nnx_trainer.flops.PEAK_FLOPS`), ``perf/mfu`` (model FLOP
+utilisation, a fraction), from the same training-only rate.
+
+The fit summary of the progress display reads :meth:`Throughput.fit_totals` through the
+``training_time`` hook, which this plugin answers.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
 
 from nnx_trainer import hookimpl
-
-from .model_summary import achieved
+from nnx_trainer.flops import StepFlops, achieved
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
 
 PAUSES = ("val", "checkpoint")  # the loop's time away from training, by kind
 
@@ -73,6 +75,7 @@ class Throughput:
         self.enabled = enabled
         self.clock = clock
         self.last: dict[str, float] = {}
+        self._flops: StepFlops | None = None  # this fit's train step count, once announced
         self._reset()
 
     def _reset(self) -> None:
@@ -91,19 +94,19 @@ class Throughput:
             jax.block_until_ready(self._loss)
         return self.clock()
 
-    def _start_pause(self, trainer: Trainer, kind: str) -> None:
+    def _start_pause(self, trainer: RunView, kind: str) -> None:
         if not self.enabled or self._window_start is None:
             return  # no window yet (compilation) or not fitting: nothing to take out
         now = self._synced_now() if self._pause is None else self._end_pause(trainer)
         self._pause = (kind, now, trainer.data_wait_seconds)
 
-    def _paused(self, trainer: Trainer, now: float) -> tuple[str, float]:
+    def _paused(self, trainer: RunView, now: float) -> tuple[str, float]:
         """The running pause's kind and its seconds away from training up to ``now``."""
         kind, start, wait = self._pause
         # Waiting for data is training's own time, wherever the loop was.
         return kind, max(0.0, (now - start) - (trainer.data_wait_seconds - wait))
 
-    def _end_pause(self, trainer: Trainer) -> float:
+    def _end_pause(self, trainer: RunView) -> float:
         """Close the running pause (if any) into its kind; returns the clock."""
         now = self.clock()
         if self._pause is not None:
@@ -116,19 +119,24 @@ class Throughput:
     # --------------------------------------------------------------- hooks
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Start afresh: the first window will contain compilation."""
         self._reset()
-        self.last = {}
+        self.last, self._flops = {}, None
 
     @hookimpl
-    def on_train_batch_start(self, trainer: Trainer) -> None:
+    def log_model_summary(self, flops: StepFlops | None) -> None:
+        """Keep the train step's FLOP count: FLOP/s and MFU from the next window on."""
+        self._flops = flops
+
+    @hookimpl
+    def on_train_batch_start(self, trainer: RunView) -> None:
         """Training resumes: the evaluation or save before this step is over."""
         if self._pause is not None:
             self._end_pause(trainer)
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer, loss: Any) -> None:
+    def on_train_batch_end(self, trainer: RunView, loss: Any) -> None:
         """At the log cadence, close the window and log its rates as a separate record."""
         if not self.enabled:
             return
@@ -151,8 +159,10 @@ class Throughput:
             "perf/examples_per_sec": steps * trainer.batch_size / seconds,
             "perf/data_wait_share": min(1.0, (trainer.data_wait_seconds - first_wait) / seconds),
         }
-        for key, value in achieved(trainer, steps / seconds).items():
-            self.last[f"perf/{key}"] = value
+        if self._flops is not None:  # FLOP/s and MFU from the same training-only rate
+            rates = achieved(self._flops.per_step, steps / seconds,
+                             trainer.strategy.num_devices, trainer.precision)
+            self.last.update({f"perf/{key}": value for key, value in rates.items()})
         self.last.update({f"perf/{kind}_seconds": s for kind, s in away.items() if s > 0})
         if "train" in trainer.compile_seconds:
             self.last["perf/compile_seconds"] = trainer.compile_seconds["train"]
@@ -160,22 +170,22 @@ class Throughput:
                                  step=trainer.global_step)
         self._mark(trainer, now)  # logging this record is the next window's time
 
-    def _mark(self, trainer: Trainer, now: float) -> None:
+    def _mark(self, trainer: RunView, now: float) -> None:
         self._window_start = (now, trainer.global_step, trainer.data_wait_seconds)
         self._window_away = dict.fromkeys(PAUSES, 0.0)
 
     @hookimpl
-    def on_validation_start(self, trainer: Trainer, stage: str) -> None:
+    def on_validation_start(self, trainer: RunView, stage: str) -> None:
         """Evaluation is not training time: it counts as ``perf/val_seconds``."""
         self._start_pause(trainer, "val")
 
     @hookimpl
-    def on_save_checkpoint(self, trainer: Trainer) -> None:
+    def on_save_checkpoint(self, trainer: RunView) -> None:
         """Saving is not training time: it counts as ``perf/checkpoint_seconds``."""
         self._start_pause(trainer, "checkpoint")
 
     @hookimpl
-    def on_run_end(self, trainer: Trainer, stage: str) -> None:
+    def on_run_end(self, trainer: RunView, stage: str) -> None:
         """The end-of-fit validation and save count in :attr:`totals` too; evaluations
         after the fit are not paused training."""
         if stage == "fit":
@@ -183,7 +193,12 @@ class Throughput:
                 self._end_pause(trainer)
             self._window_start = None
 
-    def fit_totals(self, trainer: Trainer) -> dict[str, float]:
+    @hookimpl
+    def training_time(self, trainer: RunView) -> Mapping[str, float]:
+        """This fit's training-only time for the fit summary: :meth:`fit_totals`."""
+        return self.fit_totals(trainer)
+
+    def fit_totals(self, trainer: RunView) -> dict[str, float]:
         """:attr:`totals` with the evaluation or save running now counted up to now."""
         totals = dict(self.totals)
         if self._pause is not None:

@@ -43,7 +43,7 @@ import numpy as np
 from nnx_trainer import hookimpl
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
 
 log = logging.getLogger("nnx_trainer.timer")
 
@@ -166,7 +166,7 @@ class Timer:
 
     # ---------------------------------------------------------- the check
 
-    def _check(self, trainer: Trainer, may_sync: bool) -> None:
+    def _check(self, trainer: RunView, may_sync: bool) -> None:
         if self.max_seconds is None or trainer.should_stop:
             return
         over = self.time_elapsed("fit") >= self.max_seconds
@@ -189,7 +189,7 @@ class Timer:
     # --------------------------------------------------------------- hooks
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: RunView) -> None:
         """Start the fit clock; a resumed fit continues from the checkpointed time."""
         if not self._restored:
             self._offset = dict.fromkeys(STAGES, 0.0)
@@ -200,13 +200,13 @@ class Timer:
         self._check(trainer, may_sync=True)  # a resumed run may already be over budget
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer) -> None:
+    def on_train_batch_end(self, trainer: RunView) -> None:
         """Compare host clock readings only: no device work, no sync."""
         if self.max_seconds is not None and self.interval == "step":
             self._check(trainer, may_sync=trainer.global_step % trainer.log_every_n_steps == 0)
 
     @hookimpl
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
+    def on_train_epoch_end(self, trainer: RunView) -> None:
         """Check at every epoch end (the only check with ``interval="epoch"``)."""
         self._check(trainer, may_sync=True)
 

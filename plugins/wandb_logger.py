@@ -20,7 +20,8 @@ asked for an online run would only find out at the end that nothing was uploaded
 What is logged:
 
 - ``config``: the hyperparameters dict from ``log_hyperparams`` (trainer options,
-  task hyperparameters), plus keys added later by ``update_config`` (``flops``).
+  task hyperparameters), plus ``flops`` from ``log_model_summary`` (the train step's
+  FLOP count, known at the first step), added by ``update_config``.
 - every ``log_metrics`` call (train metrics at the log cadence, validation and test
   metrics) as one ``run.log`` row that also carries ``trainer/global_step``; every
   metric is plotted against that step metric (``define_metric``), never against
@@ -62,7 +63,8 @@ from nnx_trainer import hookimpl
 from nnx_trainer.host_values import metric_value
 
 if TYPE_CHECKING:
-    from nnx_trainer import Trainer
+    from nnx_trainer import RunView
+    from nnx_trainer.flops import StepFlops
 
 log = logging.getLogger("nnx_trainer.wandb")
 
@@ -148,11 +150,11 @@ class WandbLogger:
         ``"disabled"``. Reads the environment; never imports wandb."""
         return (self.mode or _env_mode()) != "disabled"
 
-    def _should_log(self, trainer: Trainer) -> bool:
+    def _should_log(self, trainer: RunView) -> bool:
         return trainer.is_main_process and self.is_active()
 
     @staticmethod
-    def run_id_path(trainer: Trainer) -> Path:
+    def run_id_path(trainer: RunView) -> Path:
         """Where the run id is kept so a resumed fit continues the same W&B run."""
         return Path(trainer.run_dir) / RUN_ID_FILE
 
@@ -176,14 +178,14 @@ class WandbLogger:
             "Trainer(disable_plugins=['wandb'])."
         )
 
-    def _ensure_run(self, trainer: Trainer, config: Mapping[str, Any] | None) -> None:
+    def _ensure_run(self, trainer: RunView, config: Mapping[str, Any] | None) -> None:
         """The run of ``trainer.run_dir``: the open one, else a new (or resumed) one."""
         if self.run is not None and self._run_dir == Path(trainer.run_dir):
             return
         self.finish()  # a run of another run directory
         self._start(trainer, config)
 
-    def _start(self, trainer: Trainer, config: Mapping[str, Any] | None) -> None:
+    def _start(self, trainer: RunView, config: Mapping[str, Any] | None) -> None:
         global _EXIT_HANDLER_REGISTERED
         import wandb
 
@@ -238,7 +240,7 @@ class WandbLogger:
         if run is not None and self._owns_run:
             run.finish(exit_code=exit_code)
 
-    def _summarize(self, trainer: Trainer, status: str | None) -> None:
+    def _summarize(self, trainer: RunView, status: str | None) -> None:
         """Write the summary (``status`` None: an evaluation's metrics only); never raises
         (it may run while an error unwinds)."""
         if self.run is None:
@@ -266,7 +268,7 @@ class WandbLogger:
     # --------------------------------------------------------------- hooks
 
     @hookimpl
-    def log_hyperparams(self, trainer: Trainer, params: Mapping[str, Any]) -> None:
+    def log_hyperparams(self, trainer: RunView, params: Mapping[str, Any]) -> None:
         """Keep the config for ``wandb.init`` (called just before ``on_fit_start``)."""
         if not self._should_log(trainer):
             return
@@ -274,7 +276,7 @@ class WandbLogger:
         if self.run is not None:
             self.run.config.update(self._config, allow_val_change=True)
 
-    def update_config(self, trainer: Trainer, values: Mapping[str, Any]) -> None:
+    def update_config(self, trainer: RunView, values: Mapping[str, Any]) -> None:
         """Add ``values`` to the run's config after fit start (e.g. the step's FLOP count)."""
         if self._should_log(trainer):
             self._config.update(values)
@@ -282,14 +284,20 @@ class WandbLogger:
                 self.run.config.update(dict(values), allow_val_change=True)
 
     @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def log_model_summary(self, trainer: RunView, flops: StepFlops | None) -> None:
+        """Add the train step's FLOP count to the config (the parameters are in it already)."""
+        if flops is not None:
+            self.update_config(trainer, {"flops": flops.as_dict()})
+
+    @hookimpl
+    def on_fit_start(self, trainer: RunView) -> None:
         """Start (or resume) the W&B run."""
         if not self._should_log(trainer):
             return
         self._ensure_run(trainer, self._config)
 
     @hookimpl
-    def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int) -> None:
+    def log_metrics(self, trainer: RunView, metrics: Mapping[str, Any], step: int) -> None:
         """One ``run.log`` row per call, with ``trainer/global_step`` as its x-axis."""
         if not self._should_log(trainer):
             return
@@ -301,7 +309,7 @@ class WandbLogger:
         self.run.log(row)
 
     @hookimpl
-    def on_run_end(self, trainer: Trainer, stage: str, outcome: str) -> None:
+    def on_run_end(self, trainer: RunView, stage: str, outcome: str) -> None:
         """Summary after every call; finish at once only on an exception or preemption.
 
         A completed (or stopped) fit leaves the run open for the evaluations after it;

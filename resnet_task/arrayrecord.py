@@ -35,11 +35,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from resnet_task.data import (
+from resnet_task.dataset_base import (
     DatasetInfo,
-    _check_fraction,
-    _check_image_size,
-    _stratified_split,
+    check_fraction,
+    check_image_size,
+    stratified_split,
 )
 from resnet_task.errors import DataError
 from resnet_task.image_folder import PolicySource, check_bad_image_policy, decode_image
@@ -244,7 +244,7 @@ def load_arrayrecord(
     root = Path(data_dir).expanduser()
     meta = read_metadata(root)
     size = image_size if image_size is not None else (meta.get("image_size") or 64)
-    _check_image_size(size)
+    check_image_size(size)
     check_shards(root, meta)
     fix = convert_command(meta, root)
     splits = meta["splits"]
@@ -260,8 +260,8 @@ def load_arrayrecord(
         train = source("train", labels, np.arange(len(labels)))
         val = source(held_out, val_labels, np.arange(len(val_labels)))
     else:
-        _check_fraction(val_fraction)
-        train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
+        check_fraction(val_fraction)
+        train_idx, val_idx = stratified_split(labels, val_fraction, seed)
         train, val = source("train", labels, train_idx), source("train", labels, val_idx)
     info = DatasetInfo(
         name="arrayrecord",

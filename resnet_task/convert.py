@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -49,14 +48,10 @@ from resnet_task.arrayrecord import (
     encode_record,
     shard_problem,
 )
-from resnet_task.data import (
-    _CIFAR_LAYOUT,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    _ArrayOnlyUnpickler,
-    load_cifar,
-)
+from resnet_task.cifar import CIFAR_LAYOUT, ArrayOnlyUnpickler, load_cifar
+from resnet_task.dataset_base import IMAGENET_MEAN, IMAGENET_STD
 from resnet_task.errors import DataError
+from resnet_task.extras import require
 from resnet_task.image_folder import scan_folder
 
 MANIFEST_FILE = "manifest.jsonl"
@@ -94,7 +89,7 @@ class ConvertResult:
 def detect_source(src: Path) -> str:
     """``"cifar10"``, ``"cifar100"`` or ``"folder"``, from the files ``load_cifar`` looks for."""
     for n in (10, 100):
-        layout = _CIFAR_LAYOUT[n]
+        layout = CIFAR_LAYOUT[n]
         if (src / layout["dir"]).is_dir() or all((src / f).is_file() for f in layout["train"]):
             return layout["name"]
     return "folder"
@@ -138,11 +133,11 @@ def _cifar_class_names(src: Path, num_classes: int) -> list[str]:
     """Names from the optional ``batches.meta`` / ``meta`` file, else "0", "1", ..."""
     file, key = ("batches.meta", b"label_names") if num_classes == 10 else ("meta",
                                                                              b"fine_label_names")
-    for path in (src / _CIFAR_LAYOUT[num_classes]["dir"] / file, src / file):
+    for path in (src / CIFAR_LAYOUT[num_classes]["dir"] / file, src / file):
         if path.is_file():
             try:
                 with open(path, "rb") as f:
-                    meta = _ArrayOnlyUnpickler(f, encoding="bytes").load()
+                    meta = ArrayOnlyUnpickler(f, encoding="bytes").load()
                 names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[key]]
             except Exception:  # optional file: unreadable names fall back to indices
                 break
@@ -153,7 +148,8 @@ def _cifar_class_names(src: Path, num_classes: int) -> list[str]:
 
 def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")  # lossless, unlike JPEG
+    pillow = require("PIL.Image", "converting CIFAR images to PNG")
+    pillow.fromarray(image).save(buf, format="PNG")  # lossless, unlike JPEG
     return buf.getvalue()
 
 

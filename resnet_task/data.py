@@ -6,21 +6,41 @@ The engine does the shuffling, augmentation, sharding and batching; the loaders 
 
 All validation happens when a loader is called, so a bad ``--data-dir`` fails before any
 model is built or compiled, with a message that says what is wrong and what to change.
+
+:func:`load_dataset` picks a loader by name. The bundled digits and image folders are read
+here; CIFAR (:mod:`resnet_task.cifar`), synthetic data (:mod:`resnet_task.synthetic`) and
+converted ArrayRecord shards (:mod:`resnet_task.arrayrecord`) have modules of their own,
+all built on :mod:`resnet_task.dataset_base`. Their public names are importable from here.
 """
 
 from __future__ import annotations
 
-import pickle
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
 
+from resnet_task.arrayrecord import load_arrayrecord
+from resnet_task.cifar import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    load_cifar,
+)
+from resnet_task.dataset_base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ArraySource,
+    DatasetInfo,
+    channel_mean_std,
+    check_fraction,
+    check_image_size,
+    stratified_split,
+)
 from resnet_task.errors import DataError
+from resnet_task.extras import require
 from resnet_task.image_folder import (
     IMAGE_EXTENSIONS,
     ImageFileSource,
@@ -28,6 +48,7 @@ from resnet_task.image_folder import (
     scan_folder,
     verify_images,
 )
+from resnet_task.synthetic import SyntheticSource, load_synthetic
 
 __all__ = [
     "DataError",
@@ -39,188 +60,17 @@ __all__ = [
     "load_cifar",
     "load_image_folder",
     "load_synthetic",
+    "load_arrayrecord",
     "load_dataset",
     "DATASET_NAMES",
     "IMAGE_EXTENSIONS",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
 ]
-
-
-# Standard per-channel statistics in [0, 1] pixel units.
-# CIFAR: mean and per-pixel std over the 50,000 training images (e.g. the values used by
-# torchvision-based CIFAR recipes; the often-quoted std (0.2023, 0.1994, 0.2010) is the std of
-# per-image means and underestimates the pixel std, so it is not used here).
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-# ImageNet statistics (torchvision's), a reasonable default for arbitrary natural images.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a model and the input normalisation need to know about a dataset.
-
-    ``mean`` and ``std`` are per channel, in [0, 1] pixel units (i.e. for ``image / 255``).
-    ``class_names`` is empty when classes have no names beyond their index.
-    """
-
-    name: str
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_train: int
-    num_val: int
-    class_names: tuple[str, ...] = ()
-
-
-# ---- random-access sources -------------------------------------------------------------------
-# Module-level classes holding only arrays / strings, so Grain can pickle them into its
-# (spawned) worker processes.
-
-
-class ArraySource:
-    """Examples served from one in-memory uint8 image array and an int32 label array.
-
-    The arrays are made read-only: elements are views into them, so an augmentation that
-    wrongly modifies its input in place fails loudly instead of corrupting the dataset.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise DataError(
-                f"images must be a uint8 array of shape (N, H, W, C), got {images.dtype} "
-                f"{images.shape}"
-            )
-        if labels.shape != (len(images),):
-            raise DataError(
-                f"labels must have shape ({len(images)},) to match the images, got {labels.shape}"
-            )
-        # Read-only views: the caller's arrays keep their own flags.
-        self._images = images.view()
-        self._labels = labels.astype(np.int32, copy=False).view()
-        self._images.flags.writeable = False
-        self._labels.flags.writeable = False
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"image": self._images[index], "label": self._labels[index]}
-
-    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        """Grain's batched read: one fancy index per array for a whole batch."""
-        index = np.asarray(indices)
-        images, labels = self._images[index], self._labels[index]
-        return [{"image": x, "label": y} for x, y in zip(images, labels, strict=True)]
-
-    @property
-    def images(self) -> np.ndarray:
-        """All images, (N, H, W, C) uint8, read-only."""
-        return self._images
-
-    @property
-    def labels(self) -> np.ndarray:
-        """All labels, (N,) int32, read-only."""
-        return self._labels
-
-    def __repr__(self) -> str:
-        return f"ArraySource(n={len(self)}, image_shape={self._images.shape[1:]})"
-
-
-class SyntheticSource:
-    """Random images with a learnable class signal, generated on the fly per index.
-
-    Each class has a fixed blocky colour template (a 4x4 grid of random per-channel
-    intensities, upsampled to the image size); an example is its class template plus Gaussian
-    noise, clipped to uint8. The noise is seeded by ``(seed, split, index)`` so any element
-    can be produced in any worker process and is the same every time.
-    """
-
-    def __init__(
-        self, templates: np.ndarray, labels: np.ndarray, seed: int, split: int, noise_std: float
-    ):
-        self._templates = templates  # (num_classes, H, W, C) float32
-        self._labels = np.asarray(labels, dtype=np.int32)
-        self._seed = int(seed)
-        self._split = int(split)
-        self._noise_std = float(noise_std)
-
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        index = int(index)
-        label = self._labels[index]
-        rng = np.random.default_rng((self._seed, self._split, index))
-        template = self._templates[label]
-        noise = rng.standard_normal(template.shape, dtype=np.float32) * self._noise_std
-        image = np.clip(np.rint(template + noise), 0, 255).astype(np.uint8)
-        return {"image": image, "label": label}
-
-    @property
-    def labels(self) -> np.ndarray:
-        """All labels, (N,) int32."""
-        return self._labels
-
-    def __repr__(self) -> str:
-        return f"SyntheticSource(n={len(self)}, image_shape={self._templates.shape[1:]})"
-
-
-# ---- validation helpers ------------------------------------------------------------------------
-
-
-def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
-    """Raise DataError naming the first label outside [0, num_classes); vectorised."""
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(
-            f"{where}: label {int(labels[i])} at index {i} is outside [0, {num_classes}) "
-            f"({bad.size} bad labels in total); the file does not belong to a "
-            f"{num_classes}-class dataset: check the dataset name / num_classes and the files"
-        )
-
-
-def _check_fraction(val_fraction: float) -> None:
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-
-
-def _check_image_size(image_size: int) -> None:
-    if int(image_size) != image_size or image_size < 1:
-        raise DataError(f"image_size must be a positive integer, got {image_size!r}")
-
-
-def _stratified_split(
-    labels: np.ndarray, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic per-class split of indices: ``round(n * val_fraction)`` of each class to
-    val, but never all of a class with >= 2 examples, and at least one when that is possible.
-
-    Own implementation rather than sklearn's ``train_test_split(stratify=...)``: that one
-    rejects classes with a single example, which small image folders can have.
-    """
-    rng = np.random.default_rng(seed)
-    train_idx, val_idx = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n = len(idx)
-        n_val = min(max(int(round(n * val_fraction)), 1), n - 1) if n >= 2 else 0
-        val_idx.append(idx[:n_val])
-        train_idx.append(idx[n_val:])
-    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
-
-
-def _mean_std(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] units, in float64 for accuracy on small data."""
-    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    return tuple(float(v) for v in x.mean(0)), tuple(float(v) for v in x.std(0))
-
-
-# ---- digits ------------------------------------------------------------------------------------
 
 
 def load_digits(
@@ -231,30 +81,29 @@ def load_digits(
     Pixel values 0..16 are scaled to uint8 0..255 and bilinearly resized to
     ``image_size`` x ``image_size`` with one channel. The stratified train/val split depends
     only on ``val_fraction`` and ``seed``, so the held-out set is the same on every run.
-    Mean/std come from the training split.
+    Mean/std come from the training split. Needs scikit-learn (the ``examples`` extra) and,
+    for any size but 8, Pillow (the ``images`` extra).
     """
-    from sklearn.datasets import load_digits as _sk_load_digits  # slow import: only when used
-
-    _check_image_size(image_size)
-    _check_fraction(val_fraction)
+    check_image_size(image_size)
+    check_fraction(val_fraction)
     image_size = int(image_size)
-    digits = _sk_load_digits()
+    # Imported here: scikit-learn is optional, and slow to import.
+    datasets = require("sklearn.datasets", "the bundled digits dataset")
+    digits = datasets.load_digits()
     raw = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     if image_size == raw.shape[1]:
         images = raw
     else:
-        images = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BILINEAR)
-                )
-                for im in raw
-            ]
-        )
+        pillow = require("PIL.Image", f"resizing the digits to {image_size}x{image_size}")
+        bilinear = pillow.Resampling.BILINEAR
+        images = np.stack([
+            np.asarray(pillow.fromarray(im).resize((image_size, image_size), bilinear))
+            for im in raw
+        ])
     images = np.ascontiguousarray(images[..., None])
     labels = digits.target.astype(np.int32)
-    train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
-    mean, std = _mean_std(images[train_idx])
+    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    mean, std = channel_mean_std(images[train_idx])
     info = DatasetInfo(
         name="digits",
         num_classes=10,
@@ -268,162 +117,6 @@ def load_digits(
     train = grain.MapDataset.source(ArraySource(images[train_idx], labels[train_idx]))
     val = grain.MapDataset.source(ArraySource(images[val_idx], labels[val_idx]))
     return train, val, info
-
-
-# ---- CIFAR -------------------------------------------------------------------------------------
-
-_CIFAR_LAYOUT = {
-    10: {
-        "name": "cifar10",
-        "title": "CIFAR-10",
-        "dir": "cifar-10-batches-py",
-        "train": [f"data_batch_{i}" for i in range(1, 6)],
-        "test": ["test_batch"],
-        "label_key": "labels",
-        "archive": "the 'CIFAR-10 python version' archive (cifar-10-python.tar.gz)",
-        "mean": CIFAR10_MEAN,
-        "std": CIFAR10_STD,
-    },
-    100: {
-        "name": "cifar100",
-        "title": "CIFAR-100",
-        "dir": "cifar-100-python",
-        "train": ["train"],
-        "test": ["test"],
-        "label_key": "fine_labels",
-        "archive": "the 'CIFAR-100 python version' archive (cifar-100-python.tar.gz)",
-        "mean": CIFAR100_MEAN,
-        "std": CIFAR100_STD,
-    },
-}
-
-# The only globals a CIFAR pickle needs: NumPy array reconstruction, plus `_codecs.encode`,
-# which Python 3 protocol-2 pickles use for bytes. Allowing nothing else means a tampered
-# file cannot run code when it is loaded.
-_PICKLE_ALLOWED = {
-    ("_codecs", "encode"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-}
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _PICKLE_ALLOWED:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
-        return super().find_class(module, name)
-
-
-def _read_cifar_batch(path: Path, label_key: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR pickle -> (N, 32, 32, 3) uint8 images and (N,) int64 labels."""
-    try:
-        with open(path, "rb") as f:
-            # encoding="bytes": the files were written by Python 2; keys come back as bytes.
-            batch = _ArrayOnlyUnpickler(f, encoding="bytes").load()
-    except Exception as e:  # truncated, not a pickle, foreign globals...
-        raise DataError(f"cannot read CIFAR batch '{path}' ({e}); {hint}") from e
-    if not isinstance(batch, dict):
-        raise DataError(f"CIFAR batch '{path}' holds a {type(batch).__name__}, not a dict; {hint}")
-    # Real files use bytes keys; accept str keys too (files re-saved under Python 3).
-    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    missing = [k for k in ("data", label_key) if k not in batch]
-    if missing:
-        raise DataError(
-            f"CIFAR batch '{path}' lacks key(s) {missing} (has {sorted(map(str, batch))}); {hint}"
-        )
-    data, labels = batch["data"], np.asarray(batch[label_key])
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 2
-        or (data.shape[1] != 3 * 32 * 32)
-    ):
-        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(
-            f"CIFAR batch '{path}': 'data' must be a uint8 array of shape (N, 3072), "
-            f"got {desc}; {hint}"
-        )
-    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(
-            f"CIFAR batch '{path}': '{label_key}' must be {len(data)} integers (one per image), "
-            f"got {labels.dtype} {labels.shape}; {hint}"
-        )
-    # Rows are channel-major (1024 R, 1024 G, 1024 B); the engine wants (H, W, C).
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, labels
-
-
-def _resolve_cifar_dir(data_dir: str | Path, layout: dict[str, Any]) -> Path:
-    """Accept the extracted directory itself or its parent."""
-    expected = (
-        f"expected '{layout['dir']}/' with {', '.join(layout['train'][:1])}"
-        f"{'..5' if len(layout['train']) > 1 else ''} and {layout['test'][0]} "
-        f"({layout['archive']}, extracted)"
-    )
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(
-            f"{layout['title']} directory '{data_dir}' not found: {expected}; "
-            "pass --data-dir pointing at it"
-        )
-    if (root / layout["dir"]).is_dir():
-        return root / layout["dir"]
-    if any((root / n).exists() for n in layout["train"] + layout["test"]):
-        return root
-    raise DataError(
-        f"{layout['title']} directory '{data_dir}' contains neither '{layout['dir']}/' nor its "
-        f"batch files: {expected}; pass --data-dir pointing at '{layout['dir']}/' or its parent"
-    )
-
-
-def load_cifar(
-    data_dir: str | Path, num_classes: int = 10
-) -> tuple[grain.MapDataset, grain.MapDataset, DatasetInfo]:
-    """CIFAR-10 (``num_classes=10``) or CIFAR-100 (``num_classes=100``, fine labels) from the
-    standard "python version" directories; returns ``(train, test, info)``.
-
-    ``data_dir`` may be ``cifar-10-batches-py/`` / ``cifar-100-python/`` or its parent. All
-    images are read once into one (N, 32, 32, 3) uint8 array (~150 MB for the train split).
-    The files are pickles; only NumPy array globals are allowed when loading them.
-    """
-    if num_classes not in _CIFAR_LAYOUT:
-        raise DataError(f"CIFAR num_classes must be 10 or 100, got {num_classes}")
-    layout = _CIFAR_LAYOUT[num_classes]
-    root = _resolve_cifar_dir(data_dir, layout)
-    hint = f"replace '{root}' by extracting {layout['archive']} again"
-
-    def read_split(names: list[str]) -> ArraySource:
-        missing = [n for n in names if not (root / n).is_file()]
-        if missing:
-            raise DataError(f"{layout['title']} directory '{root}' is missing {missing}; {hint}")
-        parts = [_read_cifar_batch(root / n, layout["label_key"], hint) for n in names]
-        for name, (_, labels) in zip(names, parts, strict=True):
-            _check_labels(labels, num_classes, f"{layout['title']} batch '{root / name}'")
-        images = np.concatenate([p[0] for p in parts])  # one contiguous copy (N, 32, 32, 3)
-        labels = np.concatenate([p[1] for p in parts]).astype(np.int32)
-        return ArraySource(images, labels)
-
-    train_src = read_split(layout["train"])
-    test_src = read_split(layout["test"])
-    info = DatasetInfo(
-        name=layout["name"],
-        num_classes=num_classes,
-        image_shape=(32, 32, 3),
-        mean=layout["mean"],
-        std=layout["std"],
-        num_train=len(train_src),
-        num_val=len(test_src),
-    )
-    return grain.MapDataset.source(train_src), grain.MapDataset.source(test_src), info
-
-
-# ---- image folder ------------------------------------------------------------------------------
 
 
 def load_image_folder(
@@ -450,7 +143,7 @@ def load_image_folder(
     image, see :meth:`resnet_task.image_folder.PolicySource.encoded`).
     Normalisation uses ImageNet's mean/std.
     """
-    _check_image_size(image_size)
+    check_image_size(image_size)
     check_bad_image_policy(bad_images, max_bad_fraction)
     image_size = int(image_size)
     root_path = Path(root).expanduser()
@@ -482,11 +175,11 @@ def load_image_folder(
             f"'{root_path}' to have a validation split carved out by val_fraction"
         )
     else:
-        _check_fraction(val_fraction)
+        check_fraction(val_fraction)
         class_names, paths, labels = scan_folder(root_path)
         if verify:
             verify_images(paths)
-        train_idx, val_idx = _stratified_split(labels, val_fraction, seed)
+        train_idx, val_idx = stratified_split(labels, val_fraction, seed)
         train_paths = [paths[i] for i in train_idx]
         val_paths = [paths[i] for i in val_idx]
         train_labels, val_labels = labels[train_idx], labels[val_idx]
@@ -508,55 +201,6 @@ def load_image_folder(
         train, val = train.encoded(), val.encoded()
     return grain.MapDataset.source(train), grain.MapDataset.source(val), info
 
-
-# ---- synthetic ---------------------------------------------------------------------------------
-
-
-def load_synthetic(
-    num_examples: int,
-    image_shape: tuple[int, int, int] = (32, 32, 3),
-    num_classes: int = 10,
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    noise_std: float = 48.0,
-) -> tuple[grain.MapDataset, grain.MapDataset, DatasetInfo]:
-    """``num_examples`` random images in total (``val_fraction`` of them held out) whose class
-    is visible in a per-class blocky colour template under Gaussian noise, so a small model's
-    loss drops within a few steps. Fully determined by ``seed``; generated lazily per element.
-    """
-    if num_examples < 2:
-        raise DataError(f"num_examples must be >= 2 (one train, one val), got {num_examples}")
-    if num_classes < 1:
-        raise DataError(f"num_classes must be >= 1, got {num_classes}")
-    if len(image_shape) != 3 or min(image_shape) < 1:
-        raise DataError(f"image_shape must be (H, W, C) with positive sizes, got {image_shape}")
-    _check_fraction(val_fraction)
-    h, w, c = (int(s) for s in image_shape)
-    rng = np.random.default_rng(seed)
-    grid = rng.uniform(48.0, 208.0, size=(num_classes, 4, 4, c)).astype(np.float32)
-    rows, cols = np.arange(h) * 4 // h, np.arange(w) * 4 // w
-    templates = np.ascontiguousarray(grid[:, rows][:, :, cols])  # (K, H, W, C)
-    # Balanced classes in random order.
-    labels = rng.permutation(np.arange(num_examples) % num_classes).astype(np.int32)
-    num_val = min(max(int(round(num_examples * val_fraction)), 1), num_examples - 1)
-    train_src = SyntheticSource(templates, labels[num_val:], seed, split=0, noise_std=noise_std)
-    val_src = SyntheticSource(templates, labels[:num_val], seed, split=1, noise_std=noise_std)
-    # Mean/std of the generating process, close enough to the sample statistics.
-    mean = tuple(float(v) / 255.0 for v in templates.mean(axis=(0, 1, 2)))
-    std = tuple(float(np.sqrt(v + noise_std**2)) / 255.0 for v in templates.var(axis=(0, 1, 2)))
-    info = DatasetInfo(
-        name="synthetic",
-        num_classes=num_classes,
-        image_shape=(h, w, c),
-        mean=mean,
-        std=std,
-        num_train=len(train_src),
-        num_val=len(val_src),
-    )
-    return grain.MapDataset.source(train_src), grain.MapDataset.source(val_src), info
-
-
-# ---- dispatch ----------------------------------------------------------------------------------
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "folder", "arrayrecord", "synthetic")
 
@@ -590,11 +234,9 @@ def load_dataset(
         size = 64 if image_size is None else image_size
         return load_image_folder(data_dir, size, seed=seed, **kw)
     if name == "arrayrecord":  # shards written by `python -m resnet_task.convert`
-        from resnet_task.arrayrecord import load_arrayrecord  # imports this module
-
         return load_arrayrecord(data_dir, image_size, seed=seed, **kw)
     size = 32 if image_size is None else image_size
-    _check_image_size(size)
+    check_image_size(size)
     kw.setdefault("num_examples", 2048)
     channels = kw.pop("channels", 3)
     return load_synthetic(image_shape=(size, size, channels), seed=seed, **kw)

@@ -32,13 +32,16 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO, Self, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, Self, TypeVar
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from resnet_task.errors import DataError
+from resnet_task.extras import require
 from resnet_task.jpeg import decode_rgb
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 BAD_IMAGE_POLICIES = ("stop", "skip")
@@ -193,9 +196,11 @@ def decode_image(file: str | Path | BinaryIO, image_size: int) -> np.ndarray:
     """Decode an image file (a path or a binary file object) to ``image_size`` x ``image_size``
     RGB uint8: resized so its shorter side is ``image_size``, then centre cropped."""
     size = (int(image_size), int(image_size))
+    image_ops = require("PIL.ImageOps", "decoding images")
+    bilinear = require("PIL.Image", "decoding images").Resampling.BILINEAR
 
     def fit(img: Image.Image, _scale: float) -> np.ndarray:
-        return np.asarray(ImageOps.fit(img, size, Image.Resampling.BILINEAR), dtype=np.uint8)
+        return np.asarray(image_ops.fit(img, size, bilinear), dtype=np.uint8)
 
     # A JPEG is decoded at a reduced scale that is still >= size: much faster for large
     # photos (resnet_task.jpeg).
@@ -308,11 +313,12 @@ def verify_images(paths: Sequence[str | Path], progress: bool = True) -> None:
     """
     from rich.progress import track
 
+    pillow = require("PIL.Image", "verifying images")
     bad: list[str] = []
     for path in track(paths, description="verifying images", disable=not progress,
                       transient=True):
         try:
-            with Image.open(path) as img:
+            with pillow.open(path) as img:
                 img.verify()
         except Exception as e:  # UnidentifiedImageError, OSError, SyntaxError...
             bad.append(f"'{path}' ({type(e).__name__}: {e})")

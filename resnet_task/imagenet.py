@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import grain
 import numpy as np
-from PIL import Image
 
+from resnet_task.extras import require
 from resnet_task.image_folder import EncodedImage
 from resnet_task.jpeg import decode_rgb
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["RandomResizedCrop", "CenterCrop", "sample_crop_box", "center_crop_box",
            "decode_crop", "IMAGENET_PRESET", "resolve_recipe", "RECIPES"]
@@ -104,7 +107,8 @@ def center_crop_box(height: int, width: int, size: int,
 def _crop_resize(img: Image.Image, box: Box, size: int, coord_scale: float) -> Image.Image:
     top, left, h, w = (v * coord_scale for v in box)
     # One resampling from the box straight to the output size (Pillow reads only the box).
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    bilinear = require("PIL.Image", "cropping images").Resampling.BILINEAR
+    return img.resize((size, size), bilinear, box=(left, top, left + w, top + h))
 
 
 def decode_crop(file: str | BinaryIO, box_for: Callable[[int, int], Box], size: int) -> np.ndarray:
@@ -132,7 +136,8 @@ def decode_crop(file: str | BinaryIO, box_for: Callable[[int, int], Box], size: 
 def _crop_array(image: np.ndarray, box_for: Callable[[int, int], Box], size: int) -> np.ndarray:
     """:func:`decode_crop` of an already-decoded ``(H, W, C)`` uint8 array (C = 1 or 3)."""
     squeeze = image.ndim == 3 and image.shape[-1] == 1
-    img = Image.fromarray(image[..., 0] if squeeze else image)
+    pillow = require("PIL.Image", "cropping images")
+    img = pillow.fromarray(image[..., 0] if squeeze else image)
     out = np.asarray(_crop_resize(img, box_for(*image.shape[:2]), size, 1.0), dtype=np.uint8)
     return out[..., None] if squeeze else out
 

@@ -30,9 +30,12 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from PIL import Image
+from resnet_task.extras import require
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 __all__ = ["DECODERS", "decoder_name", "decode_rgb", "draft_scale"]
 
@@ -50,6 +53,10 @@ T = TypeVar("T")
 
 # (full height, full width) -> the (width, height) the decoded image must keep.
 SizeRequest = Callable[[int, int], tuple[int, int]]
+
+
+def _pillow():  # -> the PIL.Image module
+    return require("PIL.Image", "decoding images")
 
 
 def decoder_name() -> str:
@@ -93,7 +100,7 @@ def _simplejpeg_rgb(data: bytes, request: SizeRequest) -> tuple[Image.Image, flo
     except ValueError:  # truncated, corrupt, or a variant it rejects: Pillow's verdict counts
         return None
     # 1/scale, as Pillow's draft reports it (not the rounded-up decoded size / full size).
-    return Image.fromarray(pixels), 1.0 / scale
+    return _pillow().fromarray(pixels), 1.0 / scale
 
 
 def decode_rgb(file: str | Path | BinaryIO, request: SizeRequest,
@@ -112,7 +119,7 @@ def decode_rgb(file: str | Path | BinaryIO, request: SizeRequest,
         if decoded is not None:
             return use(*decoded)
         file = io.BytesIO(data)
-    with Image.open(file) as img:
+    with _pillow().open(file) as img:
         width, height = img.size
         drafted = img.draft("RGB", request(height, width))  # None: no reduced decoding
         scale = drafted[1][2] / width if drafted else 1.0

@@ -6,6 +6,10 @@ Two families live here:
   (7x7 conv + max-pool) or a CIFAR stem (3x3 conv, no pool) for small images;
 * the CIFAR ResNet-(6n+2) of He et al. 2016, section 4.2 (``resnet20`` ... ``resnet110``).
 
+Each named model is one row of a table, its depth with the stage sizes and block it binds
+(the layout of Flax's ImageNet example); the layers and blocks live in
+:mod:`resnet_task.blocks`.
+
 All models take NHWC input and return float32 logits. ``dtype`` is the compute dtype,
 ``param_dtype`` the storage dtype of the parameters, so mixed precision is
 ``dtype=jnp.bfloat16, param_dtype=jnp.float32``. BatchNorm running statistics are always float32
@@ -32,173 +36,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_trainer.conv import resolve_conv_impl
+from resnet_task.blocks import (
+    PAD_3X3,
+    PAD_7X7,
+    BasicBlock,
+    Block,
+    BottleneckBlock,
+    batch_norm,
+    conv,
+)
+
+__all__ = [
+    "MODEL_NAMES", "STEMS", "BasicBlock", "BottleneckBlock", "ResNet", "SimpleResNet",
+    "create_model", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+]
 
 Dtype = Any
 
 STEMS = ("imagenet", "cifar")
-
-# Explicit symmetric padding (rather than "SAME") so strided convolutions see the same
-# windows as the torchvision reference models.
-_PAD_3X3 = ((1, 1), (1, 1))
-_PAD_7X7 = ((3, 3), (3, 3))
-
-
-def _conv(
-    in_features: int,
-    out_features: int,
-    kernel: int,
-    strides: int,
-    padding: Any,
-    *,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    rngs: nnx.Rngs,
-    conv_impl: str = "auto",
-) -> nnx.Conv:
-    # No bias: every convolution here is followed by BatchNorm, whose bias makes it redundant.
-    # Kernel init is He-normal over fan_out (untruncated), as torchvision's ResNets use.
-    return nnx.Conv(
-        in_features,
-        out_features,
-        kernel_size=(kernel, kernel),
-        strides=(strides, strides),
-        padding=padding,
-        use_bias=False,
-        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        conv_general_dilated=resolve_conv_impl(conv_impl),
-        rngs=rngs,
-    )
-
-
-def _batch_norm(
-    features: int, *, zero_scale: bool, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
-) -> nnx.BatchNorm:
-    # momentum/epsilon match PyTorch's BatchNorm2d defaults (its momentum 0.1 == ours 0.9).
-    return nnx.BatchNorm(
-        features,
-        momentum=0.9,
-        epsilon=1e-5,
-        scale_init=nnx.initializers.zeros_init() if zero_scale else nnx.initializers.ones_init(),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-
-
-def _projection(
-    in_features: int,
-    out_features: int,
-    strides: int,
-    *,
-    dtype: Dtype,
-    param_dtype: Dtype,
-    rngs: nnx.Rngs,
-    conv_impl: str = "auto",
-) -> nnx.Sequential | None:
-    """The 1x1 conv + BN shortcut, or None when the identity already has the right shape."""
-    if strides == 1 and in_features == out_features:
-        return None
-    return nnx.Sequential(
-        _conv(
-            in_features,
-            out_features,
-            1,
-            strides,
-            "VALID",
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            conv_impl=conv_impl,
-        ),
-        _batch_norm(
-            out_features, zero_scale=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        ),
-    )
-
-
-class BasicBlock(nnx.Module):
-    """Two 3x3 convolutions with a residual connection (ResNet-18/34, CIFAR ResNets)."""
-
-    expansion = 1
-
-    def __init__(
-        self,
-        in_features: int,
-        features: int,
-        strides: int = 1,
-        *,
-        zero_init_residual: bool = False,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        conv_impl: str = "auto",
-        rngs: nnx.Rngs,
-    ) -> None:
-        """Build the block; ``strides`` applies to the first 3x3 conv and the shortcut.
-
-        ``zero_init_residual`` starts the last BatchNorm scale at zero so the block begins as
-        the identity (Goyal et al. 2017). ``conv_impl``: see the module docstring.
-        """
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        ckw = dict(kw, conv_impl=conv_impl)
-        out_features = features * self.expansion
-        self.conv1 = _conv(in_features, features, 3, strides, _PAD_3X3, **ckw)
-        self.bn1 = _batch_norm(features, zero_scale=False, **kw)
-        self.conv2 = _conv(features, out_features, 3, 1, _PAD_3X3, **ckw)
-        self.bn2 = _batch_norm(out_features, zero_scale=zero_init_residual, **kw)
-        self.shortcut = _projection(in_features, out_features, strides, **ckw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Apply the block to an NHWC batch."""
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return nnx.relu(y + identity)
-
-
-class BottleneckBlock(nnx.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (ResNet-50 and deeper).
-
-    The stride sits on the 3x3 convolution ("ResNet v1.5", as in torchvision).
-    """
-
-    expansion = 4
-
-    def __init__(
-        self,
-        in_features: int,
-        features: int,
-        strides: int = 1,
-        *,
-        zero_init_residual: bool = False,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        conv_impl: str = "auto",
-        rngs: nnx.Rngs,
-    ) -> None:
-        """Build the block; the output has ``features * 4`` channels."""
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        ckw = dict(kw, conv_impl=conv_impl)
-        out_features = features * self.expansion
-        self.conv1 = _conv(in_features, features, 1, 1, "VALID", **ckw)
-        self.bn1 = _batch_norm(features, zero_scale=False, **kw)
-        self.conv2 = _conv(features, features, 3, strides, _PAD_3X3, **ckw)
-        self.bn2 = _batch_norm(features, zero_scale=False, **kw)
-        self.conv3 = _conv(features, out_features, 1, 1, "VALID", **ckw)
-        self.bn3 = _batch_norm(out_features, zero_scale=zero_init_residual, **kw)
-        self.shortcut = _projection(in_features, out_features, strides, **ckw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Apply the block to an NHWC batch."""
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = nnx.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return nnx.relu(y + identity)
-
-
-Block = type[BasicBlock] | type[BottleneckBlock]
 
 
 def _check_num_classes(num_classes: int) -> None:
@@ -259,10 +115,10 @@ class ResNet(nnx.Module):
         self.dtype = dtype
         self.stem = stem
         if stem == "imagenet":
-            self.conv1 = _conv(in_channels, width, 7, 2, _PAD_7X7, conv_impl=conv_impl, **kw)
+            self.conv1 = conv(in_channels, width, 7, 2, PAD_7X7, conv_impl=conv_impl, **kw)
         else:
-            self.conv1 = _conv(in_channels, width, 3, 1, _PAD_3X3, conv_impl=conv_impl, **kw)
-        self.bn1 = _batch_norm(width, zero_scale=False, **kw)
+            self.conv1 = conv(in_channels, width, 3, 1, PAD_3X3, conv_impl=conv_impl, **kw)
+        self.bn1 = batch_norm(width, zero_scale=False, **kw)
 
         stages = []
         features = width
@@ -286,7 +142,7 @@ class ResNet(nnx.Module):
         x = nnx.relu(self.bn1(self.conv1(x.astype(self.dtype))))
         if self.stem == "imagenet":
             # -inf padding (flax's max_pool default) so padded cells never win the max.
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=_PAD_3X3)
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_3X3)
         for stage in self.stages:
             x = stage(x)
         x = jnp.mean(x, axis=(1, 2))
@@ -328,10 +184,10 @@ class SimpleResNet(nnx.Module):
 
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
-        self.conv1 = _conv(
-            in_channels, initial_features, 3, 1, _PAD_3X3, conv_impl=conv_impl, **kw
+        self.conv1 = conv(
+            in_channels, initial_features, 3, 1, PAD_3X3, conv_impl=conv_impl, **kw
         )
-        self.bn1 = _batch_norm(initial_features, zero_scale=False, **kw)
+        self.bn1 = batch_norm(initial_features, zero_scale=False, **kw)
         stages = []
         features = initial_features
         for i in range(3):
@@ -358,133 +214,58 @@ class SimpleResNet(nnx.Module):
         return self.head(x).astype(jnp.float32)
 
 
-def resnet18(
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    stem: str = "imagenet",
-    dtype: Dtype = jnp.float32,
-    rngs: nnx.Rngs,
-    **kwargs: Any,
-) -> ResNet:
-    """ResNet-18; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
-    return ResNet(
-        (2, 2, 2, 2),
-        BasicBlock,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        stem=stem,
-        dtype=dtype,
-        rngs=rngs,
-        **kwargs,
-    )
+def _torchvision_variant(depth: int, stage_sizes: tuple[int, ...],
+                         block: Block) -> Callable[..., ResNet]:
+    """The ``resnet<depth>`` factory: :class:`ResNet` with these stages and block."""
+
+    def factory(*, num_classes: int, in_channels: int = 3, stem: str = "imagenet",
+                dtype: Dtype = jnp.float32, rngs: nnx.Rngs, **kwargs: Any) -> ResNet:
+        return ResNet(stage_sizes, block, num_classes=num_classes, in_channels=in_channels,
+                      stem=stem, dtype=dtype, rngs=rngs, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = f"resnet{depth}"
+    factory.__doc__ = (f"ResNet-{depth}; extra keyword arguments (``width``, ``param_dtype``, "
+                       "...) go to ResNet.")
+    return factory
 
 
-def resnet34(
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    stem: str = "imagenet",
-    dtype: Dtype = jnp.float32,
-    rngs: nnx.Rngs,
-    **kwargs: Any,
-) -> ResNet:
-    """ResNet-34; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
-    return ResNet(
-        (3, 4, 6, 3),
-        BasicBlock,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        stem=stem,
-        dtype=dtype,
-        rngs=rngs,
-        **kwargs,
-    )
+def _cifar_variant(depth: int) -> Callable[..., SimpleResNet]:
+    """The ``resnet<depth>`` factory: :class:`SimpleResNet` with ``(depth - 2) / 6`` blocks."""
+    num_blocks = (depth - 2) // 6
+
+    def factory(*, num_classes: int, in_channels: int = 3, dtype: Dtype = jnp.float32,
+                rngs: nnx.Rngs, **kwargs: Any) -> SimpleResNet:
+        return SimpleResNet(num_blocks, num_classes=num_classes, in_channels=in_channels,
+                            dtype=dtype, rngs=rngs, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = f"resnet{depth}"
+    factory.__doc__ = (f"CIFAR ResNet-{depth} ({num_blocks} blocks per stage); extra keyword "
+                       "arguments (``initial_features``, ``param_dtype``, ...) go to SimpleResNet.")
+    return factory
 
 
-def resnet50(
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    stem: str = "imagenet",
-    dtype: Dtype = jnp.float32,
-    rngs: nnx.Rngs,
-    **kwargs: Any,
-) -> ResNet:
-    """ResNet-50; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
-    return ResNet(
-        (3, 4, 6, 3),
-        BottleneckBlock,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        stem=stem,
-        dtype=dtype,
-        rngs=rngs,
-        **kwargs,
-    )
-
-
-def resnet101(
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    stem: str = "imagenet",
-    dtype: Dtype = jnp.float32,
-    rngs: nnx.Rngs,
-    **kwargs: Any,
-) -> ResNet:
-    """ResNet-101; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
-    return ResNet(
-        (3, 4, 23, 3),
-        BottleneckBlock,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        stem=stem,
-        dtype=dtype,
-        rngs=rngs,
-        **kwargs,
-    )
-
-
-def resnet152(
-    *,
-    num_classes: int,
-    in_channels: int = 3,
-    stem: str = "imagenet",
-    dtype: Dtype = jnp.float32,
-    rngs: nnx.Rngs,
-    **kwargs: Any,
-) -> ResNet:
-    """ResNet-152; extra keyword arguments (``width``, ``param_dtype``, ...) go to ResNet."""
-    return ResNet(
-        (3, 8, 36, 3),
-        BottleneckBlock,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        stem=stem,
-        dtype=dtype,
-        rngs=rngs,
-        **kwargs,
-    )
-
+# The model families as tables (as Flax's ImageNet example writes
+# ``ResNet18 = partial(ResNet, stage_sizes=[2, 2, 2, 2], block_cls=ResNetBlock)``).
+resnet18 = _torchvision_variant(18, (2, 2, 2, 2), BasicBlock)
+resnet34 = _torchvision_variant(34, (3, 4, 6, 3), BasicBlock)
+resnet50 = _torchvision_variant(50, (3, 4, 6, 3), BottleneckBlock)
+resnet101 = _torchvision_variant(101, (3, 4, 23, 3), BottleneckBlock)
+resnet152 = _torchvision_variant(152, (3, 8, 36, 3), BottleneckBlock)
+# Depth 6n + 2 (He et al. 2016, section 4.2).
+resnet20 = _cifar_variant(20)
+resnet32 = _cifar_variant(32)
+resnet44 = _cifar_variant(44)
+resnet56 = _cifar_variant(56)
+resnet110 = _cifar_variant(110)
 
 _TORCHVISION_STYLE: dict[str, Callable[..., ResNet]] = {
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "resnet101": resnet101,
-    "resnet152": resnet152,
-}
-# CIFAR ResNet depth -> blocks per stage (depth = 6n + 2).
-_CIFAR_DEPTHS: dict[str, int] = {
-    "resnet20": 3,
-    "resnet32": 5,
-    "resnet44": 7,
-    "resnet56": 9,
-    "resnet110": 18,
+    f.__name__: f for f in (resnet18, resnet34, resnet50, resnet101, resnet152)}
+_CIFAR_STYLE: dict[str, Callable[..., SimpleResNet]] = {
+    **{f.__name__: f for f in (resnet20, resnet32, resnet44, resnet56, resnet110)},
+    "simple": SimpleResNet,  # needs num_blocks
 }
 
-MODEL_NAMES: tuple[str, ...] = (*_TORCHVISION_STYLE, *_CIFAR_DEPTHS, "simple")
+MODEL_NAMES: tuple[str, ...] = (*_TORCHVISION_STYLE, *_CIFAR_STYLE)
 
 
 def create_model(
@@ -514,10 +295,6 @@ def create_model(
         return _TORCHVISION_STYLE[name](stem=stem, **common, **kwargs)
     if stem != "cifar":
         raise ValueError(f"model {name!r} only supports stem 'cifar', got {stem!r}")
-    if name == "simple":
-        if "num_blocks" not in kwargs:
-            raise ValueError(
-                "model 'simple' needs num_blocks=... (and optionally initial_features)"
-            )
-        return SimpleResNet(**common, **kwargs)
-    return SimpleResNet(_CIFAR_DEPTHS[name], **common, **kwargs)
+    if name == "simple" and "num_blocks" not in kwargs:
+        raise ValueError("model 'simple' needs num_blocks=... (and optionally initial_features)")
+    return _CIFAR_STYLE[name](**common, **kwargs)

@@ -5,6 +5,14 @@ load into every Trainer here (as pytest plugins load into pytest) and its hooks 
 run inside these tests. Each one is blocked through ``NNX_TRAINER_PLUGINS=no:NAME``,
 which subprocesses inherit too. Plugins the tests install themselves come later and
 are not affected.
+
+The tests share their helpers through modules beside this file, never by importing another
+test file: ``tiny_task`` (the tiny Tasks, :func:`~tiny_task.make_trainer`, the one factory of
+the tests' Trainers, and ``CrashAfter``), ``hook_recorder`` (:class:`HookRecorder`, the one
+recorder of hook calls: ``getcalls("log_metrics")``), ``fake_clock`` (:class:`FakeClock`, the
+one fake clock, for plugins' ``clock`` arguments and Orbax's save decisions), ``fake_cifar``
+(CIFAR trees on disk), ``processes`` (environments and ports for test subprocesses) and
+``wine_snippet`` (runs a documented example).
 """
 
 from __future__ import annotations

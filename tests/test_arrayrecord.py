@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_cifar import make_fake_cifar, write_pickle
 from PIL import Image
-from test_resnet_data import _write_pickle, make_fake_cifar
 
 from resnet_task.arrayrecord import METADATA_FILE, decode_record, encode_record
 from resnet_task.convert import MANIFEST_FILE, convert
@@ -92,7 +92,7 @@ def test_folder_shards_equal_the_folder_source(tmp_path, layout):
 def test_cifar_shards_equal_load_cifar(tmp_path, num_classes):
     d, _ = make_fake_cifar(tmp_path / "src", num_classes, n=5)
     if num_classes == 10:  # the optional names file of the real archive
-        _write_pickle(d / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+        write_pickle(d / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
     dst = tmp_path / "dst"
     assert convert_main([str(tmp_path / "src"), str(dst), "--examples-per-shard", "4",
                          "--workers", "3", "--no-progress"]) == 0

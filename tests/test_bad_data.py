@@ -5,9 +5,8 @@ from __future__ import annotations
 import grain
 import numpy as np
 import pytest
-from tiny_task import TinyTask, make_examples
+from tiny_task import TinyTask, make_examples, make_trainer
 
-import nnx_trainer
 from resnet_task.data import DataError
 from resnet_task.task import ResNetTask
 
@@ -42,17 +41,15 @@ class NegativeValLabels(ResNetTask):
         return _relabelled(super().val_data(), label=-1, every=3)
 
 
-def _trainer(tmp_path, **kwargs) -> nnx_trainer.Trainer:
-    options = dict(max_steps=3, batch_size=16, run_dir=tmp_path / "run",
-                   plugin_autoload=False, log_every_n_steps=1)
-    return nnx_trainer.Trainer(**{**options, **kwargs})
+SHORT_FIT = {"max_steps": 3, "log_every_n_steps": 1}
 
 
 @pytest.mark.parametrize("worker_count", [0, 2], ids=["in-process", "grain-workers"])
 def test_a_subclass_source_with_out_of_range_labels_fails_naming_label_range_and_source(
         tmp_path, worker_count):
     with pytest.raises(DataError) as caught:
-        _trainer(tmp_path, worker_count=worker_count).fit(OutOfRangeTrainLabels(**TINY))
+        trainer = make_trainer(tmp_path / "run", worker_count=worker_count, **SHORT_FIT)
+        trainer.fit(OutOfRangeTrainLabels(**TINY))
     message = str(caught.value)
     assert "label 7" in message and "[0, 4)" in message
     assert "OutOfRangeTrainLabels.train_data()" in message
@@ -61,11 +58,11 @@ def test_a_subclass_source_with_out_of_range_labels_fails_naming_label_range_and
 def test_an_out_of_range_validation_label_fails_the_evaluation(tmp_path):
     task = NegativeValLabels(**TINY)
     with pytest.raises(DataError, match=r"label -1, outside the valid range \[0, 4\)"):
-        _trainer(tmp_path).validate(task, untrained=True)
+        make_trainer(tmp_path / "run", **SHORT_FIT).validate(task, untrained=True)
 
 
 def test_labels_in_range_train_as_before(tmp_path):
-    trainer = _trainer(tmp_path)
+    trainer = make_trainer(tmp_path / "run", **SHORT_FIT)
     trainer.fit(ResNetTask(**TINY))
     assert trainer.global_step == 3 and "val/accuracy" in trainer.callback_metrics
 
@@ -97,7 +94,7 @@ class EmptyPredict(TinyTask):
 
 def test_an_empty_train_data_is_named_not_taken_for_a_batch_size_problem(tmp_path):
     with pytest.raises(ValueError) as caught:
-        _trainer(tmp_path).fit(EmptyTrain())
+        make_trainer(tmp_path / "run", **SHORT_FIT).fit(EmptyTrain())
     message = str(caught.value)
     assert "EmptyTrain.train_data() returned no examples" in message
     assert "batch size" not in message
@@ -105,16 +102,16 @@ def test_an_empty_train_data_is_named_not_taken_for_a_batch_size_problem(tmp_pat
 
 
 def test_an_empty_val_data_fails_the_fit_before_its_first_step(tmp_path):
-    trainer = _trainer(tmp_path, plugin_autoload=None)
+    trainer = make_trainer(tmp_path / "run", plugin_autoload=None, **SHORT_FIT)
     with pytest.raises(ValueError, match=r"EmptyVal\.val_data\(\) returned no examples"):
         trainer.fit(EmptyVal())
     assert trainer.global_step == 0
     with pytest.raises(ValueError, match=r"EmptyNamedVal\.val_data\(\)\['noisy'\] has no"):
-        _trainer(tmp_path).fit(EmptyNamedVal())
+        make_trainer(tmp_path / "run", **SHORT_FIT).fit(EmptyNamedVal())
 
 
 def test_empty_test_and_predict_data_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"EmptyTest\.test_data\(\) returned no examples"):
-        _trainer(tmp_path).test(EmptyTest(), untrained=True)
+        make_trainer(tmp_path / "run", **SHORT_FIT).test(EmptyTest(), untrained=True)
     with pytest.raises(ValueError, match=r"EmptyPredict\.predict_data\(\) returned no examples"):
-        _trainer(tmp_path).predict(EmptyPredict(), untrained=True)
+        make_trainer(tmp_path / "run", **SHORT_FIT).predict(EmptyPredict(), untrained=True)

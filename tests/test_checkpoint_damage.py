@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 from processes import script_env
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
-import nnx_trainer
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "ckpt_train.py"
@@ -30,6 +29,12 @@ CADENCE = ("--every-n-steps", "3", "--every-n-epochs", "0", "--keep-last", "10")
 CKPT_LOG = "nnx_trainer.checkpoint"
 
 pytestmark = pytest.mark.slow
+
+
+def every_3_steps() -> OrbaxCheckpoint:
+    """The in-process runs' checkpoints: steps 3, 6, 9, ..., all kept."""
+    return OrbaxCheckpoint(every_n_steps=3, every_n_epochs=0, keep_last=10,
+                           min_seconds_between_saves=0)
 
 
 def train(run_dir: Path, *extra: str, max_steps: int = 12) -> tuple[subprocess.CompletedProcess,
@@ -141,10 +146,8 @@ def test_last_steps_over_a_damaged_step_naming_it_and_keeping_it(run, name):
 def test_a_large_arrays_damaged_data_file_is_caught(tmp_path, caplog, damage):
     """The issue's silent case: a large array's data file is not checked by TensorStore
     (a 4096 x 16 kernel is stored apart from the tree), only by the fingerprint."""
-    def trainer(steps: int) -> nnx_trainer.Trainer:
-        return _trainer(tmp_path, max_steps=steps)
-
-    trainer(6).fit(TinyTask(dim=4096))
+    make_trainer(tmp_path, every_3_steps(), max_steps=6, log_every_n_steps=3).fit(
+        TinyTask(dim=4096))
     files = [p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
     largest = max(files, key=lambda p: p.stat().st_size)
     data = bytearray(largest.read_bytes())
@@ -155,7 +158,7 @@ def test_a_large_arrays_damaged_data_file_is_caught(tmp_path, caplog, damage):
     else:  # same size
         data[middle:middle + 4096] = bytes(b ^ 0x5A for b in data[middle:middle + 4096])
         largest.write_bytes(bytes(data))
-    resumed = trainer(8)
+    resumed = make_trainer(tmp_path, every_3_steps(), max_steps=8, log_every_n_steps=3)
     resumed.fit(TinyTask(dim=4096), ckpt_path="last")
     assert resumed.resumed_from == str((tmp_path / "checkpoints" / "3").absolute())
     assert (tmp_path / "checkpoints" / "_damaged" / "6-1").is_dir()
@@ -182,21 +185,14 @@ def test_a_step_half_deleted_by_a_kill_is_set_aside_once_not_warned_at_every_sta
 # ------------------------------------------------------------- named explicitly
 
 
-def _trainer(run_dir: Path, **kwargs) -> nnx_trainer.Trainer:
-    return nnx_trainer.Trainer(
-        run_dir=run_dir, max_steps=kwargs.pop("max_steps", 14), batch_size=16,
-        log_every_n_steps=3, plugin_autoload=False,
-        plugins=[OrbaxCheckpoint(every_n_steps=3, every_n_epochs=0, keep_last=10,
-                                 min_seconds_between_saves=0)], **kwargs)
-
-
 @pytest.mark.parametrize("name", ["zero-length-metadata", "arrays-of-another-step"])
 def test_a_damaged_step_named_by_its_path_is_refused_with_the_fix(run, name):
     damage, file, cause = DAMAGE[name]
     step_dir = run / "checkpoints" / "12"
     damage(step_dir)
     with pytest.raises(ValueError) as err:
-        _trainer(run).fit(TinyTask(), ckpt_path=str(step_dir))
+        make_trainer(run, every_3_steps(), max_steps=14, log_every_n_steps=3).fit(
+            TinyTask(), ckpt_path=str(step_dir))
     message = str(err.value)
     assert f"checkpoint step 12 is damaged: {file}" in message and cause in message
     assert "left as it is" in message and "ckpt_path='last'" in message
@@ -229,8 +225,7 @@ def test_best_steps_over_a_damaged_best_to_the_next_best(tmp_path, caplog):
         return OrbaxCheckpoint(monitor="val/loss", keep_best=3, keep_last=1,
                                min_seconds_between_saves=0)
 
-    trainer = nnx_trainer.Trainer(run_dir=tmp_path, max_steps=12, batch_size=16,
-                                  plugin_autoload=False, plugins=[plugin()])
+    trainer = make_trainer(tmp_path, plugin(), max_steps=12)
     trainer.fit(TinyTask(lr=0.02))
     ckpts = tmp_path / "checkpoints"
     ranked = sorted((json.loads((p / "metrics" / "metrics").read_text())["val/loss"],
@@ -238,8 +233,7 @@ def test_best_steps_over_a_damaged_best_to_the_next_best(tmp_path, caplog):
     assert len(ranked) == 3
     best, second = ranked[0][1], ranked[1][1]
     (ckpts / str(best) / "meta" / "metadata").write_bytes(b"")
-    probe = nnx_trainer.Trainer(run_dir=tmp_path, batch_size=16, plugin_autoload=False,
-                                plugins=[plugin()])
+    probe = make_trainer(tmp_path, plugin())
     probe.validate(TinyTask(lr=0.02), ckpt_path="best")
     assert probe.resumed_from == str((ckpts / str(second)).absolute())
     assert (ckpts / "_damaged" / f"{best}-1").is_dir()
@@ -251,11 +245,13 @@ def test_best_steps_over_a_damaged_best_to_the_next_best(tmp_path, caplog):
 
 def test_auto_starts_fresh_without_a_checkpoint_and_resumes_with_one(tmp_path, caplog):
     caplog.set_level(logging.INFO, CKPT_LOG)
-    fresh = _trainer(tmp_path / "run", max_steps=6).fit(TinyTask(), ckpt_path="auto")
+    fresh = make_trainer(tmp_path / "run", every_3_steps(), max_steps=6, log_every_n_steps=3
+                         ).fit(TinyTask(), ckpt_path="auto")
     assert fresh.resumed_from is None and fresh.global_step == 6
     assert "ckpt_path='auto': no checkpoint in" in caplog.text and "starting fresh" in caplog.text
     caplog.clear()
-    again = _trainer(tmp_path / "run", max_steps=9).fit(TinyTask(), ckpt_path="auto")
+    again = make_trainer(tmp_path / "run", every_3_steps(), max_steps=9, log_every_n_steps=3
+                         ).fit(TinyTask(), ckpt_path="auto")
     assert again.resumed_from == str((tmp_path / "run" / "checkpoints" / "6").absolute())
     assert "ckpt_path='auto': restored" in caplog.text and "(step 6)" in caplog.text
 
@@ -271,7 +267,8 @@ def test_auto_resumes_from_the_newest_intact_step(run):
 
 def test_resuming_into_another_model_names_the_first_differing_array(run):
     with pytest.raises(ValueError) as err:
-        _trainer(run).fit(TinyTask(dim=12), ckpt_path="last")
+        make_trainer(run, every_3_steps(), max_steps=14, log_every_n_steps=3).fit(
+            TinyTask(dim=12), ckpt_path="last")
     message = str(err.value)
     assert "model/fc1/kernel is saved as (8, 16) float32 but this run's is (12, 16) float32" \
         in message
@@ -286,7 +283,7 @@ def test_a_checkpoint_from_before_fingerprints_restores_with_a_warning(run, capl
     del meta["checkpoint"]["fingerprint"]
     meta["checkpoint"]["format"] = 2
     path.write_text(json.dumps(meta))
-    trainer = _trainer(run)
+    trainer = make_trainer(run, every_3_steps(), max_steps=14, log_every_n_steps=3)
     trainer.fit(TinyTask(), ckpt_path="last")
     assert trainer.resumed_from.endswith("/12")
     assert "predates checkpoint fingerprints" in caplog.text

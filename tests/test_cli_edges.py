@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
-import nnx_trainer
 from nnx_trainer import hookimpl
 from nnx_trainer.cli import main
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
@@ -293,8 +292,7 @@ def test_every_on_run_end_runs_when_one_raises_and_the_first_error_is_raised(tmp
     calls: list[str] = []
     plugins = [_Recorder("first", calls), _Recorder("second", calls, fail=True),
                _Recorder("third", calls, fail=True)]
-    trainer = nnx_trainer.Trainer(max_steps=1, batch_size=16, run_dir=tmp_path,
-                                  plugin_autoload=False, plugins=plugins)
+    trainer = make_trainer(tmp_path, *plugins, max_steps=1)
     with pytest.raises(RuntimeError, match="third failed to tear down") as info:
         trainer.fit(TinyTask(n_val=0))
     assert sorted(calls) == ["first", "second", "third"]  # pluggy's order: third first
@@ -306,15 +304,12 @@ def test_every_on_run_end_runs_when_one_raises_and_the_first_error_is_raised(tmp
 # ---- 8. a resumed fit is reported once, at INFO, numbered as the progress line is
 
 def test_a_resume_is_logged_once_at_info_with_the_progress_numbering(tmp_path, caplog):
-    def trainer(max_steps: int | None) -> nnx_trainer.Trainer:
-        return nnx_trainer.Trainer(max_epochs=3, max_steps=max_steps, batch_size=16,
-                                   run_dir=tmp_path, plugin_autoload=False,
-                                   plugins=[OrbaxCheckpoint(every_n_steps=1)])
-
-    trainer(6).fit(TinyTask(n_val=0))  # 4 steps per epoch: step 6 is epoch 2, batch 2
+    make_trainer(tmp_path, OrbaxCheckpoint(every_n_steps=1), max_epochs=3, max_steps=6).fit(
+        TinyTask(n_val=0))  # 4 steps per epoch: step 6 is epoch 2, batch 2
     caplog.clear()
     with caplog.at_level(logging.DEBUG, logger="nnx_trainer"):
-        trainer(None).fit(TinyTask(n_val=0), ckpt_path="last")
+        make_trainer(tmp_path, OrbaxCheckpoint(every_n_steps=1), max_epochs=3).fit(
+            TinyTask(n_val=0), ckpt_path="last")
     resumed = [r for r in caplog.records if "resumed from" in r.getMessage()]
     assert len(resumed) == 1 and resumed[0].levelno == logging.INFO
     assert "at step 6 (epoch 2/3, 2 of its batches done)" in resumed[0].getMessage()

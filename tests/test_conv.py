@@ -1,8 +1,8 @@
 """nnx_trainer.conv: same forward and gradients as autodiff of jax.lax.conv_general_dilated.
 
 Shapes are tiny (a few images of 7x8 pixels, a few channels) so the whole file runs in
-seconds. At such sizes ``_shifted_products_pay`` would send most kernels to XLA's
-kernel-gradient rule (and ``_phases_pay`` to XLA's input-gradient rule), so the shape
+seconds. At such sizes ``shifted_products_pay`` would send most kernels to XLA's
+kernel-gradient rule (and ``phases_pay`` to XLA's input-gradient rule), so the shape
 grid forces the custom forms on, and a smaller grid checks the other branches. No test
 asserts a speed.
 """
@@ -17,6 +17,7 @@ from flax import nnx
 from jax import lax
 
 from nnx_trainer import conv as conv_mod
+from nnx_trainer import conv_forward, conv_gradients
 from nnx_trainer.conv import (
     auto_conv_general_dilated,
     conv_general_dilated,
@@ -63,8 +64,8 @@ def _assert_close(got, want, tol):
 @pytest.fixture
 def custom_paths(monkeypatch):
     """Force the shifted-product kernel gradient and the stride-phase input gradient."""
-    monkeypatch.setattr(conv_mod, "_shifted_products_pay", lambda *a: True)
-    monkeypatch.setattr(conv_mod, "_phases_pay", lambda *a: True)
+    monkeypatch.setattr(conv_gradients, "shifted_products_pay", lambda *a: True)
+    monkeypatch.setattr(conv_gradients, "phases_pay", lambda *a: True)
 
 
 PADDINGS = ["SAME", "VALID", "sym", ((0, 2), (1, 0)), ((0, 0), (0, 0))]
@@ -119,16 +120,16 @@ def test_forward_and_gradients_match_autodiff_bfloat16(k, stride, custom_paths):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_xla_gradient_branches_match_autodiff(dtype, monkeypatch):
     # Where the custom forms do not pay, the gradients are XLA's transposes.
-    monkeypatch.setattr(conv_mod, "_shifted_products_pay", lambda *a: False)
-    monkeypatch.setattr(conv_mod, "_phases_pay", lambda *a: False)
+    monkeypatch.setattr(conv_gradients, "shifted_products_pay", lambda *a: False)
+    monkeypatch.setattr(conv_gradients, "phases_pay", lambda *a: False)
     for k, stride in ((3, 1), (3, 2)):
         _compare_paddings(k, stride, ["SAME", ((0, 2), (1, 0))], dtype, (2, 7, 8, 3, 4))
 
 
 def test_the_shifted_products_pay_where_measured():
-    geo = conv_mod._Geometry((1, 1), ((1, 1), (1, 1)), None)
-    geo2 = conv_mod._Geometry((2, 2), ((1, 1), (1, 1)), None)
-    pay = conv_mod._shifted_products_pay
+    geo = conv_forward.Geometry((1, 1), ((1, 1), (1, 1)), None)
+    geo2 = conv_forward.Geometry((2, 2), ((1, 1), (1, 1)), None)
+    pay = conv_gradients.shifted_products_pay
     assert pay((8, 32, 32, 16), (1, 1, 16, 32), (8, 32, 32, 32), geo)  # every 1x1
     assert not pay((8, 32, 32, 16), (3, 3, 16, 16), (8, 32, 32, 16), geo)  # few channels
     assert pay((8, 32, 32, 64), (3, 3, 64, 64), (8, 32, 32, 64), geo)
@@ -136,7 +137,7 @@ def test_the_shifted_products_pay_where_measured():
     assert pay((8, 8, 8, 128), (3, 3, 128, 128), (8, 8, 8, 128), geo)
     assert not pay((8, 4, 4, 512), (3, 3, 512, 512), (8, 4, 4, 512), geo)
     assert pay((8, 16, 16, 64), (3, 3, 64, 128), (8, 8, 8, 128), geo2)
-    phases = conv_mod._phases_pay
+    phases = conv_gradients.phases_pay
     assert phases((3, 3, 64, 128), (8, 8, 8, 128), geo2)
     assert not phases((3, 3, 256, 512), (8, 4, 4, 512), geo2)  # tiny outputs
     assert not phases((1, 1, 64, 128), (8, 16, 16, 128), geo2)  # 1x1: a single phase
@@ -145,8 +146,8 @@ def test_the_shifted_products_pay_where_measured():
 
 def test_kernel_gradient_loops_over_chunks_with_a_remainder(custom_paths, monkeypatch):
     # Chunks of 2 images over a batch of 5: two loop steps and a remainder of one.
-    monkeypatch.setattr(conv_mod, "_CHUNK_BYTES", 1)
-    monkeypatch.setattr(conv_mod, "_MIN_CHUNK_ROWS", 2 * 4 * 4)
+    monkeypatch.setattr(conv_gradients, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_gradients, "MIN_CHUNK_ROWS", 2 * 4 * 4)
     x, w = _arrays(5, 8, 8, 3, 4, 3, jnp.float32)
     args = ((2, 2), ((1, 1), (1, 1)))
     want = _value_and_grads(lax.conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
@@ -241,30 +242,30 @@ def test_resnet50_shapes_at_64px_match_autodiff_as_routed():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("path", sorted(conv_mod.FORWARD_PATHS))
+@pytest.mark.parametrize("path", sorted(conv_forward.FORWARD_PATHS))
 def test_every_forward_path_matches_autodiff_on_every_routed_shape(
         path, dtype, custom_paths, monkeypatch):
     # Each formulation forced on every shape (the stride-1 input gradient, a forward
     # convolution of the output gradient, takes it too), with the custom gradient forms.
-    monkeypatch.setattr(conv_mod, "_forward_path", lambda *a: path)
+    monkeypatch.setattr(conv_forward, "forward_path", lambda *a: path)
     _compare_shapes(ROUTED_SHAPES, dtype)
 
 
 def test_taps_that_only_read_padding_are_dropped():
-    live = conv_mod._live_taps
-    assert live((1, 1, 1, 4), (3, 3, 4, 4), conv_mod._Geometry((1, 1), S3, None)) == [(1, 1)]
+    live = conv_forward.live_taps
+    assert live((1, 1, 1, 4), (3, 3, 4, 4), conv_forward.Geometry((1, 1), S3, None)) == [(1, 1)]
     # 7x7/2 with padding 3 over a 3x3 image: rows/columns 0 and 6 never reach a pixel.
-    taps = live((1, 3, 3, 4), (7, 7, 4, 4), conv_mod._Geometry((2, 2), S7, None))
+    taps = live((1, 3, 3, 4), (7, 7, 4, 4), conv_forward.Geometry((2, 2), S7, None))
     assert taps == [(i, j) for i in range(1, 6) for j in range(1, 6)]
-    assert len(live((1, 8, 8, 4), (3, 3, 4, 4), conv_mod._Geometry((1, 1), S3, None))) == 9
+    assert len(live((1, 8, 8, 4), (3, 3, 4, 4), conv_forward.Geometry((1, 1), S3, None))) == 9
 
 
 def test_the_forward_router_picks_the_measured_paths():
     # ResNet-50 (ImageNet stem) shapes at 64x64 and 224x224, batch 32: see
     # benchmarks/README.md, "Forward routing".
     def path(h, ci, co, k, s, pad):
-        geo = conv_mod._Geometry((s, s), pad, None)
-        return conv_mod._forward_path((32, h, h, ci), (k, k, ci, co), geo)
+        geo = conv_forward.Geometry((s, s), pad, None)
+        return conv_forward.forward_path((32, h, h, ci), (k, k, ci, co), geo)
 
     assert path(2, 512, 512, 3, 1, S3) == "im2col"  # kernel larger than the image
     assert path(1, 512, 512, 3, 1, S3) == "im2col"
@@ -282,8 +283,8 @@ def test_the_forward_router_picks_the_measured_paths():
     assert path(56, 256, 512, 1, 2, S1) == "im2col"
 
     def bf16(h, ci, co, k, s, pad):
-        geo = conv_mod._Geometry((s, s), pad, None)
-        return conv_mod._forward_path((32, h, h, ci), (k, k, ci, co), geo, jnp.bfloat16)
+        geo = conv_forward.Geometry((s, s), pad, None)
+        return conv_forward.forward_path((32, h, h, ci), (k, k, ci, co), geo, jnp.bfloat16)
 
     # bfloat16: one product per tap for 3x3 to outputs of at most 8x8 (XLA's bfloat16
     # convolution is slow on small images), XLA's from 16x16 outputs and for the stems.
@@ -298,14 +299,14 @@ def test_the_forward_router_picks_the_measured_paths():
 
 
 def test_the_input_gradient_avoids_xla_dilated_transpose_where_it_is_slow():
-    slow = conv_mod._dilated_transpose_is_slow
-    geo2 = conv_mod._Geometry((2, 2), S3, None)
+    slow = conv_gradients.dilated_transpose_is_slow
+    geo2 = conv_forward.Geometry((2, 2), S3, None)
     # 3x3/2 from 4x4 to 2x2: g dilated to 3x3, no larger than the kernel.
     assert slow((3, 3, 512, 512), (32, 2, 2, 512), geo2)
     assert slow((3, 3, 512, 512), (32, 1, 1, 512), geo2)
     assert not slow((3, 3, 256, 512), (32, 4, 4, 512), geo2)
-    assert not slow((1, 1, 256, 512), (32, 2, 2, 512), conv_mod._Geometry((2, 2), S1, None))
-    assert not slow((3, 3, 512, 512), (32, 2, 2, 512), conv_mod._Geometry((1, 1), S3, None))
+    assert not slow((1, 1, 256, 512), (32, 2, 2, 512), conv_forward.Geometry((2, 2), S1, None))
+    assert not slow((3, 3, 512, 512), (32, 2, 2, 512), conv_forward.Geometry((1, 1), S3, None))
 
 
 # --- what nnx.Conv passes ---------------------------------------------------------------
@@ -379,7 +380,7 @@ def test_other_convolutions_fall_back_to_xla(case, monkeypatch):
 def test_mixed_dtypes_fall_back():
     x = jnp.ones((1, 5, 5, 2), jnp.bfloat16)
     w = jnp.ones((3, 3, 2, 2), jnp.float32)
-    assert conv_mod._geometry(x, w, (1, 1), "SAME", None, None, NHWC, 1, 1,
+    assert conv_forward.geometry_of(x, w, (1, 1), "SAME", None, None, NHWC, 1, 1,
                               None, None, None) is None
 
 
@@ -470,8 +471,8 @@ def test_resnet_train_step_gradients_match_autodiff(dtype, forced, monkeypatch):
     # "custom forms": the shifted-product kernel gradient and stride-phase input gradient
     # forced on every layer; "as routed": every choice as the measured rules make it.
     if forced:
-        monkeypatch.setattr(conv_mod, "_shifted_products_pay", lambda *a: True)
-        monkeypatch.setattr(conv_mod, "_phases_pay", lambda *a: True)
+        monkeypatch.setattr(conv_gradients, "shifted_products_pay", lambda *a: True)
+        monkeypatch.setattr(conv_gradients, "phases_pay", lambda *a: True)
     tol = {"float64": 1e-12, "float32": 5e-4}[dtype]
     with jax.enable_x64(dtype == "float64"):
         (loss_x, grads_x), (loss_c, grads_c) = (

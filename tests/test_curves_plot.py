@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import pytest
 from PIL import Image
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer.plugin_manager import create_plugin_manager
@@ -28,10 +28,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("curves") / "exp-7"
     plot = CurvesPlot()
-    trainer = nnx_trainer.Trainer(
-        max_epochs=2, batch_size=8, log_every_n_steps=3, plugin_autoload=False,
-        plugins=[plot, JsonlLogger()], run_dir=run_dir,
-    )
+    trainer = make_trainer(run_dir, plot, JsonlLogger(), max_epochs=2, batch_size=8,
+                           log_every_n_steps=3)
     trainer.fit(TinyTask())  # 16 steps; validation at steps 8 and 16
     jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return SimpleNamespace(plot=plot, trainer=trainer, run_dir=run_dir, jsonl=jsonl)
@@ -132,10 +130,8 @@ def test_a_real_preempted_fit_draws_its_curves(tmp_path):
             if step == 4:
                 trainer.preempted, trainer.stop_reason = True, "SIGTERM"
 
-    trainer = nnx_trainer.Trainer(
-        max_epochs=2, batch_size=8, log_every_n_steps=2, plugin_autoload=False,
-        plugins=[CurvesPlot(), Preempt()], run_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, CurvesPlot(), Preempt(), max_epochs=2, batch_size=8,
+                           log_every_n_steps=2)
     trainer.fit(TinyTask())
     assert trainer.global_step == 5
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from tiny_task import TinyModel, TinyTask
+from tiny_task import TinyModel, TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer_plugins.early_stopping import EarlyStopping
@@ -207,10 +207,7 @@ def test_stops_a_real_fit_at_the_right_epoch(tmp_path):
             seen.append(float(metrics["val/loss"]))
 
     es = EarlyStopping(monitor="val/loss", patience=3)
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_epochs=10, plugin_autoload=False,
-        plugins=[es, Watch()],
-    )
+    trainer = make_trainer(tmp_path, es, Watch(), max_epochs=10)
     trainer.fit(ScriptedValLoss([1.0, 0.5, 0.75, 0.625, 0.5, 0.25, 0.125, 0.0, 0.0, 0.0]))
     assert seen == [1.0, 0.5, 0.75, 0.625, 0.5]
     assert trainer.current_epoch == 5 and trainer.global_step == 10

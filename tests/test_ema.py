@@ -10,7 +10,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer_plugins.ema import EMA
@@ -54,11 +54,6 @@ class Snapshots:
             self.val_at[trainer.global_step] = self.val_loss[-1]
 
 
-def make_trainer(tmp_path, plugins, **kwargs):
-    kwargs.setdefault("batch_size", 16)
-    return nnx_trainer.Trainer(run_dir=tmp_path, plugin_autoload=False, plugins=plugins, **kwargs)
-
-
 def test_average_over_three_steps_matches_a_hand_computation_and_apply_at_end(tmp_path):
     class EveryTwo(EMA):
         name = "ema_every_two"
@@ -71,7 +66,7 @@ def test_average_over_three_steps_matches_a_hand_computation_and_apply_at_end(tm
     every_step = EMA(decay=d, apply_at_end=True)
     every_two = EveryTwo(decay=0.75, update_every=2)
     snaps = Snapshots()
-    trainer = make_trainer(tmp_path, [every_step, every_two, snaps], max_steps=3)
+    trainer = make_trainer(tmp_path, every_step, every_two, snaps, max_steps=3)
     trainer.fit(SGD(n_val=0))
 
     # ema_3 = d^3 p0 + d^2 (1-d) p1 + d (1-d) p2 + (1-d) p3, for every Param (BatchNorm
@@ -107,11 +102,11 @@ def test_evaluation_uses_the_average_and_training_is_unchanged(tmp_path):
     common = dict(max_epochs=2, val_check_interval=3, eval_batch_size=8)
 
     plain = Snapshots()
-    plain_trainer = make_trainer(tmp_path / "plain", [plain], **common)
+    plain_trainer = make_trainer(tmp_path / "plain", plain, **common)
     plain_trainer.fit(task)
 
     ema, snaps = EMA(decay=0.8), Snapshots()
-    trainer = make_trainer(tmp_path / "ema", [ema, snaps], **common)
+    trainer = make_trainer(tmp_path / "ema", ema, snaps, **common)
     trainer.fit(task)
 
     # Training: same losses and parameters, bit for bit, despite 4 swaps in and out
@@ -163,7 +158,7 @@ def test_a_failed_evaluation_puts_the_training_weights_back_at_run_end(tmp_path)
                 raise RuntimeError("eval failed")
 
     fail = FailAfterFirstBatch()
-    trainer = make_trainer(tmp_path, [EMA(decay=0.5), fail], max_steps=4)
+    trainer = make_trainer(tmp_path, EMA(decay=0.5), fail, max_steps=4)
     trainer.fit(TinyTask(n_val=20))
     trained = [np.asarray(x).copy() for x in jax.tree.leaves(trainer.state)]
     fail.active = True
@@ -195,18 +190,18 @@ def test_a_resumed_fit_continues_the_average_bit_for_bit(tmp_path):
     common = dict(val_check_interval=3, eval_batch_size=8)
 
     full_ema, full = EMA(decay=0.8), Snapshots()
-    full_trainer = make_trainer(tmp_path / "full", [full_ema, full], max_steps=10, **common)
+    full_trainer = make_trainer(tmp_path / "full", full_ema, full, max_steps=10, **common)
     full_trainer.fit(task)
 
     run = tmp_path / "run"
     first_ema = EMA(decay=0.8)
-    make_trainer(run, [first_ema, Snapshots(), OrbaxCheckpoint()], max_steps=6, **common).fit(
+    make_trainer(run, first_ema, Snapshots(), OrbaxCheckpoint(), max_steps=6, **common).fit(
         task
     )
     assert saved_plugin_arrays(run / "checkpoints" / "6") == ["ema"]
 
     ema, resumed = EMA(decay=0.8), Snapshots()
-    trainer = make_trainer(run, [ema, resumed, OrbaxCheckpoint()], max_steps=10, **common)
+    trainer = make_trainer(run, ema, resumed, OrbaxCheckpoint(), max_steps=10, **common)
     trainer.fit(task, ckpt_path="last")
 
     assert resumed.losses == full.losses[6:]  # training: unchanged
@@ -220,9 +215,9 @@ def test_a_resumed_fit_continues_the_average_bit_for_bit(tmp_path):
     # a trainer without EMA evaluates the same checkpoint on the training weights.
     expected = full_trainer.validate(task)["val/loss"]  # still the fit's average
     last = str(run / "checkpoints" / "10")
-    with_ema = make_trainer(tmp_path / "probe", [EMA(decay=0.8), OrbaxCheckpoint()])
+    with_ema = make_trainer(tmp_path / "probe", EMA(decay=0.8), OrbaxCheckpoint())
     assert with_ema.validate(task, ckpt_path=last)["val/loss"] == pytest.approx(expected, rel=1e-6)
-    plain = make_trainer(tmp_path / "plain", [OrbaxCheckpoint()])
+    plain = make_trainer(tmp_path / "plain", OrbaxCheckpoint())
     raw = plain.validate(task, ckpt_path=last)["val/loss"]
     assert plain.global_step == 10 and abs(raw - expected) > 1e-4
 
@@ -237,14 +232,14 @@ def test_a_checkpoint_without_an_average_warns_and_starts_it_from_the_restored_w
     task = TinyTask(n_val=0)
     # Saved with another averaging plugin only: "plugins" holds "ema_every_two", no "ema".
     first_two = EveryTwo(decay=0.75, update_every=2)
-    first = make_trainer(tmp_path, [first_two, OrbaxCheckpoint()], max_steps=6)
+    first = make_trainer(tmp_path, first_two, OrbaxCheckpoint(), max_steps=6)
     first.fit(task)
     saved_params, saved_two = params_of(first.state.model), averages(first_two)
     assert saved_plugin_arrays(tmp_path / "checkpoints" / "6") == ["ema_every_two"]
 
     caplog.set_level(logging.WARNING, logger="nnx_trainer.checkpoint")
     ema, two, snaps = EMA(decay=0.8), EveryTwo(decay=0.75, update_every=2), Snapshots()
-    trainer = make_trainer(tmp_path, [ema, two, snaps, OrbaxCheckpoint()], max_steps=8)
+    trainer = make_trainer(tmp_path, ema, two, snaps, OrbaxCheckpoint(), max_steps=8)
     trainer.fit(task, ckpt_path="last")
     assert "holds no plugin arrays for 'ema' (saved without that plugin" in caplog.text
     assert "'ema_every_two'" not in caplog.text
@@ -266,7 +261,7 @@ def test_a_checkpoint_without_an_average_warns_and_starts_it_from_the_restored_w
 
 def test_a_checkpoint_with_an_average_resumes_without_the_plugin(tmp_path, caplog):
     task = TinyTask(n_val=0)
-    first = make_trainer(tmp_path, [EMA(decay=0.8), OrbaxCheckpoint()], max_steps=6)
+    first = make_trainer(tmp_path, EMA(decay=0.8), OrbaxCheckpoint(), max_steps=6)
     first.fit(task)
     saved = [np.asarray(x).copy() for x in jax.tree.leaves(first.state)]
     assert saved_plugin_arrays(tmp_path / "checkpoints" / "6") == ["ema"]
@@ -274,7 +269,7 @@ def test_a_checkpoint_with_an_average_resumes_without_the_plugin(tmp_path, caplo
     # No averaging plugin: the average stays on disk.
     caplog.set_level(logging.INFO, logger="nnx_trainer.checkpoint")
     snaps = Snapshots()
-    trainer = make_trainer(tmp_path, [snaps, OrbaxCheckpoint(keep_last=2)], max_steps=8)
+    trainer = make_trainer(tmp_path, snaps, OrbaxCheckpoint(keep_last=2), max_steps=8)
     trainer.fit(task, ckpt_path="last")
     assert "not restoring plugin arrays 'ema'" in caplog.text
     assert trainer.global_step == 8 and len(snaps.losses) == 2
@@ -282,7 +277,7 @@ def test_a_checkpoint_with_an_average_resumes_without_the_plugin(tmp_path, caplo
     for a, b in zip(snaps.params[0], params_of(first.state.model), strict=True):
         np.testing.assert_array_equal(a, b)
     assert saved_plugin_arrays(tmp_path / "checkpoints" / "8") == []
-    restored = make_trainer(tmp_path / "probe", [OrbaxCheckpoint()])
+    restored = make_trainer(tmp_path / "probe", OrbaxCheckpoint())
     restored.validate(TinyTask(), ckpt_path=str(tmp_path / "checkpoints" / "6"))
     for a, b in zip(jax.tree.leaves(restored.state), saved, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)

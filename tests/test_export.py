@@ -11,9 +11,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_task import TinyModel, TinyTask, make_examples
+from tiny_task import TinyModel, TinyTask, make_examples, make_trainer
 
-import nnx_trainer
 from nnx_trainer.cli import main
 from nnx_trainer.export import example_input, export_model, inference_model
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
@@ -144,8 +143,7 @@ def test_cli_exports_a_runs_best_checkpoint(tmp_path, capsys):
                  "--format", "stablehlo", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
     # The same logits as predict from that checkpoint (TinyTask.predict_step is model(x)).
-    trainer = nnx_trainer.Trainer(batch_size=16, run_dir=run, plugin_autoload=False,
-                                  plugins=[OrbaxCheckpoint(monitor="val/loss")])
+    trainer = make_trainer(run, OrbaxCheckpoint(monitor="val/loss"))
     expected = trainer.predict(TinyTask(), ckpt_path="best")
     examples = make_examples(20, seed=1)
     x = np.stack([examples[i]["image"] for i in range(20)])
@@ -197,16 +195,14 @@ def test_a_training_flag_that_overrides_eval_mode_is_named_and_export_sets_it(tm
     import logging
 
     with caplog.at_level(logging.WARNING, logger="nnx_trainer"):
-        nnx_trainer.Trainer(max_steps=1, batch_size=16, plugin_autoload=False,
-                            run_dir=tmp_path / "a").fit(FlagTask())
+        make_trainer(tmp_path / "a", max_steps=1).fit(FlagTask())
     assert "FlagModel.__call__ takes training=True" in caplog.text
     assert "call model(x, training=False) in validation_step and predict_step" in caplog.text
     caplog.clear()
     FlagTask.model_class = NoneFlagModel
     try:
         with caplog.at_level(logging.WARNING, logger="nnx_trainer"):
-            nnx_trainer.Trainer(max_steps=1, batch_size=16, plugin_autoload=False,
-                                run_dir=tmp_path / "b").fit(FlagTask())
+            make_trainer(tmp_path / "b", max_steps=1).fit(FlagTask())
     finally:
         FlagTask.model_class = FlagModel
     assert "__call__ takes" not in caplog.text

@@ -10,9 +10,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_task import TinyModel, TinyTask
+from tiny_task import TinyModel, TinyTask, make_trainer
 
-import nnx_trainer
 from nnx_trainer import hookimpl
 from nnx_trainer.cli import main
 from nnx_trainer.init_from import partial_state, read_weights, save_weights
@@ -39,16 +38,11 @@ class StartOfFit:
         self.step = trainer.global_step
 
 
-def _trainer(run_dir, *plugins, **kw) -> nnx_trainer.Trainer:
-    return nnx_trainer.Trainer(batch_size=16, run_dir=run_dir, plugin_autoload=False,
-                               plugins=list(plugins), **kw)
-
-
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory) -> Path:
     """A 3-class TinyTask run with a checkpoint after 2 epochs (8 steps)."""
     run = tmp_path_factory.mktemp("source") / "run"
-    _trainer(run, OrbaxCheckpoint(async_save=False), max_epochs=2).fit(TinyTask())
+    make_trainer(run, OrbaxCheckpoint(async_save=False), max_epochs=2).fit(TinyTask())
     return run
 
 
@@ -57,7 +51,7 @@ def test_fine_tuning_from_a_checkpoint_with_a_new_head(source_run, tmp_path, cap
     assert where.endswith("checkpoints/8")
     start = StartOfFit()
     with caplog.at_level(logging.WARNING, logger="nnx_trainer"):
-        trainer = _trainer(tmp_path / "tuned", start, max_epochs=3)
+        trainer = make_trainer(tmp_path / "tuned", start, max_epochs=3)
         trainer.fit(FourClassTask(), init_from=str(source_run))
     report = trainer.init_report
     assert sorted(report.loaded) == ["bn/bias", "bn/mean", "bn/scale", "bn/var",
@@ -76,12 +70,12 @@ def test_fine_tuning_from_a_checkpoint_with_a_new_head(source_run, tmp_path, cap
 
 def test_weight_files_round_trip_by_name(source_run, tmp_path):
     pytest.importorskip("safetensors")
-    trained = _trainer(tmp_path / "eval", OrbaxCheckpoint())
+    trained = make_trainer(tmp_path / "eval", OrbaxCheckpoint())
     trained.validate(TinyTask(), ckpt_path=str(source_run / "checkpoints"))
     for name in ("w.npz", "w.safetensors"):
         path = save_weights(trained.model, tmp_path / name)
         start = StartOfFit()
-        trainer = _trainer(tmp_path / name.replace(".", "_"), start, max_steps=1)
+        trainer = make_trainer(tmp_path / name.replace(".", "_"), start, max_steps=1)
         trainer.fit(TinyTask(), init_from=path)
         assert not trainer.init_report.skipped and len(trainer.init_report.loaded) == 8
         for p, v in nnx.to_flat_state(nnx.state(trained.model)):
@@ -94,7 +88,7 @@ def test_a_source_that_matches_nothing_fails_naming_both_sides(tmp_path):
                                          r"source has encoder/w, \.\.\.; the model bn/bias"):
         partial_state(nnx.state(model), {"encoder/w": np.zeros(3)}, "x.npz")
     with pytest.raises(FileNotFoundError, match="no weight file or checkpoint directory"):
-        _trainer(tmp_path / "r", max_steps=1).fit(TinyTask(), init_from=str(tmp_path / "none"))
+        make_trainer(tmp_path / "r", max_steps=1).fit(TinyTask(), init_from=str(tmp_path / "none"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no committed checkpoint step"):
         read_weights(tmp_path / "empty")
@@ -123,7 +117,7 @@ def test_resnet_task_fine_tunes_from_a_torchvision_file(tmp_path):
                       dataset_kwargs=(("num_classes", 3), ("num_examples", 64)),
                       conv_impl="xla")
     start = StartOfFit()
-    trainer = _trainer(tmp_path / "ft", start, max_steps=2)
+    trainer = make_trainer(tmp_path / "ft", start, max_steps=2)
     trainer.fit(task, init_from=str(FIXTURE))
     report = trainer.init_report
     assert set(report.skipped) == {"head/kernel", "head/bias"}  # 10 classes in the file

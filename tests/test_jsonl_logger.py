@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer_plugins.jsonl_logger import JsonlLogger
@@ -32,10 +32,8 @@ def _read(path) -> list[dict]:
 
 
 def _fit(run_dir, max_epochs: int) -> None:
-    trainer = nnx_trainer.Trainer(
-        max_epochs=max_epochs, batch_size=8, log_every_n_steps=3, plugin_autoload=False,
-        plugins=[JsonlLogger()], run_dir=run_dir,
-    )
+    trainer = make_trainer(run_dir, JsonlLogger(), max_epochs=max_epochs, batch_size=8,
+                           log_every_n_steps=3)
     trainer.fit(TinyTask())  # 64 examples / 8 = 8 steps per epoch, 20 validation examples
 
 
@@ -117,18 +115,15 @@ def test_a_run_killed_and_resumed_holds_each_step_once(tmp_path):
             if step == 10:  # steps 0..9 ran and were logged; the checkpoint is at 8
                 raise RuntimeError("killed")
 
-    def trainer(*extra):
-        return nnx_trainer.Trainer(
-            max_epochs=2, batch_size=8, log_every_n_steps=1, plugin_autoload=False,
-            run_dir=tmp_path, plugins=[JsonlLogger(), *extra, OrbaxCheckpoint(
-                every_n_steps=4, min_seconds_between_saves=0, async_save=False)],
-        )
+    def checkpoint() -> OrbaxCheckpoint:
+        return OrbaxCheckpoint(every_n_steps=4, min_seconds_between_saves=0, async_save=False)
 
+    options = {"max_epochs": 2, "batch_size": 8, "log_every_n_steps": 1}
     with pytest.raises(RuntimeError, match="killed"):
-        trainer(Crash()).fit(TinyTask())
+        make_trainer(tmp_path, JsonlLogger(), Crash(), checkpoint(), **options).fit(TinyTask())
     assert [r["step"] for r in _read(tmp_path / "metrics.jsonl") if "train/loss" in r] == \
         list(range(1, 11))
-    resumed = trainer()
+    resumed = make_trainer(tmp_path, JsonlLogger(), checkpoint(), **options)
     resumed.fit(TinyTask(), ckpt_path="last")
     assert resumed.resumed_from is not None
     records = _read(tmp_path / "metrics.jsonl")

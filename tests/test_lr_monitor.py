@@ -9,26 +9,15 @@ import jax
 import numpy as np
 import optax
 import pytest
-from tiny_task import TinyTask
+from hook_recorder import HookRecorder
+from tiny_task import TinyTask, make_trainer
 
-import nnx_trainer
 from nnx_trainer_plugins.lr_monitor import LearningRateMonitor
 
 
-class KeepLogged:
-    """Keeps the raw logged values (device arrays) and reads them only after the fit."""
-
-    name = "keep_logged"
-
-    def __init__(self) -> None:
-        self.logged: list[tuple[int, dict]] = []
-
-    @nnx_trainer.hookimpl
-    def log_metrics(self, metrics, step):
-        self.logged.append((step, dict(metrics)))
-
-    def lr(self) -> list[tuple[int, float]]:
-        return [(s, float(m["train/lr"])) for s, m in self.logged if "train/lr" in m]
+def logged_lr(recorder: HookRecorder) -> list[tuple[int, float]]:
+    """The ``train/lr`` values logged, kept raw (device arrays) and read only now."""
+    return [(s, float(m["train/lr"])) for s, m in recorder.logged() if "train/lr" in m]
 
 
 def schedule(total_steps: int):
@@ -52,12 +41,9 @@ class Injected(TinyTask):
 
 
 def run(tmp_path, task, **kwargs):
-    keep = KeepLogged()
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_steps=8, accumulate_grad_batches=2,
-        log_every_n_steps=3, plugin_autoload=False,
-        plugins=[LearningRateMonitor(**kwargs), keep],
-    )
+    keep = HookRecorder("log_metrics")
+    trainer = make_trainer(tmp_path, LearningRateMonitor(**kwargs), keep, max_steps=8,
+                           accumulate_grad_batches=2, log_every_n_steps=3)
     trainer.fit(task)
     return trainer, keep
 
@@ -70,11 +56,11 @@ def test_schedule_attribute_and_inject_hyperparams_report_the_same_optax_values(
     # Logged at steps 3 and 6 (log_every_n_steps=3): after 1 and 3 updates, the
     # latest update used schedule(0) and schedule(2).
     expected = [(3, float(sched(0))), (6, float(sched(2)))]
-    assert by_attribute.lr() == expected  # read after the fit: the values outlived donation
-    assert by_state.lr() == expected
+    assert logged_lr(by_attribute) == expected  # read after the fit: the values outlived donation
+    assert logged_lr(by_state) == expected
     assert trainer.callback_metrics["train/lr"] == pytest.approx(float(sched(2)))
     # A call of its own, next to (not inside) the trainer's training metrics.
-    steps = [(s, sorted(m)) for s, m in by_attribute.logged]
+    steps = [(s, sorted(m)) for s, m in by_attribute.logged()]
     assert steps == [
         (3, ["train/lr"]), (3, ["epoch", "train/loss"]),
         (6, ["train/lr"]), (6, ["epoch", "train/loss"]),

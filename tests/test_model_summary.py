@@ -7,11 +7,15 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from hook_recorder import HookRecorder
 from rich.console import Console
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
+from nnx_trainer import flops as flops_lib
+from nnx_trainer.flops import StepFlops
 from nnx_trainer_plugins import model_summary as ms
+from nnx_trainer_plugins._progress_parts import flop_rows
 from nnx_trainer_plugins.model_summary import ModelSummary
 from nnx_trainer_plugins.rich_progress import RichProgress
 from nnx_trainer_plugins.throughput import Throughput
@@ -27,19 +31,8 @@ def _console(terminal: bool = False) -> tuple[Console, io.StringIO]:
 
 
 def _fit(tmp_path, *plugins, task=None, **options) -> nnx_trainer.Trainer:
-    options = {"batch_size": 16, "max_steps": 1, **options}
-    trainer = nnx_trainer.Trainer(plugin_autoload=False, plugins=list(plugins),
-                                  run_dir=tmp_path, **options)
+    trainer = make_trainer(tmp_path, *plugins, **{"max_steps": 1, **options})
     return trainer.fit(task or TinyTask(n_val=0))
-
-
-class Logged:
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    @nnx_trainer.hookimpl
-    def log_metrics(self, metrics):
-        self.records.append(dict(metrics))
 
 
 class CountingTask(TinyTask):
@@ -112,7 +105,7 @@ def test_a_step_that_only_compiled_code_can_cost_is_compiled_once(tmp_path, monk
     lowered = ModelSummary(console=_console()[0])
     _fit(tmp_path / "a", lowered)
     # As on GPU/TPU behind PJRT's C API: the lowered module has no cost analysis.
-    monkeypatch.setattr(ms, "flops_of", lambda lowered: None)
+    monkeypatch.setattr(flops_lib, "flops_of", lambda lowered: None)
     CountingTask.traces = 0
     compiled = ModelSummary(console=_console()[0])
     _fit(tmp_path / "b", compiled, task=CountingTask(n_val=0))
@@ -123,7 +116,7 @@ def test_a_step_that_only_compiled_code_can_cost_is_compiled_once(tmp_path, monk
 
 def test_fit_summary_and_throughput_show_flops_per_second_without_mfu_on_cpu(tmp_path):
     console, buf = _console()
-    logged, plugin = Logged(), ModelSummary(console=console)
+    logged, plugin = HookRecorder("log_metrics"), ModelSummary(console=console)
     _fit(tmp_path, plugin, RichProgress(console=console), Throughput(), logged,
          max_steps=None, max_epochs=2, log_every_n_steps=2)
     text = buf.getvalue()
@@ -131,7 +124,7 @@ def test_fit_summary_and_throughput_show_flops_per_second_without_mfu_on_cpu(tmp
     assert re.search(r"FLOPs/step\s+[\d.]+ kFLOP \([\d.]+ kFLOP/example\)", text)
     assert re.search(r"FLOP/s\s+[\d.]+ \w?FLOP/s \([\d.]+ \w?FLOP/s per device\)", text)
     assert "MFU" not in text  # no known peak for a CPU
-    perf = [m for m in logged.records if "perf/steps_per_sec" in m]
+    perf = [m for _, m in logged.logged() if "perf/steps_per_sec" in m]
     assert perf
     for m in perf:
         assert m["perf/flops_per_sec"] == pytest.approx(
@@ -141,24 +134,25 @@ def test_fit_summary_and_throughput_show_flops_per_second_without_mfu_on_cpu(tmp
 
 
 def test_peak_table_lookup():
-    assert ms.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
-    assert ms.peak_flops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)
-    assert ms.peak_flops("NVIDIA H200", "fp32") == pytest.approx(494.7e12)  # TF32
-    assert ms.peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
-    assert ms.peak_flops("TPU v4", "bf16") == pytest.approx(275e12)
-    assert ms.peak_flops("TPU v5 lite", "bf16") == pytest.approx(197e12)
-    assert ms.peak_flops("TPU v5", "bf16") == pytest.approx(459e12)
-    assert ms.peak_flops("cpu", "bf16") is None
-    assert ms.peak_flops("Tesla V100-SXM2-16GB", "fp32") is None
+    peak_flops = flops_lib.peak_flops
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert peak_flops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)
+    assert peak_flops("NVIDIA H200", "fp32") == pytest.approx(494.7e12)  # TF32
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
+    assert peak_flops("TPU v4", "bf16") == pytest.approx(275e12)
+    assert peak_flops("TPU v5 lite", "bf16") == pytest.approx(197e12)
+    assert peak_flops("TPU v5", "bf16") == pytest.approx(459e12)
+    assert peak_flops("cpu", "bf16") is None
+    assert peak_flops("Tesla V100-SXM2-16GB", "fp32") is None
 
 
 def test_mfu_is_reported_where_the_peak_is_known(tmp_path, monkeypatch):
-    monkeypatch.setattr(ms, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(flops_lib, "device_kind", lambda: "NVIDIA H100 80GB HBM3")
     console, buf = _console()
-    logged, plugin = Logged(), ModelSummary(console=console)
+    logged, plugin = HookRecorder("log_metrics"), ModelSummary(console=console)
     _fit(tmp_path, plugin, RichProgress(console=console), Throughput(), logged,
          max_steps=None, max_epochs=2, log_every_n_steps=2)
-    perf = [m for m in logged.records if "perf/steps_per_sec" in m]
+    perf = [m for _, m in logged.logged() if "perf/steps_per_sec" in m]
     assert perf
     for m in perf:
         assert m["perf/mfu"] == pytest.approx(m["perf/flops_per_sec_per_device"] / 494.7e12)
@@ -167,36 +161,61 @@ def test_mfu_is_reported_where_the_peak_is_known(tmp_path, monkeypatch):
 
 
 def test_achieved_divides_by_devices_and_needs_a_flop_count(monkeypatch):
-    monkeypatch.setattr(ms, "device_kind", lambda: "TPU v4")
-    counter = SimpleNamespace(flops_per_step=1e12)
-    trainer = SimpleNamespace(plugin_manager=SimpleNamespace(get_plugin=lambda name: counter),
-                              strategy=SimpleNamespace(num_devices=4), precision="bf16")
-    rates = ms.achieved(trainer, steps_per_sec=2.0)
+    monkeypatch.setattr(flops_lib, "device_kind", lambda: "TPU v4")
+    rates = flops_lib.achieved(1e12, steps_per_sec=2.0, num_devices=4, precision="bf16")
     assert rates == pytest.approx({"flops_per_sec": 2e12, "flops_per_sec_per_device": 5e11,
                                    "mfu": 5e11 / 275e12})
-    counter.flops_per_step = None
-    assert ms.achieved(trainer, 2.0) == {}
-    assert ms.fit_summary_rows(SimpleNamespace(), 2.0) == []  # no plugin manager at all
+    assert flops_lib.achieved(None, 2.0, 4, "bf16") == {}
+    assert flops_lib.achieved(1e12, 0.0, 4, "bf16") == {}
+    assert flop_rows(SimpleNamespace(), None, 2.0) == []  # no FLOP count: no rows
 
 
-class FakeWandb:
-    """Stands in for the wandb plugin: records what it is asked to add to the config."""
+class ThirdPartyLogger:
+    """A logger from another distribution: it gets the count through the hook, as the
+    built-in loggers do; nobody looks it up by name."""
 
-    name = "wandb"
+    name = "acme_logger"
 
     def __init__(self) -> None:
-        self.updates: list[dict] = []
+        self.received: list[tuple[dict, StepFlops | None]] = []
 
-    def update_config(self, trainer, values):
-        self.updates.append(dict(values))
+    @nnx_trainer.hookimpl
+    def log_model_summary(self, trainer, summary, flops):
+        assert isinstance(trainer, nnx_trainer.RunView)
+        self.received.append((dict(summary), flops))
 
 
-def test_flops_go_once_into_the_wandb_config(tmp_path):
-    wandb, plugin = FakeWandb(), ModelSummary(console=_console()[0])
-    _fit(tmp_path, plugin, wandb, max_steps=3)
-    assert wandb.updates == [{"flops": {"per_step": plugin.flops_per_step,
-                                        "per_example": plugin.flops_per_example,
-                                        "counted_from": "lowered"}}]
+def test_a_third_party_logger_receives_the_summary_and_flops_once_per_fit(tmp_path):
+    logger, plugin = ThirdPartyLogger(), ModelSummary(console=_console()[0])
+    trainer = _fit(tmp_path, plugin, logger, max_steps=3)
+    assert len(logger.received) == 1
+    summary, flops = logger.received[0]
+    assert summary["parameters"] == 227 and summary == plugin.summary
+    assert flops == StepFlops(per_step=plugin.flops_per_step,
+                              per_example=plugin.flops_per_step / trainer.batch_size,
+                              counted_from="lowered")
+    assert flops.as_dict() == {"per_step": flops.per_step, "per_example": flops.per_example,
+                               "counted_from": "lowered"}
+    trainer.fit(TinyTask(n_val=0))  # a second fit announces its own count
+    assert len(logger.received) == 2
+
+
+def test_without_a_flop_count_the_hook_still_carries_the_summary(tmp_path):
+    logger = ThirdPartyLogger()
+    _fit(tmp_path, ModelSummary(flops=False, console=_console()[0]), logger)
+    assert [(s["parameters"], f) for s, f in logger.received] == [(227, None)]
+
+
+def test_the_wandb_logger_adds_the_flops_to_its_config():
+    calls = []
+    logger = WandbLogger(mode="offline")
+    logger.run = SimpleNamespace(config=SimpleNamespace(
+        update=lambda values, allow_val_change: calls.append(values)))
+    flops = StepFlops(per_step=8.0, per_example=1.0, counted_from="lowered")
+    trainer = SimpleNamespace(is_main_process=True)
+    logger.log_model_summary(trainer=trainer, flops=flops)
+    logger.log_model_summary(trainer=trainer, flops=None)  # nothing counted: nothing added
+    assert calls == [{"flops": {"per_step": 8.0, "per_example": 1.0, "counted_from": "lowered"}}]
 
 
 def test_wandb_update_config_adds_keys_to_the_open_run():
@@ -225,9 +244,9 @@ def test_loaded_by_default_through_its_entry_point(tmp_path, monkeypatch):
 
 
 def test_format_count():
-    assert ms.format_count(4.1e9) == "4.1 GFLOP"
-    assert ms.format_count(2.5e14, "FLOP/s") == "250 TFLOP/s"
-    assert ms.format_count(12) == "12 FLOP"
+    assert flops_lib.format_count(4.1e9) == "4.1 GFLOP"
+    assert flops_lib.format_count(2.5e14, "FLOP/s") == "250 TFLOP/s"
+    assert flops_lib.format_count(12) == "12 FLOP"
     assert ms.format_bytes(97.5 * 2**20) == "97.5 MiB"
 
 

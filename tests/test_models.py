@@ -11,6 +11,7 @@ CPU-time notes (these tests must stay fast on 2 cores):
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 
 import jax
@@ -347,6 +348,31 @@ def test_model_names() -> None:
         "resnet110",
         "simple",
     )
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES[:-1])
+def test_each_named_model_is_a_keyword_only_factory_building_create_models_tree(
+    name: str,
+) -> None:
+    from resnet_task import models
+
+    factory = getattr(models, name)
+    assert factory.__name__ == name and factory.__doc__
+    params = inspect.signature(factory).parameters
+    assert {"num_classes", "in_channels", "dtype", "rngs"} <= set(params)
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for p in params.values())
+
+    if name not in ("resnet18", "resnet50", "resnet20"):  # one of each kind: tracing is slow
+        return
+    small = {} if name == "resnet20" else {"width": 4}
+    stem = "cifar" if name == "resnet20" else "imagenet"
+
+    def tree(build) -> list:
+        model = nnx.eval_shape(lambda: build(num_classes=10, rngs=_rngs(), **small))
+        leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model))
+        return [(jax.tree_util.keystr(path), v.shape, v.dtype) for path, v in leaves]
+
+    assert tree(factory) == tree(functools.partial(create_model, name, stem=stem))
 
 
 def test_unknown_model_name_lists_choices() -> None:

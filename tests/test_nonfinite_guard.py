@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from tiny_task import TinyModel, TinyTask
+from tiny_task import TinyModel, TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer.plugin_manager import create_plugin_manager
 from nnx_trainer.state import first_nonfinite
-from nnx_trainer.trainer import _record_nonfinite
+from nnx_trainer.steps import record_nonfinite as _record_nonfinite
 from nnx_trainer_plugins.nonfinite_guard import NonFiniteGuard, NonFiniteLossError
 
 
@@ -65,10 +65,8 @@ class Events:
 
 def test_stops_within_the_cadence_and_names_the_first_bad_step(tmp_path):
     events = Events()
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_epochs=5, plugin_autoload=False,
-        plugins=[NonFiniteGuard(check_every_n_steps=10), events],
-    )
+    trainer = make_trainer(tmp_path, NonFiniteGuard(check_every_n_steps=10), events,
+                           max_epochs=5)
     with pytest.raises(NonFiniteLossError) as info:
         # 256 examples / 16 = 16 steps per epoch: no epoch end before step 30.
         trainer.fit(NaNFrom(23, n_train=256))
@@ -148,10 +146,7 @@ def test_default_cadence_reads_the_device_only_at_checks(tmp_path, monkeypatch):
         return original.fget(self)
 
     monkeypatch.setattr(array_type, "_value", property(counting_value))
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_epochs=3, log_every_n_steps=6,
-        plugin_autoload=False, plugins=[NonFiniteGuard()],
-    )
+    trainer = make_trainer(tmp_path, NonFiniteGuard(), max_epochs=3, log_every_n_steps=6)
     trainer_box.append(trainer)
     trainer.fit(NaNFrom(None))
     monkeypatch.undo()
@@ -184,8 +179,7 @@ def test_default_instance_is_on_and_reads_nothing_without_steps():
 
 
 def test_the_train_step_records_the_first_nonfinite_loss_without_the_plugin(tmp_path):
-    trainer = nnx_trainer.Trainer(run_dir=tmp_path, batch_size=16, max_epochs=2,
-                                  plugin_autoload=False)
+    trainer = make_trainer(tmp_path, max_epochs=2)
     trainer.fit(NaNFrom(5))  # no guard: the run goes on, the engine's record remembers
     step, loss = trainer.first_nonfinite_loss()
     assert step == 5 and loss != loss  # NaN

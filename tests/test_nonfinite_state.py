@@ -12,7 +12,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer_plugins.nonfinite_guard import (
@@ -64,17 +64,11 @@ class Saves:
         self.asked.append(step)
 
 
-def _trainer(tmp_path, *plugins, **kwargs) -> nnx_trainer.Trainer:
-    kwargs.setdefault("batch_size", 16)  # 64 examples: 4 steps per epoch
-    return nnx_trainer.Trainer(run_dir=tmp_path, plugin_autoload=False, plugins=list(plugins),
-                               **kwargs)
-
-
 # ------------------------------------------------------------------ in process
 
 
 def test_the_trainer_names_the_first_nonfinite_state_array(tmp_path):
-    trainer = _trainer(tmp_path, max_steps=6)
+    trainer = make_trainer(tmp_path, max_steps=6)
     trainer.fit(InfStatsTask(bad=10))
     assert trainer.first_nonfinite_state() is None
     trainer.fit(InfStatsTask(bad=2))  # no guard: the run goes on, the check still answers
@@ -84,7 +78,7 @@ def test_the_trainer_names_the_first_nonfinite_state_array(tmp_path):
 
 def test_the_guard_stops_at_its_cadence_with_the_step_range(tmp_path):
     saves = Saves()
-    trainer = _trainer(tmp_path, NonFiniteGuard(check_every_n_steps=3), saves,
+    trainer = make_trainer(tmp_path, NonFiniteGuard(check_every_n_steps=3), saves,
                        max_epochs=5, batch_size=8)  # 8 steps per epoch
     with pytest.raises(NonFiniteStateError) as info:
         trainer.fit(InfStatsTask(bad=4))  # the state after 5 steps has Inf
@@ -101,7 +95,7 @@ def test_the_guard_stops_at_its_cadence_with_the_step_range(tmp_path):
 
 def test_the_guard_refuses_the_save_and_names_the_latest_checkpoint(tmp_path):
     saves, ckpt = Saves(), OrbaxCheckpoint(every_n_steps=2, keep_last=5, async_save=False)
-    trainer = _trainer(tmp_path, NonFiniteGuard(check_every_n_steps=50), saves, ckpt,
+    trainer = make_trainer(tmp_path, NonFiniteGuard(check_every_n_steps=50), saves, ckpt,
                        max_epochs=3)
     with pytest.raises(NonFiniteStateError, match=r"between step 4 \(last found finite\) and "
                        r"step 6: .*the checkpoint of step 6 was refused; the latest "
@@ -120,7 +114,7 @@ def test_a_state_that_starts_nonfinite_is_refused_before_the_first_step(tmp_path
             return model
 
     saves = Saves()
-    trainer = _trainer(tmp_path, NonFiniteGuard(), saves, max_epochs=1)
+    trainer = make_trainer(tmp_path, NonFiniteGuard(), saves, max_epochs=1)
     with pytest.raises(NonFiniteStateError, match=r"the training state is not finite at the "
                        r"start of the fit \(step 0\): NaN or Inf in model/stat; check the "
                        r"model's initialisation"):
@@ -135,7 +129,7 @@ def test_a_nonfinite_loss_is_still_reported_as_the_loss(tmp_path):
             return loss * jnp.where(model.calls[...] > self.bad, jnp.nan, 1.0), aux
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4"):
-        _trainer(tmp_path, NonFiniteGuard(check_every_n_steps=5), max_epochs=3).fit(
+        make_trainer(tmp_path, NonFiniteGuard(check_every_n_steps=5), max_epochs=3).fit(
             NaNLoss(bad=4))
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_orbax_checkpoint import OrbaxCheckpoint, Record, make_trainer
-from tiny_task import TinyModel, TinyTask
+from hook_recorder import HookRecorder
+from tiny_task import CrashAfter, TinyModel, TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer.task import OptimizerSpec
+from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 
 BODY = nnx.PathContains("fc1")
 HEAD = nnx.Any(nnx.PathContains("bn"), nnx.PathContains("fc2"))
@@ -51,14 +52,15 @@ def optimizer_paths(tree) -> list[str]:
 
 
 def test_named_optimizers_equal_one_multi_transform_and_each_holds_its_own_state(tmp_path):
-    two, one = Record(), Record()
-    two_trainer = make_trainer(tmp_path, two, run="two", max_steps=8)
+    two, one = HookRecorder("on_train_batch_end"), HookRecorder("on_train_batch_end")
+    two_trainer = make_trainer(tmp_path / "two", two, max_steps=8)
     two_trainer.fit(TwoOptimizerTask())
-    one_trainer = make_trainer(tmp_path, one, run="one", max_steps=8)
+    one_trainer = make_trainer(tmp_path / "one", one, max_steps=8)
     one_trainer.fit(MultiTransformTask())
 
-    assert list(two.losses) == list(range(8))
-    np.testing.assert_allclose(list(two.losses.values()), list(one.losses.values()), rtol=1e-6)
+    assert list(two.losses()) == list(range(8))
+    np.testing.assert_allclose(list(two.losses().values()), list(one.losses().values()),
+                               rtol=1e-6)
     for name, value in params(one_trainer).items():
         np.testing.assert_allclose(params(two_trainer)[name], value, rtol=1e-5, atol=1e-6)
     assert sorted(two_trainer.optimizers) == ["body", "head"]
@@ -73,16 +75,17 @@ def test_named_optimizers_equal_one_multi_transform_and_each_holds_its_own_state
 
 
 def test_several_optimizers_resume_exactly_after_a_crash(tmp_path):
-    full = Record()
-    full_trainer = make_trainer(tmp_path, full, run="full", max_steps=10)
+    full = HookRecorder("on_train_batch_end")
+    full_trainer = make_trainer(tmp_path / "full", full, max_steps=10)
     full_trainer.fit(TwoOptimizerTask())
+    every_3 = {"every_n_steps": 3, "min_seconds_between_saves": 0}
     with pytest.raises(RuntimeError, match="simulated crash after step 7"):
-        make_trainer(tmp_path, Record(crash_at=7), OrbaxCheckpoint(every_n_steps=3),
+        make_trainer(tmp_path / "run", CrashAfter(7), OrbaxCheckpoint(**every_3),
                      max_steps=10).fit(TwoOptimizerTask())
-    resumed = Record()
-    trainer = make_trainer(tmp_path, resumed, OrbaxCheckpoint(every_n_steps=3), max_steps=10)
+    resumed = HookRecorder("on_train_batch_end")
+    trainer = make_trainer(tmp_path / "run", resumed, OrbaxCheckpoint(**every_3), max_steps=10)
     trainer.fit(TwoOptimizerTask(), ckpt_path="last")
-    assert resumed.losses == {s: full.losses[s] for s in range(6, 10)}
+    assert resumed.losses() == {s: full.losses()[s] for s in range(6, 10)}
     for a, b in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(full_trainer.state),
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -94,7 +97,7 @@ class FrozenBodyTask(TinyTask):
 
 
 def test_frozen_parameters_get_no_update_and_no_optimizer_state(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=6)
+    trainer = make_trainer(tmp_path / "run", max_steps=6)
     with jax.threefry_partitionable(False):  # as the Trainer initialises, same seed
         initial = TinyModel(8, 3, rngs=nnx.Rngs(0))
     before = {".".join(map(str, path)): np.asarray(v.get_value())
@@ -145,10 +148,10 @@ class FrozenEverythingTask(TinyTask):
     ],
 )
 def test_bad_optimizer_configurations_fail_before_training(tmp_path, task, error, message):
-    record = Record()
+    record = HookRecorder("on_train_batch_end")
     with pytest.raises(error, match=message):
-        make_trainer(tmp_path, record, max_steps=2).fit(task)
-    assert record.losses == {}
+        make_trainer(tmp_path / "run", record, max_steps=2).fit(task)
+    assert record.losses() == {}
 
 
 class ManualTask(TwoOptimizerTask):
@@ -171,31 +174,28 @@ class ManualTask(TwoOptimizerTask):
         return loss, {"head_loss": head_loss}
 
 
-class Logged(Record):
-    name = "logged"
-
-
 def test_a_custom_update_steps_each_optimizer_logs_its_outputs_and_resumes(tmp_path):
-    full = Logged()
-    full_trainer = make_trainer(tmp_path, full, run="full", max_steps=8, log_every_n_steps=1)
+    full = HookRecorder("on_train_batch_end", "log_metrics")
+    full_trainer = make_trainer(tmp_path / "full", full, max_steps=8, log_every_n_steps=1)
     full_trainer.fit(ManualTask())
-    default = Record()
-    make_trainer(tmp_path, default, run="default", max_steps=8).fit(TwoOptimizerTask())
+    default = HookRecorder("on_train_batch_end")
+    make_trainer(tmp_path / "default", default, max_steps=8).fit(TwoOptimizerTask())
     # The first step's loss is the same forward; the updates then differ (sequential).
-    assert full.losses[0] == pytest.approx(default.losses[0], rel=1e-6)
-    assert full.losses[7] != pytest.approx(default.losses[7], rel=1e-6)
-    step1 = dict(full.logged)[1]
+    assert full.losses()[0] == pytest.approx(default.losses()[0], rel=1e-6)
+    assert full.losses()[7] != pytest.approx(default.losses()[7], rel=1e-6)
+    step1 = dict(full.logged(floats=True))[1]
     assert step1["train/head_loss"] < step1["train/loss"]  # the body's step already helped
     assert int(full_trainer.optimizers["body"].step[...]) == 8
 
+    every_4 = {"every_n_steps": 4, "min_seconds_between_saves": 0}
     with pytest.raises(RuntimeError, match="simulated crash after step 5"):
-        make_trainer(tmp_path, Record(crash_at=5), OrbaxCheckpoint(every_n_steps=4),
+        make_trainer(tmp_path / "run", CrashAfter(5), OrbaxCheckpoint(**every_4),
                      max_steps=8).fit(ManualTask())
-    resumed = Record()
-    make_trainer(tmp_path, resumed, OrbaxCheckpoint(every_n_steps=4), max_steps=8).fit(
+    resumed = HookRecorder("on_train_batch_end")
+    make_trainer(tmp_path / "run", resumed, OrbaxCheckpoint(**every_4), max_steps=8).fit(
         ManualTask(), ckpt_path="last"
     )
-    assert resumed.losses == {s: full.losses[s] for s in range(4, 8)}
+    assert resumed.losses() == {s: full.losses()[s] for s in range(4, 8)}
 
 
 class WrongUpdateTask(TinyTask):
@@ -206,7 +206,7 @@ class WrongUpdateTask(TinyTask):
 def test_a_custom_update_returning_the_wrong_thing_is_named(tmp_path):
     with pytest.raises(TypeError, match=r"WrongUpdateTask.training_update must return "
                                         r"\(scalar loss, dict"):
-        make_trainer(tmp_path, max_steps=1).fit(WrongUpdateTask())
+        make_trainer(tmp_path / "run", max_steps=1).fit(WrongUpdateTask())
 
 
 def test_the_default_update_is_the_documented_task_method():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import jax
 import pytest
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer.cli import main
@@ -16,9 +16,7 @@ from nnx_trainer_plugins.profiler import Profiler, parse_steps
 
 
 def _fit(run_dir, *plugins, **options) -> nnx_trainer.Trainer:
-    options = {"batch_size": 16, "max_epochs": 2, **options}  # 4 steps per epoch
-    trainer = nnx_trainer.Trainer(plugin_autoload=False, plugins=list(plugins),
-                                  run_dir=run_dir, **options)
+    trainer = make_trainer(run_dir, *plugins, **{"max_epochs": 2, **options})  # 4 steps each
     return trainer.fit(TinyTask(n_val=0))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import grain
 import numpy as np
 import pytest
+from fake_cifar import make_fake_cifar, write_pickle
 from PIL import Image
 
 from resnet_task.data import (
@@ -100,48 +101,6 @@ def test_digits_bad_arguments():
 # ---- CIFAR -----------------------------------------------------------------------------------
 
 
-def _cifar_rows(images_hwc: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 3) -> the files' channel-major (N, 3072) rows."""
-    return images_hwc.transpose(0, 3, 1, 2).reshape(len(images_hwc), -1)
-
-
-def _write_pickle(path: Path, obj) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)  # the real files are Python 2 protocol-2 pickles
-
-
-def make_fake_cifar(root: Path, num_classes: int = 10, n: int = 4, seed: int = 0):
-    """A tiny CIFAR-10/100 "python version" tree under ``root``; returns the expected arrays."""
-    rng = np.random.default_rng(seed)
-    if num_classes == 10:
-        d = root / "cifar-10-batches-py"
-        names, label_key = [f"data_batch_{i}" for i in range(1, 6)], b"labels"
-        test_names = ["test_batch"]
-    else:
-        d = root / "cifar-100-python"
-        names, label_key, test_names = ["train"], b"fine_labels", ["test"]
-    d.mkdir(parents=True)
-    expected = {}
-    for split, split_names in (("train", names), ("test", test_names)):
-        xs, ys = [], []
-        for name in split_names:
-            x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
-            y = rng.integers(0, num_classes, size=n).tolist()
-            batch = {
-                b"batch_label": f"{name} of fake".encode(),
-                b"data": _cifar_rows(x),
-                label_key: y,
-                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-            }
-            if num_classes == 100:
-                batch[b"coarse_labels"] = [v // 5 for v in y]
-            _write_pickle(d / name, batch)
-            xs.append(x)
-            ys += y
-        expected[split] = (np.concatenate(xs), np.array(ys))
-    return d, expected
-
-
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_cifar_loads_fake_dirs(tmp_path, num_classes):
     d, expected = make_fake_cifar(tmp_path, num_classes)
@@ -203,7 +162,7 @@ def test_cifar_bad_pickle_contents(tmp_path, corrupt, problem):
     with open(path, "rb") as f:
         batch = pickle.load(f)
     corrupt(batch)
-    _write_pickle(path, batch)
+    write_pickle(path, batch)
     with pytest.raises(DataError, match=problem) as e:
         load_cifar(d)
     assert "data_batch_2" in str(e.value) and "extracting" in str(e.value)
@@ -214,7 +173,7 @@ def test_cifar_unreadable_pickles(tmp_path):
     (d / "test_batch").write_bytes(b"this is not a pickle")
     with pytest.raises(DataError, match="cannot read CIFAR batch .*test_batch.*extracting"):
         load_cifar(d)
-    _write_pickle(d / "test_batch", [1, 2, 3])
+    write_pickle(d / "test_batch", [1, 2, 3])
     with pytest.raises(DataError, match="not a dict"):
         load_cifar(d)
 
@@ -230,7 +189,7 @@ class _Exploit:
 def test_cifar_pickle_cannot_run_code(tmp_path):
     d, _ = make_fake_cifar(tmp_path)
     marker = tmp_path / "pwned"
-    _write_pickle(d / "test_batch", {b"data": _Exploit(str(marker)), b"labels": []})
+    write_pickle(d / "test_batch", {b"data": _Exploit(str(marker)), b"labels": []})
     with pytest.raises(DataError, match="not allowed"):
         load_cifar(d)
     assert not marker.exists()
@@ -242,7 +201,7 @@ def test_cifar_label_out_of_range(tmp_path):
     with open(path, "rb") as f:
         batch = pickle.load(f)
     batch[b"labels"][2] = 10
-    _write_pickle(path, batch)
+    write_pickle(path, batch)
     with pytest.raises(DataError) as e:
         load_cifar(tmp_path)
     msg = str(e.value)

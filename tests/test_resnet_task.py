@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import yaml
 from flax import nnx
+from hook_recorder import HookRecorder
+from processes import script_env
+from tiny_task import make_trainer
 
-import nnx_trainer
 from resnet_task.data import DataError
 from resnet_task.metrics import TopKAccuracy
-from resnet_task.task import ResNetTask, classification_loss
+from resnet_task.task import ResNetConfig, ResNetTask, classification_loss
 
 TINY = dict(
     dataset="synthetic", image_size=8, model="simple",
@@ -98,21 +107,12 @@ def test_bad_configuration_fails_when_the_task_is_built(overrides, error, messag
 
 
 def test_short_training_lowers_the_loss_and_reports_top5(tmp_path):
-    losses = []
-
-    class Record:
-        @nnx_trainer.hookimpl
-        def log_metrics(self, metrics):
-            if "train/loss" in metrics:
-                losses.append(float(metrics["train/loss"]))
-
+    recorder = HookRecorder("log_metrics")
     task = ResNetTask(**TINY, learning_rate=0.05)
-    trainer = nnx_trainer.Trainer(
-        max_epochs=4, batch_size=16, log_every_n_steps=4, run_dir=tmp_path,
-        plugin_autoload=False, plugins=[Record()],
-    )
+    trainer = make_trainer(tmp_path, recorder, max_epochs=4, log_every_n_steps=4)
     trainer.fit(task)
     metrics = trainer.validate(task)
+    losses = [float(m["train/loss"]) for _, m in recorder.logged() if "train/loss" in m]
     assert losses[-1] < losses[0]
     assert set(metrics) == {"val/loss", "val/accuracy", "val/top5_accuracy"}
     assert metrics["val/top5_accuracy"] == 1.0  # 4 classes: top-5 always hits
@@ -127,3 +127,55 @@ def test_digits_transforms_skip_the_flip():
     assert names == ["CheckLabels", "RandomCrop", "Normalize"]
     assert task.dataset_info.image_shape == (16, 16, 1)
     assert optax  # imported for the schedule API used above
+
+
+def test_the_package_names_the_task_for_python_and_the_command_line(tmp_path, monkeypatch,
+                                                                    capsys):
+    import resnet_task
+    from nnx_trainer.cli import main
+
+    assert (resnet_task.ResNetTask, resnet_task.ResNetConfig) == (ResNetTask, ResNetConfig)
+    monkeypatch.setenv("NNX_TRAINER_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main([
+        "fit", "--task", "resnet_task.ResNetTask", "--task.dataset", "synthetic",
+        "--task.image_size", "8", "--task.model", "simple",
+        "--task.model_kwargs", json.dumps(TINY["model_kwargs"]),
+        "--task.dataset_kwargs", json.dumps(TINY["dataset_kwargs"]),
+        "--trainer.batch_size", "16", "--trainer.max_steps", "2",
+        "--trainer.log_every_n_steps", "1", "--plugins.metrics_jsonl", "{}",
+        "--trainer.run_dir", str(tmp_path),
+    ]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["task"]["class_path"] == "resnet_task.ResNetTask"
+    capsys.readouterr()
+    assert main(["fit", "--task", "resnet_task.ResnetTask"]) == 2
+    assert "has no 'ResnetTask'; did you mean 'ResNetTask'?" in capsys.readouterr().err
+
+
+def test_without_pillow_and_scikit_learn_only_what_needs_them_fails(tmp_path):
+    # A None entry in sys.modules makes an import fail as if the library were not installed.
+    (tmp_path / "image.png").write_bytes(b"not decoded: Pillow is missing")
+    code = 'import sys\nsys.modules["PIL"] = sys.modules["sklearn"] = None\n' + textwrap.dedent(f"""
+        from resnet_task import ResNetTask
+        from resnet_task.image_folder import decode_image
+
+        task = ResNetTask(dataset="synthetic", image_size=8,
+                          dataset_kwargs=(("num_examples", 32), ("num_classes", 4)))
+        print("built", task.train_data()[0]["image"].shape)
+        for build in (ResNetTask, lambda: decode_image({str(tmp_path / "image.png")!r}, 8)):
+            try:
+                build()
+            except ImportError as e:
+                print("ImportError:", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=script_env(), timeout=600, cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built (8, 8, 3)" in proc.stdout
+    assert ("ImportError: the bundled digits dataset needs scikit-learn, which is not "
+            'installed: pip install "nnx-trainer[examples]"') in proc.stdout
+    assert ('ImportError: decoding images needs Pillow, which is not installed: '
+            'pip install "nnx-trainer[images]"') in proc.stdout

@@ -6,13 +6,15 @@ import io
 import re
 import sys
 from types import SimpleNamespace
+from typing import Any
 
 import jax.numpy as jnp
 import pytest
 from rich.console import Console
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
+from nnx_trainer.plugin_manager import create_plugin_manager
 from nnx_trainer_plugins._progress_parts import train_metric_rows
 from nnx_trainer_plugins.rich_progress import RichProgress
 
@@ -22,11 +24,6 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 def _console(terminal: bool) -> tuple[Console, io.StringIO]:
     buf = io.StringIO()
     return Console(file=buf, force_terminal=terminal, width=120), buf
-
-
-def _trainer(plugins: list, tmp_path, **kwargs) -> nnx_trainer.Trainer:
-    kwargs.setdefault("batch_size", 8)
-    return nnx_trainer.Trainer(plugin_autoload=False, plugins=plugins, run_dir=tmp_path, **kwargs)
 
 
 class LastLoss:
@@ -61,7 +58,7 @@ class RaiseAtStep:
 def test_terminal_fit_shows_bar_validation_tables_and_summary(tmp_path):
     console, buf = _console(terminal=True)
     plugin, last = RichProgress(console=console), LastLoss()
-    _trainer([plugin, last], tmp_path, max_epochs=2).fit(TinyTask())
+    make_trainer(tmp_path, plugin, last, batch_size=8, max_epochs=2).fit(TinyTask())
     text = ANSI.sub("", buf.getvalue())
     assert "Epoch 1/2" in text and "Epoch 2/2" in text
     assert "Validate metrics, step 8" in text and "Validate metrics, step 16" in text
@@ -81,7 +78,7 @@ def test_terminal_fit_shows_bar_validation_tables_and_summary(tmp_path):
 def test_plain_output_has_no_control_codes_and_one_line_per_epoch(tmp_path):
     console, buf = _console(terminal=False)
     plugin = RichProgress(console=console)
-    _trainer([plugin], tmp_path, max_epochs=3).fit(TinyTask(n_train=32))
+    make_trainer(tmp_path, plugin, batch_size=8, max_epochs=3).fit(TinyTask(n_train=32))
     out = buf.getvalue()
     assert "\x1b" not in out and "\r" not in out
     assert plugin.progress is None  # no live display was ever created
@@ -123,7 +120,7 @@ def test_exception_stops_live_display_and_propagates(tmp_path, task, extra, erro
     plugin = RichProgress(console=console)
     stdout, stderr = sys.stdout, sys.stderr
     with pytest.raises((ValueError, RuntimeError), match=error):
-        _trainer([plugin, *extra], tmp_path, max_epochs=2).fit(task)
+        make_trainer(tmp_path, plugin, *extra, batch_size=8, max_epochs=2).fit(task)
     assert plugin.progress is not None and not plugin.progress.live.is_started
     # Live redirects stdout/stderr while running; both must be back for the traceback.
     assert sys.stdout is stdout and sys.stderr is stderr
@@ -144,17 +141,22 @@ def test_fit_does_not_read_the_loss_every_step(tmp_path, monkeypatch):
     console, _ = _console(terminal=True)
     # A clock that never advances: the refresh interval never elapses during the epoch.
     plugin = RichProgress(console=console, refresh_per_second=0.01, clock=lambda: 0.0)
-    trainer = _trainer([plugin], tmp_path, max_steps=50, log_every_n_steps=1000)
+    trainer = make_trainer(tmp_path, plugin, batch_size=8, max_steps=50, log_every_n_steps=1000)
     trainer.fit(TinyTask(n_train=400, n_val=0))
     assert trainer.global_step == 50
     assert 1 <= len(reads) <= 2  # the epoch-end read (and at most one more), not 50
     assert isinstance(plugin.loss, float)
 
 
+def _hooks(*plugins) -> Any:
+    """The hook caller of a run with only ``plugins`` (what ``trainer.hook`` is)."""
+    return create_plugin_manager(plugins=list(plugins), autoload=False).hook
+
+
 def _stub_trainer(**overrides) -> SimpleNamespace:
     values = dict(
         is_main_process=True, global_step=0, batch_in_epoch=0, steps_per_epoch=50,
-        total_steps=50, max_epochs=1, current_epoch=0,
+        total_steps=50, max_epochs=1, current_epoch=0, task=None, hook=_hooks(),
     )
     values.update(overrides)
     return SimpleNamespace(**values)
@@ -234,6 +236,7 @@ class FakeCheckpoint:
     def __init__(self, directory) -> None:
         self.directory = directory
 
+    @nnx_trainer.hookimpl
     def checkpoint_dir(self, trainer):
         return self.directory
 
@@ -254,8 +257,8 @@ def test_checkpoint_directory_saves_compile_notice_and_the_tasks_example_name(tm
                 seen.append(plugin.progress.tasks[0].description)
 
     ckpt_dir = tmp_path / "ckpts"
-    _trainer([plugin, FakeCheckpoint(ckpt_dir), Descriptions()], tmp_path,
-             max_epochs=2).fit(ImageTask())
+    make_trainer(tmp_path, plugin, FakeCheckpoint(ckpt_dir), Descriptions(), batch_size=8,
+                 max_epochs=2).fit(ImageTask())
     text = ANSI.sub("", buf.getvalue())
     assert f"checkpoints: {ckpt_dir}" in text
     assert "checkpoint: saving step 16 (end)" in text
@@ -320,7 +323,7 @@ def test_one_line_per_saved_step():
     console, buf = _console(terminal=False)
     plugin = RichProgress(console=console)
     checkpoint = FakeCheckpoint("/ckpts")
-    trainer = _stub_trainer(plugin_manager=SimpleNamespace(get_plugin=lambda name: checkpoint))
+    trainer = _stub_trainer(hook=_hooks(checkpoint))
     plugin.on_fit_start(trainer=trainer)
     for step, reason in [(4, "periodic"), (8, "periodic"), (8, "end")]:  # 8: one save
         plugin.on_save_checkpoint(trainer=trainer, step=step, reason=reason)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from rich.console import Console
+from tiny_task import make_trainer
 
 import nnx_trainer
 from nnx_trainer.data import PipelineConfig, train_pipeline
@@ -59,8 +60,7 @@ def _fit(task: ResNetTask, run_dir: Path, ckpt_path: str | None = None, checkpoi
     if checkpoint:
         plugins.append(OrbaxCheckpoint(min_seconds_between_saves=0, async_save=False))
     kwargs = {"max_epochs": 2, "batch_size": BATCH, "log_every_n_steps": 2, **kwargs}
-    trainer = nnx_trainer.Trainer(run_dir=run_dir, plugin_autoload=False, plugins=plugins,
-                                  **kwargs)
+    trainer = make_trainer(run_dir, *plugins, **kwargs)
     trainer.fit(task, ckpt_path=ckpt_path)
     return trainer, buf.getvalue()
 

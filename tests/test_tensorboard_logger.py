@@ -18,7 +18,7 @@ import pytest
 from tensorboardX.proto.event_pb2 import Event
 from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
 from tensorboardX.record_writer import masked_crc32c
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer.plugin_manager import create_plugin_manager
@@ -65,10 +65,8 @@ def _summaries(events: list[Event]) -> dict[str, Event]:
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tb") / "run"
     logger = TensorBoardLogger()
-    trainer = nnx_trainer.Trainer(
-        max_epochs=2, batch_size=8, log_every_n_steps=3, plugin_autoload=False,
-        plugins=[logger, JsonlLogger()], run_dir=run_dir,
-    )
+    trainer = make_trainer(run_dir, logger, JsonlLogger(), max_epochs=2, batch_size=8,
+                           log_every_n_steps=3)
     trainer.fit(TinyTask())  # 8 steps per epoch, validation after each epoch
     jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     events = _events(run_dir / "tensorboard")
@@ -147,11 +145,9 @@ def _scalar_steps(log_dir: Path) -> list[int]:
 def _fit_with(run_dir: Path, *extra, max_epochs: int = 2, ckpt_path=None):
     from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 
-    trainer = nnx_trainer.Trainer(
-        max_epochs=max_epochs, batch_size=8, log_every_n_steps=1, plugin_autoload=False,
-        run_dir=run_dir, plugins=[TensorBoardLogger(), *extra, OrbaxCheckpoint(
-            every_n_steps=4, min_seconds_between_saves=0, async_save=False)],
-    )
+    checkpoint = OrbaxCheckpoint(every_n_steps=4, min_seconds_between_saves=0, async_save=False)
+    trainer = make_trainer(run_dir, TensorBoardLogger(), *extra, checkpoint,
+                           max_epochs=max_epochs, batch_size=8, log_every_n_steps=1)
     return trainer.fit(TinyTask(), ckpt_path=ckpt_path)
 
 

@@ -7,36 +7,25 @@ import re
 
 import pytest
 from fake_clock import FakeClock
+from hook_recorder import HookRecorder
 from rich.console import Console
-from tiny_task import TinyTask
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer_plugins.rich_progress import RichProgress
 from nnx_trainer_plugins.throughput import Throughput
 
 
-class Logged:
-    def __init__(self) -> None:
-        self.records: list[tuple[int, dict]] = []
-
-    @nnx_trainer.hookimpl
-    def log_metrics(self, metrics, step):
-        self.records.append((step, dict(metrics)))
-
-
-def _fit(tmp_path, plugin: Throughput) -> tuple[nnx_trainer.Trainer, Logged]:
-    logged = Logged()
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_epochs=2, log_every_n_steps=2,
-        plugin_autoload=False, plugins=[plugin, logged],
-    )
+def _fit(tmp_path, plugin: Throughput) -> tuple[nnx_trainer.Trainer, HookRecorder]:
+    logged = HookRecorder("log_metrics")
+    trainer = make_trainer(tmp_path, plugin, logged, max_epochs=2, log_every_n_steps=2)
     trainer.fit(TinyTask())
     return trainer, logged
 
 
 def test_rates_are_logged_at_the_cadence_after_the_compile_window(tmp_path):
     trainer, logged = _fit(tmp_path, Throughput())
-    perf = [(step, m) for step, m in logged.records if "perf/steps_per_sec" in m]
+    perf = [(step, m) for step, m in logged.logged() if "perf/steps_per_sec" in m]
     assert [step for step, _ in perf] == [4, 6, 8]  # the window ending at 2 holds compilation
     for _, m in perf:
         assert all(isinstance(v, float) for v in m.values())  # host numbers, no device reads
@@ -51,7 +40,7 @@ def test_rates_are_logged_at_the_cadence_after_the_compile_window(tmp_path):
 
 def test_disabled_logs_nothing(tmp_path):
     _, logged = _fit(tmp_path, Throughput(enabled=False))
-    assert not any("perf/steps_per_sec" in m for _, m in logged.records)
+    assert not any("perf/steps_per_sec" in m for _, m in logged.logged())
 
 
 def test_loaded_by_default_through_its_entry_point(tmp_path, monkeypatch):
@@ -90,18 +79,17 @@ def test_a_window_with_a_validation_or_a_save_reports_the_same_training_rate(
         tmp_path, monkeypatch):
     # The data wait is real time; on a fake clock it would be a (tiny) stray term.
     monkeypatch.setattr(nnx_trainer.Trainer, "data_wait_seconds", property(lambda self: 0.0))
-    clock, logged, out = FakeClock(), Logged(), io.StringIO()
+    clock, logged, out = FakeClock(), HookRecorder("log_metrics"), io.StringIO()
     throughput = Throughput(clock=lambda: clock.seconds)
     progress = RichProgress(console=Console(file=out, width=120), force=False)
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=8, eval_batch_size=10, max_epochs=3,
-        log_every_n_steps=10, plugin_autoload=False,
-        plugins=[throughput, Clockwork(clock, save_every=15), logged, progress],
+    trainer = make_trainer(
+        tmp_path, throughput, Clockwork(clock, save_every=15), logged, progress,
+        batch_size=8, eval_batch_size=10, max_epochs=3, log_every_n_steps=10,
     )
     # 160 examples / 8 = 20 steps per epoch: validations after steps 20, 40, 60 (2
     # batches, 4 s each) and saves after 15, 30, 45, 60 (+ the end-of-fit save), 3 s each.
     trainer.fit(TinyTask(n_train=160, n_val=20))
-    perf = {step: m for step, m in logged.records if "perf/steps_per_sec" in m}
+    perf = {step: m for step, m in logged.logged() if "perf/steps_per_sec" in m}
     assert sorted(perf) == [20, 30, 40, 50, 60]  # the window ending at 10 holds compilation
     for m in perf.values():  # 10 ms a step in every window, whatever else ran in it
         assert m["perf/steps_per_sec"] == pytest.approx(100.0)

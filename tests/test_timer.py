@@ -7,18 +7,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from tiny_task import TinyTask
+from fake_clock import FakeClock
+from tiny_task import TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer_plugins.timer import Timer, parse_max_time
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def fake_trainer() -> SimpleNamespace:
@@ -76,13 +69,13 @@ def test_bad_interval_is_rejected():
 
 
 def test_stops_after_the_step_that_crosses_max_time():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     timer = Timer(max_time=35, clock=clock, verbose=False)
     trainer = fake_trainer()
     timer.on_fit_start(trainer=trainer)
     stopped_at = None
     for step in range(1, 10):
-        clock.now += 10
+        clock.seconds += 10
         trainer.global_step = step
         timer.on_train_batch_end(trainer=trainer)
         if trainer.should_stop:
@@ -93,11 +86,11 @@ def test_stops_after_the_step_that_crosses_max_time():
 
 
 def test_epoch_interval_checks_at_epoch_ends_only():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     timer = Timer(max_time={"seconds": 15}, interval="epoch", clock=clock)
     trainer = fake_trainer()
     timer.on_fit_start(trainer=trainer)
-    clock.now += 20
+    clock.seconds += 20
     timer.on_train_batch_end(trainer=trainer)
     assert not trainer.should_stop
     timer.on_train_epoch_end(trainer=trainer)
@@ -105,19 +98,19 @@ def test_epoch_interval_checks_at_epoch_ends_only():
 
 
 def test_records_fit_and_validation_time():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     timer = Timer(clock=clock)  # default: no budget, times only
     trainer = fake_trainer()
     timer.on_fit_start(trainer=trainer)
     for _ in range(2):
-        clock.now += 10  # training
+        clock.seconds += 10  # training
         timer.on_validation_start(stage="validate")
-        clock.now += 3
+        clock.seconds += 3
         timer.on_validation_end(stage="validate")
     timer.on_run_end(stage="fit")
-    clock.now += 100  # after the fit: not counted
+    clock.seconds += 100  # after the fit: not counted
     timer.on_validation_start(stage="test")
-    clock.now += 4
+    clock.seconds += 4
     timer.on_validation_end(stage="test")
     assert timer.time_elapsed("fit") == 26
     assert timer.time_elapsed("validate") == 6 and timer.time_elapsed("test") == 4
@@ -125,14 +118,14 @@ def test_records_fit_and_validation_time():
 
 
 def test_resumed_run_counts_the_checkpointed_time():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     first = Timer(max_time=100, clock=clock)
     trainer = fake_trainer()
     first.on_fit_start(trainer=trainer)
-    clock.now += 60
+    clock.seconds += 60
     saved = json.loads(json.dumps(first.state_dict()))  # saved mid-fit (preemption)
     first.on_run_end(stage="fit")  # the preempted fit ends
-    clock.now += 5
+    clock.seconds += 5
     assert first.time_elapsed("fit") == 60  # the clock stopped with the fit
     assert saved["timer"]["time_elapsed"]["fit"] == 60
 
@@ -140,11 +133,11 @@ def test_resumed_run_counts_the_checkpointed_time():
     resumed.load_state_dict(state=saved)
     trainer = fake_trainer()
     resumed.on_fit_start(trainer=trainer)
-    clock.now += 30
+    clock.seconds += 30
     trainer.global_step = 1
     resumed.on_train_batch_end(trainer=trainer)
     assert resumed.time_elapsed() == 90 and not trainer.should_stop
-    clock.now += 10
+    clock.seconds += 10
     resumed.on_train_batch_end(trainer=trainer)
     assert trainer.should_stop
 
@@ -160,7 +153,7 @@ def test_resumed_run_counts_the_checkpointed_time():
 
 
 def test_stops_a_real_fit_and_the_run_ends_normally(tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     ended = []
 
     class Tick:
@@ -168,17 +161,14 @@ def test_stops_a_real_fit_and_the_run_ends_normally(tmp_path):
 
         @nnx_trainer.hookimpl
         def on_train_batch_start(self):
-            clock.now += 10
+            clock.seconds += 10
 
         @nnx_trainer.hookimpl
         def on_fit_end(self, trainer):
             ended.append(trainer.stop_reason)
 
     timer = Timer(max_time=35, clock=clock)
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_epochs=5, plugin_autoload=False,
-        plugins=[timer, Tick()],
-    )
+    trainer = make_trainer(tmp_path, timer, Tick(), max_epochs=5)
     trainer.fit(TinyTask(n_val=0))
     assert trainer.global_step == 4 and ended == ["max_time"]
     assert timer.time_elapsed("fit") == 40
@@ -186,12 +176,12 @@ def test_stops_a_real_fit_and_the_run_ends_normally(tmp_path):
 
 @pytest.mark.parametrize("outcome", ["preempted", "exception"])
 def test_the_fit_clock_stops_when_the_fit_ends_however_it_ends(tmp_path, outcome):
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
 
     class EndEarly:
         @nnx_trainer.hookimpl
         def on_train_batch_start(self, trainer, step):
-            clock.now += 10
+            clock.seconds += 10
             if step == 2 and outcome == "exception":
                 raise RuntimeError("crash")
 
@@ -201,14 +191,13 @@ def test_the_fit_clock_stops_when_the_fit_ends_however_it_ends(tmp_path, outcome
                 trainer.preempted, trainer.stop_reason = True, "SIGTERM"
 
     timer = Timer(clock=clock)
-    trainer = nnx_trainer.Trainer(run_dir=tmp_path, batch_size=16, plugin_autoload=False,
-                                  plugins=[timer, EndEarly()])
+    trainer = make_trainer(tmp_path, timer, EndEarly())
     if outcome == "exception":
         with pytest.raises(RuntimeError, match="crash"):
             trainer.fit(TinyTask(n_val=0))
     else:
         trainer.fit(TinyTask(n_val=0))
-    clock.now += 1000  # after the fit: not counted
+    clock.seconds += 1000  # after the fit: not counted
     assert timer.time_elapsed("fit") == 30
 
 

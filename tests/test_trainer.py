@@ -2,98 +2,71 @@
 
 from __future__ import annotations
 
-import grain
 import jax
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-from tiny_task import TinyModel, TinyTask, make_examples
+from hook_recorder import HookRecorder, RecordedCall
+from tiny_task import TinyModel, TinyTask, make_examples, make_trainer
 
 import nnx_trainer
 from nnx_trainer.data import epoch_order
-from nnx_trainer.transforms import BatchTransform, uniform
+
+# The hooks whose calls show the loop's order, each call as the tuple the tests compare:
+# the event and the arguments that identify it.
+ORDER_HOOKS = {
+    "on_fit_start": lambda c: ("fit_start", c.global_step),
+    "on_fit_end": lambda c: ("fit_end",),
+    "on_train_epoch_start": lambda c: ("epoch_start", c.epoch),
+    "on_train_epoch_end": lambda c: ("epoch_end", c.epoch),
+    "on_train_batch_start": lambda c: ("batch_start", c.step),
+    "on_train_batch_end": lambda c: ("batch_end", c.step),
+    "on_validation_start": lambda c: ("validation_start", c.stage),
+    "on_validation_end": lambda c: ("validation_end", c.stage),
+    "log_hyperparams": lambda c: ("log_hyperparams",),
+    "on_save_checkpoint": lambda c: ("save_checkpoint", c.step, c.reason),
+    "on_exception": lambda c: ("exception", type(c.exception).__name__),
+    "on_run_end": lambda c: ("run_end", c.stage, str(c.outcome), type(c.exception).__name__),
+}
 
 
-class Recorder:
-    """Records every hook call (name and the arguments that identify it) and step losses."""
-
-    name = "recorder"
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-        self.losses: list[float] = []
-        self.logged: list[tuple[int, dict]] = []
-
-    @nnx_trainer.hookimpl
-    def on_fit_start(self, trainer):
-        self.calls.append(("fit_start", trainer.global_step))
-
-    @nnx_trainer.hookimpl
-    def on_fit_end(self):
-        self.calls.append(("fit_end",))
-
-    @nnx_trainer.hookimpl
-    def on_train_epoch_start(self, epoch):
-        self.calls.append(("epoch_start", epoch))
-
-    @nnx_trainer.hookimpl
-    def on_train_epoch_end(self, epoch):
-        self.calls.append(("epoch_end", epoch))
-
-    @nnx_trainer.hookimpl
-    def on_train_batch_start(self, step):
-        self.calls.append(("batch_start", step))
-
-    @nnx_trainer.hookimpl
-    def on_train_batch_end(self, trainer, step, loss):
-        assert trainer.global_step == step + 1
-        self.calls.append(("batch_end", step))
-        self.losses.append(float(loss))
-
-    @nnx_trainer.hookimpl
-    def on_validation_start(self, stage):
-        self.calls.append(("validation_start", stage))
-
-    @nnx_trainer.hookimpl
-    def on_validation_end(self, stage, metrics):
-        self.calls.append(("validation_end", stage))
-
-    @nnx_trainer.hookimpl
-    def log_hyperparams(self, params):
-        self.calls.append(("log_hyperparams",))
-
-    @nnx_trainer.hookimpl
-    def log_metrics(self, metrics, step):
-        self.logged.append((step, {k: float(v) for k, v in metrics.items()}))
-
-    @nnx_trainer.hookimpl
-    def on_save_checkpoint(self, step, reason):
-        self.calls.append(("save_checkpoint", step, reason))
-
-    @nnx_trainer.hookimpl
-    def on_exception(self, exception):
-        self.calls.append(("exception", type(exception).__name__))
-
-    @nnx_trainer.hookimpl
-    def on_run_end(self, stage, outcome, exception):
-        self.calls.append(("run_end", stage, str(outcome), type(exception).__name__))
+def recorder() -> HookRecorder:
+    """Records the order hooks and the logged metrics."""
+    return HookRecorder(*ORDER_HOOKS, "log_metrics", name="recorder")
 
 
-def make_trainer(tmp_path, recorder=None, **kwargs) -> nnx_trainer.Trainer:
-    kwargs.setdefault("batch_size", 16)
-    kwargs.setdefault("plugin_autoload", False)
-    kwargs.setdefault("plugins", [recorder] if recorder is not None else [])
-    return nnx_trainer.Trainer(run_dir=tmp_path, **kwargs)
+def _batch_ends(rec: HookRecorder) -> list[RecordedCall]:
+    ends = rec.getcalls("on_train_batch_end")
+    for call in ends:  # the hook's step is the batch's index: global_step already counts it
+        assert call.global_step == call.step + 1
+    return ends
+
+
+def hook_calls(rec: HookRecorder) -> list[tuple]:
+    """Every order hook's call, in call order, as ``(event, identifying arguments...)``."""
+    _batch_ends(rec)
+    return [ORDER_HOOKS[call.hook_name](call) for call in rec.getcalls(*ORDER_HOOKS)]
+
+
+def step_losses(rec: HookRecorder) -> list[float]:
+    """The loss of each train step, in order."""
+    return [float(call.loss) for call in _batch_ends(rec)]
+
+
+def logged_metrics(rec: HookRecorder) -> list[tuple[int, dict[str, float]]]:
+    """The logged metrics as ``(step, {name: float})``."""
+    _batch_ends(rec)
+    return rec.logged(floats=True)
 
 
 def test_training_lowers_the_loss(tmp_path):
-    rec = Recorder()
+    rec = recorder()
     make_trainer(tmp_path, rec, max_epochs=6, log_every_n_steps=4).fit(TinyTask())
-    train_losses = [m["train/loss"] for _, m in rec.logged if "train/loss" in m]
-    assert len(rec.losses) == 6 * 4
+    train_losses = [m["train/loss"] for _, m in logged_metrics(rec) if "train/loss" in m]
+    assert len(step_losses(rec)) == 6 * 4
     assert train_losses[-1] < 0.6 * train_losses[0]
-    val_acc = [m["val/accuracy"] for _, m in rec.logged if "val/accuracy" in m]
+    val_acc = [m["val/accuracy"] for _, m in logged_metrics(rec) if "val/accuracy" in m]
     assert val_acc[-1] > 0.8
 
 
@@ -116,7 +89,7 @@ def test_validation_metrics_equal_a_hand_computation_with_a_partial_last_batch(t
 
 def test_loss_trajectory_equals_a_hand_written_nnx_loop(tmp_path):
     epochs, batch, seed = 3, 16, 7
-    rec = Recorder()
+    rec = recorder()
     task = TinyTask(n_val=0)
     make_trainer(tmp_path, rec, max_epochs=epochs, batch_size=batch, seed=seed).fit(task)
 
@@ -143,13 +116,13 @@ def test_loss_trajectory_equals_a_hand_written_nnx_loop(tmp_path):
             x = np.stack([e["image"] for e in items])
             y = np.stack([e["label"] for e in items])
             hand.append(float(step(model, optimizer, x, y)))
-    np.testing.assert_allclose(rec.losses, hand, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(step_losses(rec), hand, rtol=1e-5, atol=1e-6)
 
 
 def test_hooks_fire_in_the_documented_order(tmp_path):
-    rec = Recorder()
+    rec = recorder()
     make_trainer(tmp_path, rec, max_epochs=2, batch_size=32).fit(TinyTask())
-    assert rec.calls == [
+    assert hook_calls(rec) == [
         ("log_hyperparams",),
         ("fit_start", 0),
         ("epoch_start", 0),
@@ -171,10 +144,10 @@ def test_exception_hook_sees_the_error_and_it_propagates(tmp_path):
         def training_step(self, model, batch):
             raise RuntimeError("boom in the step")
 
-    rec = Recorder()
+    rec = recorder()
     with pytest.raises(RuntimeError, match="boom in the step"):
         make_trainer(tmp_path, rec).fit(Broken())
-    assert rec.calls[-2:] == [
+    assert hook_calls(rec)[-2:] == [
         ("exception", "RuntimeError"), ("run_end", "fit", "exception", "RuntimeError")
     ]
 
@@ -198,7 +171,7 @@ def test_steps_compile_once_including_the_padded_last_eval_batch(tmp_path):
 
 
 def test_max_steps_limit_batches_and_fast_dev_run(tmp_path):
-    rec = Recorder()
+    rec = recorder()
     trainer = make_trainer(tmp_path, rec, max_steps=5)  # max_epochs unlimited when max_steps set
     trainer.fit(TinyTask())
     assert trainer.global_step == 5 and trainer.current_epoch == 1 and trainer.batch_in_epoch == 1
@@ -207,9 +180,9 @@ def test_max_steps_limit_batches_and_fast_dev_run(tmp_path):
     trainer.fit(TinyTask())
     assert trainer.global_step == 4
 
-    rec = Recorder()
+    rec = recorder()
     make_trainer(tmp_path, rec, max_epochs=5, fast_dev_run=True).fit(TinyTask())
-    assert [c for c in rec.calls if c[0] == "batch_end"] == [("batch_end", 0)]
+    assert [c for c in hook_calls(rec) if c[0] == "batch_end"] == [("batch_end", 0)]
 
 
 def test_gradient_accumulation_updates_every_k_batches(tmp_path):
@@ -220,10 +193,7 @@ def test_gradient_accumulation_updates_every_k_batches(tmp_path):
         def on_train_batch_end(self, trainer):
             params_after.append(np.asarray(trainer.model.fc1.kernel[...]).copy())
 
-    trainer = nnx_trainer.Trainer(
-        run_dir=tmp_path, batch_size=16, max_steps=4, accumulate_grad_batches=2,
-        plugin_autoload=False, plugins=[Watch()],
-    )
+    trainer = make_trainer(tmp_path, Watch(), max_steps=4, accumulate_grad_batches=2)
     with jax.threefry_partitionable(False):
         initial = np.asarray(TinyModel(8, 3, rngs=nnx.Rngs(0)).fc1.kernel[...])
     trainer.fit(TinyTask(n_val=0))
@@ -299,96 +269,6 @@ def test_train_data_must_be_a_grain_map_dataset(tmp_path):
         make_trainer(tmp_path).fit(ListData())
 
 
-def test_pipeline_slices_processes_into_the_same_global_batches():
-    from nnx_trainer.data import PipelineConfig, train_pipeline
-
-    examples = grain.MapDataset.source([{"x": np.int32(i)} for i in range(37)])
-    single = list(train_pipeline(examples, (), PipelineConfig(8), seed=3, epoch=1))
-    shards = [
-        list(train_pipeline(examples, (), PipelineConfig(8, p, 2), seed=3, epoch=1))
-        for p in range(2)
-    ]
-    assert len(single) == 4 and all(len(s) == 4 for s in shards)
-    for b, whole in enumerate(single):
-        joined = np.concatenate([shards[0][b]["x"], shards[1][b]["x"]])
-        assert sorted(joined.tolist()) == sorted(whole["x"].tolist())
-    epoch2 = list(train_pipeline(examples, (), PipelineConfig(8), seed=3, epoch=2))
-    assert not np.array_equal(epoch2[0]["x"], single[0]["x"])  # reshuffled per epoch
-
-
-class _KeyNoise(BatchTransform):
-    """Adds a per-example random draw: shows which key each example got."""
-
-    def map_batch(self, batch, keys):
-        return {**batch, "noise": uniform(keys, 0)}
-
-
-def test_batch_transform_draws_do_not_depend_on_the_process_split():
-    from nnx_trainer.data import PipelineConfig, train_pipeline
-
-    examples = grain.MapDataset.source([{"x": np.int32(i)} for i in range(40)])
-    single = list(train_pipeline(examples, [_KeyNoise()], PipelineConfig(8), seed=3, epoch=1))
-    shards = [
-        list(train_pipeline(examples, [_KeyNoise()], PipelineConfig(8, p, 2), seed=3, epoch=1))
-        for p in range(2)
-    ]
-    for b, whole in enumerate(single):
-        by_example = dict(zip(whole["x"].tolist(), whole["noise"].tolist(), strict=True))
-        for shard in shards:
-            for x, noise in zip(shard[b]["x"].tolist(), shard[b]["noise"].tolist(), strict=True):
-                assert by_example[x] == noise  # same example, same draw, any process
-    epoch2 = list(train_pipeline(examples, [_KeyNoise()], PipelineConfig(8), seed=3, epoch=2))
-    assert set(epoch2[0]["noise"].tolist()).isdisjoint(single[0]["noise"].tolist())
-
-
-def test_a_multi_epoch_pipeline_is_the_per_epoch_pipelines_joined():
-    from nnx_trainer.data import PipelineConfig, train_pipeline
-
-    def double(element):
-        return {**element, "x": element["x"] * 2}
-
-    examples = grain.MapDataset.source([{"x": np.int32(i)} for i in range(20)])
-    transforms = [double, _KeyNoise()]
-
-    def batches(**kwargs):
-        return [(b["x"].tolist(), b["noise"].tolist())
-                for b in train_pipeline(examples, transforms, PipelineConfig(6), seed=1,
-                                        **kwargs)]
-
-    joined = [b for e in (2, 3, 4) for b in batches(epoch=e)]
-    assert batches(epoch=2, num_epochs=3) == joined  # 3 batches per epoch, remainder dropped
-    assert batches(epoch=2, num_epochs=3, start_batch=4) == joined[4:]  # a mid-epoch resume
-
-
-def test_per_example_transforms_run_before_batch_transforms():
-    from nnx_trainer.data import PipelineConfig, split_transforms, train_pipeline
-
-    def double(element):
-        return {**element, "x": element["x"] * 2}
-
-    examples = grain.MapDataset.source([{"x": np.int32(i)} for i in range(16)])
-    batches = list(train_pipeline(examples, [double, _KeyNoise()], PipelineConfig(4),
-                                  seed=0, epoch=0))
-    assert sorted(np.concatenate([b["x"] for b in batches]).tolist()) == list(range(0, 32, 2))
-    assert all(b["noise"].shape == (4,) for b in batches)
-    with pytest.raises(ValueError, match="list every per-example transform first"):
-        split_transforms([_KeyNoise(), double])
-
-
-def test_eval_pipeline_pads_masks_and_applies_batch_transforms():
-    from nnx_trainer.data import PipelineConfig, eval_pipeline
-
-    examples = grain.MapDataset.source([{"x": np.int32(i)} for i in range(10)])
-    iterator, num_batches = eval_pipeline(examples, [_KeyNoise()], PipelineConfig(4))
-    batches = list(iterator)
-    assert num_batches == len(batches) == 3
-    xs = np.concatenate([b["x"] for b in batches])
-    mask = np.concatenate([b["mask"] for b in batches])
-    assert xs[mask].tolist() == list(range(10)) and not mask[10:].any()
-    assert xs[~mask].tolist() == [9, 9]  # padding repeats the last example
-    assert all(b["noise"].shape == (4,) for b in batches)
-
-
 def _count_host_reads(monkeypatch, record: list) -> None:
     """Every float()/int()/tolist()/device_get of a jax array goes through ``_value``."""
     array_type = type(jax.numpy.zeros(()))
@@ -435,25 +315,6 @@ def test_the_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monk
     # (so counted with steps 4 and 7), and none anywhere else in the loop.
     deltas = np.diff([0, *reads_per_step])
     assert deltas.tolist() == [0, 0, 0, 1, 0, 0, 1, 0]
-
-
-def test_prefetch_keeps_batches_on_device_ahead_of_the_step():
-    from nnx_trainer.data import DevicePrefetcher
-
-    pulled = []
-
-    def source():
-        for i in range(5):
-            pulled.append(i)
-            yield {"x": np.full((2,), i)}
-
-    prefetcher = DevicePrefetcher(source(), jax.device_put, size=2)
-    batch, _ = next(prefetcher)
-    assert int(batch["x"][0]) == 0 and pulled == [0, 1]  # batch 1 already on device
-    prefetcher.refill()  # what the trainer does right after dispatching the step
-    assert pulled == [0, 1, 2]
-    assert isinstance(next(prefetcher)[0]["x"], jax.Array)
-    prefetcher.close()
 
 
 # ---- evaluation after fit uses the trained state (issue 9, item 1) -----------------
@@ -508,13 +369,12 @@ def test_run_end_reports_a_stopped_fit_and_each_evaluation(tmp_path):
             if step == 1:
                 trainer.should_stop = True
 
-    rec = Recorder()
-    trainer = nnx_trainer.Trainer(run_dir=tmp_path, batch_size=16, plugin_autoload=False,
-                                  plugins=[rec, StopAtTwo()], max_epochs=3)
+    rec = recorder()
+    trainer = make_trainer(tmp_path, rec, StopAtTwo(), max_epochs=3)
     task = TinyTask()
     trainer.fit(task)
     trainer.validate(task)
-    ends = [c for c in rec.calls if c[0] == "run_end"]
+    ends = [c for c in hook_calls(rec) if c[0] == "run_end"]
     assert ends == [("run_end", "fit", "stopped", "NoneType"),
                     ("run_end", "validate", "completed", "NoneType")]
 
@@ -590,13 +450,13 @@ def test_bad_counts_and_fractions_fail_with_the_fix(tmp_path, kwargs, message):
 
 
 def test_fractions_are_shares_of_the_epoch_as_in_lightning(tmp_path):
-    rec = Recorder()
+    rec = recorder()
     # 64 examples / 16 = 4 batches: 0.5 -> 2 batches an epoch; validation every 0.5 epoch.
     trainer = make_trainer(tmp_path, rec, max_epochs=2, limit_train_batches=0.5,
                            val_check_interval=0.5, limit_val_batches=0.5, eval_batch_size=4)
     trainer.fit(TinyTask())
     assert trainer.steps_per_epoch == 2 and trainer.global_step == 4
-    validations = [c for c in rec.calls if c == ("validation_start", "validate")]
+    validations = [c for c in hook_calls(rec) if c == ("validation_start", "validate")]
     assert len(validations) == 4  # steps 1 and 3 mid-epoch, plus the two epoch ends
     assert trainer.callback_metrics["val/loss"] is not None
 
@@ -667,13 +527,13 @@ def test_several_validation_sets_log_each_under_its_name_and_any_can_be_monitore
     from nnx_trainer_plugins.early_stopping import EarlyStopping
     from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
 
-    rec = Recorder()
+    rec = recorder()
     checkpoint = OrbaxCheckpoint(monitor="val/other/loss", keep_best=1, keep_last=1)
     stopper = EarlyStopping(monitor="val/other/accuracy", mode="max", patience=50)
     trainer = make_trainer(tmp_path, max_epochs=3, plugins=[rec, checkpoint, stopper])
     task = TwoValSets()
     trainer.fit(task)
-    logged = [m for _, m in rec.logged if any(k.startswith("val/") for k in m)]
+    logged = [m for _, m in logged_metrics(rec) if any(k.startswith("val/") for k in m)]
     assert len(logged) == 3  # one evaluation per epoch, both sets in it
     assert {k for k in logged[-1] if k.startswith("val/")} >= {
         "val/usual/accuracy", "val/usual/loss", "val/other/accuracy", "val/other/loss"}

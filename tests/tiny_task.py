@@ -1,6 +1,10 @@
-"""A tiny, fast Task shared by the engine and plugin tests (also run in subprocesses)."""
+"""A tiny, fast Task shared by the engine and plugin tests (also run in subprocesses), the
+one factory of the tests' Trainers (:func:`make_trainer`) and a plugin that crashes a fit."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import grain
 import jax.numpy as jnp
@@ -20,6 +24,30 @@ def value_errors(attempts: dict) -> dict[str, str]:
         except ValueError as exc:
             errors[label] = str(exc)
     return errors
+
+
+def make_trainer(run_dir: str | Path, *plugins: Any, **options: Any) -> nnx_trainer.Trainer:
+    """A Trainer for the tiny tasks: batches of 16 (:class:`TinyTask`'s 64 examples make 4
+    steps per epoch), only ``plugins`` (no autoload); ``options`` override any of it."""
+    if plugins and "plugins" in options:
+        raise TypeError("pass the plugins either as arguments or as plugins=[...], not both")
+    defaults = {"batch_size": 16, "plugin_autoload": False, "plugins": list(plugins)}
+    return nnx_trainer.Trainer(run_dir=run_dir, **{**defaults, **options})
+
+
+class CrashAfter:
+    """A plugin that raises ``RuntimeError("simulated crash after step N")`` at the end of
+    the train step that makes ``global_step`` N (after the plugins registered later)."""
+
+    name = "crash_after"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @nnx_trainer.hookimpl
+    def on_train_batch_end(self, trainer: nnx_trainer.Trainer) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash after step {trainer.global_step}")
 
 
 def make_examples(n: int, seed: int = 0, dim: int = 8, classes: int = 3) -> grain.MapDataset:

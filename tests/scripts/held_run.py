@@ -17,6 +17,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny_task
 
 
+def settled(run_dir: Path, quiet_seconds: float = 1.0, limit_seconds: float = 60.0) -> None:
+    """Return once the list of files under ``run_dir`` stayed the same for ``quiet_seconds``."""
+    def listing() -> list[str]:
+        return sorted(str(p) for p in run_dir.rglob("*"))
+
+    deadline, last = time.monotonic() + limit_seconds, None
+    while time.monotonic() < deadline:
+        try:
+            current = listing()
+        except FileNotFoundError:  # a folder vanished while it was walked
+            current = None
+        if current is not None and current == last:
+            return
+        last = current
+        time.sleep(quiet_seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-dir", required=True)
@@ -37,6 +54,9 @@ def main() -> None:
             # In step K + 1, before its metrics: step K's save point has passed.
             if trainer.global_step == args.hold_at_step + 1:
                 trainer.hook.wait_for_checkpoints(trainer=trainer)
+                # Orbax deletes the checkpoints beyond max_to_keep in a background thread:
+                # the test snapshots the files, so wait until nothing changes any more.
+                settled(Path(args.run_dir))
                 Path(args.ready).write_text(str(os.getpid()))
                 while True:
                     time.sleep(1)

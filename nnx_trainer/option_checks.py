@@ -1,0 +1,71 @@
+"""The Trainer's option checks: every bad value fails at construction, named, with a fix."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+# ``precision`` names to the compute dtype (parameters stay float32).
+PRECISIONS = {"fp32": jnp.float32, "32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def check_options(
+    *, max_epochs: int, max_steps: int | None, batch_size: int, eval_batch_size: int | None,
+    log_every_n_steps: int, accumulate_grad_batches: int, gradient_clip_norm: float | None,
+    val_check_interval: int | float | None, limit_train_batches: int | float | None,
+    limit_val_batches: int | float | None, precision: str, worker_count: int,
+) -> None:
+    """Every Trainer option that has a rule, checked (``ValueError`` naming the first bad one)."""
+    check_positive(max_epochs=max_epochs, batch_size=batch_size,
+                   log_every_n_steps=log_every_n_steps,
+                   accumulate_grad_batches=accumulate_grad_batches)
+    check_positive_or_none(max_steps=max_steps, eval_batch_size=eval_batch_size,
+                           gradient_clip_norm=gradient_clip_norm)
+    check_count_or_fraction(val_check_interval=val_check_interval,
+                            limit_train_batches=limit_train_batches,
+                            limit_val_batches=limit_val_batches)
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}"
+        )
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+
+
+def check_positive(**values: int) -> None:
+    """Each value must be an int >= 1."""
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_positive_or_none(**values: float | None) -> None:
+    """Each value must be None or > 0."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive or None, got {value!r}")
+
+
+def check_count_or_fraction(**values: int | float | None) -> None:
+    """Lightning's rule: an int is a count (>= 1), a float a fraction in (0, 1]."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name} must be an int (a count) or a float (a fraction), "
+                             f"got {value!r}")
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{name} must be a positive count, got {value}")
+        if isinstance(value, float) and not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"{name}={value!r}: a float is a fraction and must be in (0, 1]; "
+                f"pass an int for a count (e.g. {name}={max(1, int(value))})"
+            )
+
+
+def resolve_limit(limit: int | float | None, total: int) -> int:
+    """Batches to run of ``total``: a count caps it, a fraction takes its share (at least 1)."""
+    if limit is None:
+        return total
+    if isinstance(limit, float):
+        return max(1, int(limit * total))
+    return min(total, limit)
