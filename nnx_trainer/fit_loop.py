@@ -61,6 +61,7 @@ def run_fit(ctx: RunContext, hyperparameters: Callable[[], dict[str, Any]]) -> N
         fit_loop(ctx)
         progress.fit_seconds = time.perf_counter() - start
     reason = "preemption" if progress.preempted else "end"
+    release_free_host_memory()  # the steps' freed buffers, before the save's copies
     hook.on_save_checkpoint(trainer=view, step=progress.global_step, reason=reason)
     hook.wait_for_checkpoints(trainer=view)
     if not progress.preempted:
@@ -208,5 +209,6 @@ def save_point(ctx: RunContext) -> None:
     if not ctx.plan.cadence.may_save(progress):
         return
     if ctx.hook.should_save_checkpoint(trainer=ctx.view, step=progress.global_step):
+        release_free_host_memory()  # the steps' freed buffers, before the save's copies
         ctx.hook.on_save_checkpoint(trainer=ctx.view, step=progress.global_step,
                                     reason="periodic")

@@ -38,7 +38,9 @@ def release_free_host_memory() -> bool:
     """Return the allocator's free pages to the OS; True when something could be asked.
 
     Safe to call at any time (it frees nothing that is in use); called by the Trainer
-    after it builds the model and after it compiles the training step.
+    after it builds the model, after it compiles the training step, and before each
+    checkpoint save (whose host copies would otherwise come on top of the steps' freed
+    buffers).
     """
     trim = _malloc_trim()
     if trim is None:
