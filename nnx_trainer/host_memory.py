@@ -4,8 +4,7 @@ XLA:CPU compiles a ResNet-50 training step with a few hundred MiB of short-lived
 allocations (LLVM's code generation), and building a model eagerly compiles one small
 program per operation. glibc's allocator keeps that freed memory in its arenas, so the
 process carries it through the whole run and the training step's own buffers come on
-top: measured on ResNet-50 at 64², batch 32, peak RSS 1779 MiB without a trim and 1329
-MiB with one after building and one after compiling (benchmarks/README.md, "Memory").
+top (the figures, per phase: benchmarks/README.md, "Peak memory by phase").
 ``malloc_trim(0)`` returns every free page of every arena; it costs milliseconds and
 changes no numbers. Elsewhere than glibc it does nothing.
 """
