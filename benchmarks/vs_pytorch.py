@@ -347,7 +347,10 @@ def run_worker(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cpus]))
     if args._worker != "torch":
         harness.prepare_runtime(quick=args.quick)
-    harness.emit_result(WORKERS[args._worker](args))
+    result = WORKERS[args._worker](args)
+    if args._worker != "torch":  # as XLA read them (importing nnx_trainer adds one)
+        result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    harness.emit_result(result)
     return 0
 
 
@@ -403,6 +406,8 @@ def measure(args: argparse.Namespace) -> dict:
         results["jax-fit"] = child(args, "jax-fit")
     fit = results["jax-fit"]
     print(line("ours: Trainer.fit, default plugins, in-epoch steady state", fit))
+    if "xla_flags" in fit:
+        print(f"    (XLA_FLAGS in the JAX processes: {fit['xla_flags'] or '(none)'})")
     print(f"    (with its epoch boundary every {s['steps'] + 1} steps: "
           f"{fit['images_per_second_with_boundaries']:.1f} images/s)")
     if "torch" in results:

@@ -1,5 +1,11 @@
 """nnx_trainer: a Lightning-style training engine for JAX + Flax NNX, extended by pluggy plugins."""
 
+from nnx_trainer.host_memory import prefer_memory_frugal_cpu_schedule
+
+# Before anything can start JAX's CPU backend, which reads XLA_FLAGS once: XLA's
+# depth-first schedule halves a CPU training step's temporary buffers (host_memory.py).
+prefer_memory_frugal_cpu_schedule()
+
 from nnx_trainer.data import MASK_KEY
 from nnx_trainer.hookspecs import hookimpl, hookspec
 from nnx_trainer.plugin_manager import ENTRY_POINT_GROUP, PluginError

@@ -99,14 +99,19 @@ def shifted_products_pay(x_shape: Sequence[int], w_shape: Sequence[int],
                           g_shape: Sequence[int], geo: Geometry) -> bool:
     """Whether the chunked shifted products beat XLA's kernel gradient for this shape.
 
-    Measured float32, batch 32-128 (``benchmarks/conv_grad.py``; ``benchmarks/README.md``, 7):
-    1x1 kernels 1.5-5x (one product, no taps); stride 2 with >= 64 channels 1.05-1.8x
-    (XLA's strided kernel gradient is slow); stride 1 only with >= 128 channels at 8x8 and
-    up (1.2-3.3x) or >= 64 channels at 32x32 and up (1.5-1.8x). Below that, with few
-    channels or tiny images, XLA's convolution form runs in cache and is up to 2x faster.
+    Measured float32 (``benchmarks/conv_grad.py`` at batch 32-128 and the whole sweep,
+    ``benchmarks/conv_sweep.py`` at batch 32; ``benchmarks/README.md``, 7 and 7b): 1x1
+    kernels 1.5-5x (one product, no taps); stride 2 with >= 64 channels 1.05-1.8x (XLA's
+    strided kernel gradient is slow). At stride 1 what counts is the rows each product
+    runs over (batch x output pixels): with >= 128 channels the products won from about
+    25k rows (28x28 and 32x32 at batch 32, 16x16 at batch 128: 0.72-0.98x XLA's time, up
+    to 0.4x at 56x56) but lost below (8x8-16x16 at batch 32, 8x8 at batch 128: 1.03-1.27x);
+    with 64 channels they won from about 100k rows (56x56 and up at batch 32, 32x32 at
+    batch 128: 0.66-0.98x) and lost at 32x32, batch 32 (1.24x). With fewer channels XLA's
+    convolution form runs in cache and is up to 2x faster.
     """
     kh, kw, ci, co = w_shape
-    pixels = g_shape[1] * g_shape[2]
+    rows = g_shape[0] * g_shape[1] * g_shape[2]
     channels = min(ci, co)
     if kh == kw == 1:
         return True
@@ -114,7 +119,7 @@ def shifted_products_pay(x_shape: Sequence[int], w_shape: Sequence[int],
         return False
     if max(geo.strides) > 1:
         return True
-    return (channels >= 128 and pixels >= 64) or pixels >= 1024
+    return (channels >= 128 and rows >= 24 * 1024) or rows >= 96 * 1024
 
 
 def input_grad_by_phases(g: jax.Array, w: jax.Array, x_shape: Sequence[int],

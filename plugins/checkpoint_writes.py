@@ -47,6 +47,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from nnx_trainer.host_memory import release_free_host_memory
 from nnx_trainer.write_errors import WRITE_ERRNOS, RunDirWriteError, os_error_of
 from nnx_trainer_plugins import checkpoint_layout as layout
 
@@ -175,6 +176,11 @@ class SaveWatch:
             manager.wait_until_finished()
         except Exception as exc:
             self._fail(manager, step, exc)
+        if step is not None:
+            # The save's host copy and TensorStore's write buffers were freed in its
+            # worker threads' malloc arenas, which the next steps do not reuse: give
+            # them back, or they sit under the steps' own peak (benchmarks/README.md).
+            release_free_host_memory()
 
     def close(self, manager: ocp.CheckpointManager, exception: BaseException | None) -> None:
         """Close ``manager`` (waiting for the last save); after a failure, quietly."""

@@ -131,12 +131,17 @@ def test_the_shifted_products_pay_where_measured():
     geo2 = conv_forward.Geometry((2, 2), ((1, 1), (1, 1)), None)
     pay = conv_gradients.shifted_products_pay
     assert pay((8, 32, 32, 16), (1, 1, 16, 32), (8, 32, 32, 32), geo)  # every 1x1
-    assert not pay((8, 32, 32, 16), (3, 3, 16, 16), (8, 32, 32, 16), geo)  # few channels
-    assert pay((8, 32, 32, 64), (3, 3, 64, 64), (8, 32, 32, 64), geo)
-    assert not pay((8, 16, 16, 64), (3, 3, 64, 64), (8, 16, 16, 64), geo)
-    assert pay((8, 8, 8, 128), (3, 3, 128, 128), (8, 8, 8, 128), geo)
+    assert not pay((128, 32, 32, 16), (3, 3, 16, 16), (128, 32, 32, 16), geo)  # few channels
+    # Stride 1 by the rows each product covers (batch x pixels), from the sweep's figures.
+    assert pay((128, 32, 32, 64), (3, 3, 64, 64), (128, 32, 32, 64), geo)  # 131k rows
+    assert pay((32, 56, 56, 64), (3, 3, 64, 64), (32, 56, 56, 64), geo)  # 100k rows
+    assert not pay((32, 32, 32, 64), (3, 3, 64, 64), (32, 32, 32, 64), geo)  # 32k rows
+    assert pay((128, 16, 16, 128), (3, 3, 128, 128), (128, 16, 16, 128), geo)  # 32k rows
+    assert pay((32, 28, 28, 128), (3, 3, 128, 128), (32, 28, 28, 128), geo)  # 25k rows
+    assert not pay((32, 14, 14, 256), (3, 3, 256, 256), (32, 14, 14, 256), geo)
+    assert not pay((128, 8, 8, 256), (3, 3, 256, 256), (128, 8, 8, 256), geo)
     assert not pay((8, 4, 4, 512), (3, 3, 512, 512), (8, 4, 4, 512), geo)
-    assert pay((8, 16, 16, 64), (3, 3, 64, 128), (8, 8, 8, 128), geo2)
+    assert pay((8, 16, 16, 64), (3, 3, 64, 128), (8, 8, 8, 128), geo2)  # stride 2
     phases = conv_gradients.phases_pay
     assert phases((3, 3, 64, 128), (8, 8, 8, 128), geo2)
     assert not phases((3, 3, 256, 512), (8, 4, 4, 512), geo2)  # tiny outputs
