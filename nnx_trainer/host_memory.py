@@ -4,7 +4,7 @@ memory given back to the operating system after the big one-off allocations.
 **Schedule.** XLA:CPU orders a program's operations breadth-first by default ("optimized
 for concurrency"), which keeps many intermediate buffers alive at once. Its depth-first
 memory scheduler cut a training step's temporary buffers (``memory_analysis()``) from
-965 to 494 MiB for ResNet-18 at 32x32, batch 128, from 2079 to 1782 MiB for ResNet-50 at
+943 to 494 MiB for ResNet-18 at 32x32, batch 128, from 2056 to 1782 MiB for ResNet-50 at
 224x224, batch 16, and from 365 to 261 MiB at 64x64, batch 32, with step times within
 run-to-run noise on this 2-core machine (benchmarks/README.md, "XLA's CPU scheduler").
 The flag is process-wide and read once, when JAX starts its CPU backend, so
