@@ -3,7 +3,7 @@
 from nnx_trainer.host_memory import prefer_memory_frugal_cpu_schedule
 
 # Before anything can start JAX's CPU backend, which reads XLA_FLAGS once: XLA's
-# depth-first schedule halves a CPU training step's temporary buffers (host_memory.py).
+# depth-first schedule shrinks a CPU training step's temporary buffers (host_memory.py).
 prefer_memory_frugal_cpu_schedule()
 
 from nnx_trainer.data import MASK_KEY

@@ -3,10 +3,9 @@ memory given back to the operating system after the big one-off allocations.
 
 **Schedule.** XLA:CPU orders a program's operations breadth-first by default ("optimized
 for concurrency"), which keeps many intermediate buffers alive at once. Its depth-first
-memory scheduler cut a training step's temporary buffers (``memory_analysis()``) from
-943 to 494 MiB for ResNet-18 at 32x32, batch 128, from 2056 to 1782 MiB for ResNet-50 at
-224x224, batch 16, and from 365 to 261 MiB at 64x64, batch 32, with step times within
-run-to-run noise on this 2-core machine (benchmarks/README.md, "XLA's CPU scheduler").
+memory scheduler shrinks a ResNet training step's temporary buffers
+(``memory_analysis()``) by an eighth to a half at the same step time (the figures and their command:
+benchmarks/README.md, "XLA's CPU scheduler").
 The flag is process-wide and read once, when JAX starts its CPU backend, so
 :func:`prefer_memory_frugal_cpu_schedule` adds it to ``XLA_FLAGS`` when ``nnx_trainer``
 is imported; per-compilation ``compiler_options`` were measured to leave the schedule
@@ -71,7 +70,8 @@ def release_free_host_memory() -> bool:
     Safe to call at any time (it frees nothing that is in use); called by the Trainer
     after it builds the model, after it compiles the training step, and before each
     checkpoint save (whose host copies would otherwise come on top of the steps' freed
-    buffers).
+    buffers), and by the checkpoint plugin once each save is over (what its write
+    threads freed).
     """
     trim = _malloc_trim()
     if trim is None:
