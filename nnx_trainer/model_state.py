@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from nnx_trainer.eval_mode import warn_if_flag_overrides_mode
-from nnx_trainer.host_memory import release_free_host_memory
+from nnx_trainer.host_memory import releasing_eager_build_memory
 from nnx_trainer.optimizers import build_optimizers, optimizer_specs
 from nnx_trainer.state import TrainState, first_nonfinite_leaf, leaf_path, structure_mismatch
 from nnx_trainer.strategy import Strategy
@@ -110,8 +110,8 @@ class ModelState:
         return None if first < 0 else (first, float(record[1]))
 
     def first_nonfinite_state(self) -> str | None:
-        """The path of the first state array holding a NaN or Inf, or None (one jitted
-        reduction and one scalar read, on the loop's flat form: no tree rebuilt)."""
+        """The path of the first state array holding a NaN or Inf, or None (checked on the
+        device, on the loop's flat form: no tree rebuilt; :func:`first_nonfinite_leaf`)."""
         leaves = self.leaves()
         if leaves is None:
             return None
@@ -160,50 +160,50 @@ class ModelState:
         ``extra_transforms`` returns the plugins' gradient transforms (called after the
         task's optimizers are configured); ``warn``: check the model's mode flags.
         """
-        # Initialisation runs eagerly and unsharded, so the partitionable threefry
-        # variant buys nothing here, while on XLA:CPU it compiles each initializer
-        # ~4x slower (ResNet-8 init: 20.8 s -> 5.4 s measured on this project's CI CPU).
-        # Same seed, same weights as `with jax.threefry_partitionable(False): Model(...)`.
-        with jax.threefry_partitionable(False):
-            model = build_model(task, seed)
-        updates = max(1, math.ceil(max(total_steps, 1) / accumulate_grad_batches))
-        specs, self.several_optimizers = optimizer_specs(task, updates)
-        pre = []
-        if gradient_clip_norm is not None:
-            pre.append(optax.clip_by_global_norm(gradient_clip_norm))
-        for extra in extra_transforms():
-            pre.extend(extra or [])
+        with releasing_eager_build_memory():  # its one-off programs (host_memory.py)
+            # Initialisation runs eagerly and unsharded, so the partitionable threefry
+            # variant buys nothing here, while on XLA:CPU it compiles each initializer
+            # ~4x slower (ResNet-8 init: 20.8 s -> 5.4 s measured on this project's CI CPU).
+            # Same seed, same weights as `with jax.threefry_partitionable(False): Model(...)`.
+            with jax.threefry_partitionable(False):
+                model = build_model(task, seed)
+            updates = max(1, math.ceil(max(total_steps, 1) / accumulate_grad_batches))
+            specs, self.several_optimizers = optimizer_specs(task, updates)
+            pre = []
+            if gradient_clip_norm is not None:
+                pre.append(optax.clip_by_global_norm(gradient_clip_norm))
+            for extra in extra_transforms():
+                pre.extend(extra or [])
 
-        def wrap(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-            if pre:
-                tx = optax.chain(*pre, tx)
-            if accumulate_grad_batches > 1:
-                tx = optax.MultiSteps(tx, every_k_schedule=accumulate_grad_batches)
-            return tx
+            def wrap(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+                if pre:
+                    tx = optax.chain(*pre, tx)
+                if accumulate_grad_batches > 1:
+                    tx = optax.MultiSteps(tx, every_k_schedule=accumulate_grad_batches)
+                return tx
 
-        optimizers = build_optimizers(task, model, specs, wrap)
-        self.live = (model, optimizers)
-        # Split apart (an optimizer holds no reference to the model's variables), so
-        # the state has named parts: TrainState(model=..., optimizer=...). One optimizer's
-        # state is its nnx.State; several are {name: nnx.State}.
-        self.model_graphdef, model_state = nnx.split(model)
-        self.optimizer_graphdefs, optimizer_states = {}, {}
-        for name, optimizer in optimizers.items():
-            self.optimizer_graphdefs[name], optimizer_states[name] = nnx.split(optimizer)
-        state = TrainState(model=model_state, optimizer=self.pack(optimizer_states))
-        model.eval()
-        self.eval_graphdef = nnx.split(model)[0]
-        model.train()
-        if warn:  # a __call__ flag that would override eval() (eval_mode.py)
-            warn_if_flag_overrides_mode(model)
-        train_metrics = task.configure_train_metrics()
-        self.train_metrics_graphdef, train_metrics_state = nnx.split(train_metrics)
-        self.eval_metrics_graphdef = nnx.split(task.configure_metrics())[0]
+            optimizers = build_optimizers(task, model, specs, wrap)
+            self.live = (model, optimizers)
+            # Split apart (an optimizer holds no reference to the model's variables), so
+            # the state has named parts: TrainState(model=..., optimizer=...). One optimizer's
+            # state is its nnx.State; several are {name: nnx.State}.
+            self.model_graphdef, model_state = nnx.split(model)
+            self.optimizer_graphdefs, optimizer_states = {}, {}
+            for name, optimizer in optimizers.items():
+                self.optimizer_graphdefs[name], optimizer_states[name] = nnx.split(optimizer)
+            state = TrainState(model=model_state, optimizer=self.pack(optimizer_states))
+            model.eval()
+            self.eval_graphdef = nnx.split(model)[0]
+            model.train()
+            if warn:  # a __call__ flag that would override eval() (eval_mode.py)
+                warn_if_flag_overrides_mode(model)
+            train_metrics = task.configure_train_metrics()
+            self.train_metrics_graphdef, train_metrics_state = nnx.split(train_metrics)
+            self.eval_metrics_graphdef = nnx.split(task.configure_metrics())[0]
 
-        self.shardings = self.strategy.state_shardings(state)
-        self.place(state)
-        self.train_metrics = self.strategy.place_state(train_metrics_state)
-        release_free_host_memory()  # what the eager build freed (host_memory.py)
+            self.shardings = self.strategy.state_shardings(state)
+            self.place(state)
+            self.train_metrics = self.strategy.place_state(train_metrics_state)
 
     def adopt(self, task: Task, trained: TrainState) -> None:
         """Use another build's trained weights (same model structure) for ``task``."""

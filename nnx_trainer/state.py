@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 
 class Outcome(enum.StrEnum):
@@ -126,21 +127,65 @@ def structure_mismatch(expected: Any, got: Any) -> str | None:
     return None
 
 
+def _words(x: jax.Array) -> jax.Array:
+    """``x``'s bytes as uint32 words (one per element; 8-byte types get a trailing 2)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    words = _words(x)
+    # Position from iotas (not a reshape, which could move a sharded array's data).
+    index, stride = jnp.zeros(words.shape, jnp.uint32), 1
+    for dim in reversed(range(words.ndim)):
+        index = index + lax.broadcasted_iota(jnp.uint32, words.shape, dim) * jnp.uint32(stride)
+        stride = (stride * words.shape[dim]) % 2**32
+    h = words ^ (index * jnp.uint32(0x9E3779B9))
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)  # murmur3's finaliser: bijective
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+
+
 @jax.jit
-def _first_nonfinite_leaf(leaves: list[jax.Array]) -> jax.Array:
-    finite = [jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
-              else jnp.bool_(True) for x in leaves]
-    if not finite:
-        return jnp.int32(-1)
-    bad = ~jnp.stack(finite)
-    return jnp.where(bad.any(), jnp.argmax(bad), -1).astype(jnp.int32)
+def _finite_and_checksum(x: jax.Array) -> jax.Array:
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+    return jnp.stack([jnp.asarray(finite, jnp.uint32), _checksum(x)])
+
+
+@jax.jit
+def _stacked(pairs: list[jax.Array]) -> jax.Array:
+    return jnp.stack(pairs)  # one read back for all arrays
+
+
+def finite_and_checksums(leaves: list[Any]) -> list[tuple[bool, int]]:
+    """Per array of ``leaves``: (no NaN or Inf in it, a 32-bit checksum of its bytes).
+
+    The checksum sums a bijective mix of each 32-bit word and its position, so any single
+    changed word changes it (a floating-point sum would not); integer and key arrays
+    count as finite. It is computed on the device over the global array (any sharding),
+    and the answers are replicated: every process reads the same ones.
+
+    One small jitted program per kind of array (shape, dtype, sharding), dispatched per
+    array, serves both the non-finite state check and the checkpoint fingerprints: one
+    program over all arrays would compile a kernel per array, and XLA:CPU keeps every
+    compiled kernel resident for the life of the process (ResNet-50's 429 state arrays
+    are 29 kinds: see "State checks" in benchmarks/README.md for the time and memory).
+    """
+    if not leaves:
+        return []
+    pairs = jax.device_get(_stacked([_finite_and_checksum(jnp.asarray(x)) for x in leaves]))
+    return [(bool(finite), int(checksum)) for finite, checksum in pairs]
 
 
 def first_nonfinite_leaf(leaves: list[Any]) -> int:
     """Index of the first array of ``leaves`` holding a NaN or Inf, or -1 (integer and key
-    arrays count as finite). One jitted reduction on device and one scalar read: the
-    answer is replicated, so every process reads the same one."""
-    return int(_first_nonfinite_leaf([jnp.asarray(x) for x in leaves]))
+    arrays count as finite; see :func:`finite_and_checksums`)."""
+    return next((i for i, (finite, _) in enumerate(finite_and_checksums(leaves))
+                 if not finite), -1)
 
 
 def first_nonfinite(tree: Any) -> str | None:

@@ -302,9 +302,9 @@ class Trainer:
         holding a NaN or Inf, or ``None`` when every one is finite.
 
         The loss can stay finite while the state is not (e.g. batch-norm statistics
-        overflow at a huge learning rate), so the loss record alone misses it. One jitted
-        reduction over the state and one scalar read (replicated: every process reads the
-        same answer); it waits for the device, so call it at a cadence.
+        overflow at a huge learning rate), so the loss record alone misses it. Checked on the
+        device, a flag per array read back (replicated: every process reads the same
+        answer); it waits for the device, so call it at a cadence.
         """
         return self._model.first_nonfinite_state()
 

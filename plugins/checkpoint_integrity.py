@@ -3,9 +3,10 @@ restore reads a step only if it verifies. Not a plugin (nothing here is register
 
 - **Fingerprint** (written by ``orbax_checkpoint.save`` into the ``meta`` item): per
   array, a 32-bit sum of a bijective mix of each 32-bit word of its bytes and the word's
-  position, computed on the device in the same jitted dispatch as the "no NaN state is
-  written" check; it works on any sharding (the global array is summed) and flags any
-  single changed word for certain (a floating-point sum would not). The ``meta`` item's
+  position, computed on the device together with the "no NaN state is written" check
+  (:func:`nnx_trainer.state.finite_and_checksums`); it works on any sharding (the global
+  array is summed) and flags any single changed word for certain (a floating-point sum
+  would not). The ``meta`` item's
   own JSON gets a SHA-256. Checkpoints of an older format (no fingerprint) restore with
   a warning that they are not verified.
 - **Structure**: a committed step (Orbax 0.12 on a local disk calls every directory
@@ -32,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
+from nnx_trainer.state import finite_and_checksums
 from nnx_trainer_plugins.checkpoint_layout import STEP_NAME, listdir, log
 
 DAMAGED_DIR = "_damaged"
@@ -55,37 +54,6 @@ class DamagedCheckpoint(Exception):
 # ---------------------------------------------------------------------- fingerprint
 
 
-def _words(x: jax.Array) -> jax.Array:
-    """``x``'s bytes as uint32 words (one per element; 8-byte types get a trailing 2)."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return lax.bitcast_convert_type(x, width).astype(jnp.uint32)
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-    words = _words(x)
-    # Position from iotas (not a reshape, which could move a sharded array's data).
-    index, stride = jnp.zeros(words.shape, jnp.uint32), 1
-    for dim in reversed(range(words.ndim)):
-        index = index + lax.broadcasted_iota(jnp.uint32, words.shape, dim) * jnp.uint32(stride)
-        stride = (stride * words.shape[dim]) % 2**32
-    h = words ^ (index * jnp.uint32(0x9E3779B9))
-    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)  # murmur3's finaliser: bijective
-    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
-    return jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
-
-
-@jax.jit
-def _finite_and_checksums(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
-    sums = [_checksum(x) for x in leaves]
-    return (jnp.stack(finite).all() if finite else jnp.bool_(True),
-            jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32))
-
-
 def array_path(path: tuple) -> str:
     """``model/fc1/kernel`` for a pytree key path (an NNX Variable's ``.value`` dropped)."""
     names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
@@ -98,11 +66,11 @@ def array_leaves(tree: Any) -> list[tuple[str, Any]]:
 
 
 def fingerprint(tree: Any) -> tuple[bool, dict[str, str]]:
-    """(every float array finite, ``{array path: checksum}``), in one jitted dispatch."""
+    """(every float array finite, ``{array path: checksum}``)."""
     leaves = array_leaves(tree)
-    finite, sums = _finite_and_checksums([x for _, x in leaves])
-    sums = np.asarray(sums)
-    return bool(finite), {p: f"{int(s):08x}" for (p, _), s in zip(leaves, sums, strict=True)}
+    checks = finite_and_checksums([x for _, x in leaves])
+    return (all(finite for finite, _ in checks),
+            {p: f"{s:08x}" for (p, _), (_, s) in zip(leaves, checks, strict=True)})
 
 
 def _meta_digest(meta: Mapping[str, Any]) -> str:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger("nnx_trainer.checkpoint")
@@ -291,15 +290,3 @@ def check_options(*, every_n_steps: Any, every_n_epochs: Any, secs: Any, keep_be
         raise ValueError(f"keep_best={keep_best} ranks checkpoints by a metric: also pass "
                          "monitor=..., e.g. OrbaxCheckpoint(monitor='val/loss', keep_best=...)")
 
-
-@jax.jit
-def _all_finite(leaves: list[jax.Array]) -> jax.Array:
-    if not leaves:
-        return jnp.bool_(True)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
-
-
-def all_finite(tree: Any) -> bool:
-    """Whether every floating-point array of ``tree`` is finite (one jitted reduction)."""
-    return bool(_all_finite([x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")
-                             and jnp.issubdtype(x.dtype, jnp.inexact)]))

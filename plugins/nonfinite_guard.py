@@ -4,9 +4,9 @@ The Trainer's compiled train step keeps a small device-side record of the first 
 whose loss was not finite (``Trainer.first_nonfinite_loss``): no extra device work
 per step and nothing read back. The loss can stay finite while the state is not (at a
 huge learning rate batch-norm statistics overflow first, and the training loss, which
-uses batch statistics, never shows it), so each check also runs one jitted reduction
-over the model and optimizer state (``Trainer.first_nonfinite_state``: one read of the
-state on device, one scalar back). This plugin runs both, and raises
+uses batch statistics, never shows it), so each check also reduces the model and
+optimizer state on the device (``Trainer.first_nonfinite_state``: one read of the state,
+a flag per array back). This plugin runs both, and raises
 :class:`NonFiniteLossError` or :class:`NonFiniteStateError`, only:
 
 - every ``check_every_n_steps`` steps (default: the trainer's ``log_every_n_steps``,

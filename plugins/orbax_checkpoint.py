@@ -201,7 +201,7 @@ class OrbaxCheckpoint:
             return False
         content = trainer.checkpoint_state()
         arrays = {"model": content.model} if self.weights_only else content.arrays()
-        finite, sums = integrity.fingerprint(arrays)  # one dispatch: NaN check, checksums
+        finite, sums = integrity.fingerprint(arrays)  # NaN check and checksums together
         if not finite:  # a refused save fails the run (design.md)
             raise refused_save_error(trainer, step, arrays, self.saved_steps)
         meta = integrity.seal(layout.jsonable({**content.meta.to_json(), "checkpoint": {

@@ -327,6 +327,25 @@ def test_the_checksum_sees_any_flipped_bit_and_not_the_sharding():
     assert proc.stdout.strip() == f"['{base['w']}']"
 
 
+
+def test_the_checksums_of_every_kind_of_array_stay_those_written_before():
+    # Checkpoints already on disk carry these: a change of the computation would make
+    # every one of them fail to verify (values from the format that introduced them).
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nnx_trainer_plugins.checkpoint_integrity import fingerprint
+
+    tree = {"f32": jnp.linspace(-3, 3, 24, dtype=jnp.float32).reshape(2, 3, 4),
+            "bf16": jnp.arange(7, dtype=jnp.bfloat16), "i64": np.arange(5, dtype=np.int64),
+            "flag": jnp.asarray([True, False, True]), "key": jax.random.key(3)}
+    assert fingerprint(tree) == (True, {"f32": "ae815684", "bf16": "49e17ec3",
+                                        "i64": "fced87fc", "flag": "f6d4db55",
+                                        "key": "96a0f96b"})
+    finite, sums = fingerprint({**tree, "nan": jnp.asarray([1.0, jnp.nan])})
+    assert not finite and sums["nan"] == "ec8df60a"
+
 # ------------------------------------------------------------------ two processes
 
 

@@ -1,5 +1,6 @@
-"""Host memory: glibc's free pages go back to the OS (real RSS, in a subprocess), and
-importing nnx_trainer picks XLA's memory-frugal CPU schedule (real compiled programs)."""
+"""Host memory: glibc's free pages go back to the OS (real RSS, in a subprocess),
+importing nnx_trainer picks XLA's memory-frugal CPU schedule (real compiled programs), and
+a build that compiled many one-off programs drops JAX's caches (real compilations)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from processes import clean_env
 
+from nnx_trainer import host_memory
 from nnx_trainer.host_memory import (
     CPU_SCHEDULE_FLAG,
     prefer_memory_frugal_cpu_schedule,
     release_free_host_memory,
+    releasing_eager_build_memory,
 )
 
 PROBE = textwrap.dedent("""
@@ -120,3 +126,41 @@ def test_each_finished_checkpoint_save_returns_its_buffers(tmp_path, monkeypatch
     make_trainer(tmp_path, checkpoint, max_steps=6).fit(TinyTask())
     assert checkpoint.saved_steps == [2, 4, 6]
     assert len(trims) == 3  # one per save, when its outcome was collected
+
+
+_backend_compiles: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kwargs: _backend_compiles.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+def _compiles_of_call(function, *args) -> int:
+    start = len(_backend_compiles)
+    jax.block_until_ready(function(*args))
+    return len(_backend_compiles) - start
+
+
+@pytest.mark.parametrize("many_programs, compiles_again", [(3, True), (1000, False)])
+def test_a_build_that_compiled_many_programs_drops_the_caches(many_programs, compiles_again):
+    jitted_before = jax.jit(lambda x: x * 3 + 1)
+    x = np.ones(5, np.float32)
+    assert _compiles_of_call(jitted_before, x) == 1
+    with releasing_eager_build_memory(many_programs=many_programs):
+        for n in range(3):  # eager operations: one program per shape
+            jnp.arange(n + 11, dtype=jnp.float32) * 2.5
+    assert _compiles_of_call(jitted_before, x) == int(compiles_again)
+
+
+@pytest.mark.parametrize("many_programs, compiles_again", [(1, True), (None, False)])
+def test_the_trainer_drops_the_caches_only_after_a_big_build(
+        tmp_path, monkeypatch, many_programs, compiles_again):
+    # TinyTask's build compiles a few programs, far below MANY_PROGRAMS.
+    from tiny_task import TinyTask, make_trainer
+
+    if many_programs is not None:
+        monkeypatch.setattr(host_memory, "MANY_PROGRAMS", many_programs)
+    jitted_before = jax.jit(lambda x: x - 7)
+    x = np.ones(3, np.float32)
+    _compiles_of_call(jitted_before, x)
+    make_trainer(tmp_path, max_steps=1).fit(TinyTask())
+    assert _compiles_of_call(jitted_before, x) == int(compiles_again)
