@@ -12,7 +12,8 @@ Variants:
 * ``trim``: ``nnx_trainer.host_memory.release_free_host_memory()`` after building and
   after compiling (what the Trainer does);
 * ``trim+clear``: also ``jax.clear_caches()`` after building (drops the small programs
-  the eager build compiled; the Trainer does not do this, it is global to the process).
+  the eager build compiled; the Trainer does it after a build that compiled at least
+  ``nnx_trainer.host_memory.MANY_PROGRAMS``, as ResNet-50's does).
 
     python benchmarks/memory_phases.py                          # ResNet-50 64², batch 32
     python benchmarks/memory_phases.py --model resnet18 --image-size 32 --batch-size 128

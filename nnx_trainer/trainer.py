@@ -321,6 +321,10 @@ class Trainer:
         head) start fresh, no optimizer state or counters come along; the report is
         logged and kept as ``trainer.init_report`` (:mod:`nnx_trainer.init_from`). A
         checkpoint that ``ckpt_path`` resumes replaces it.
+
+        A model build that compiled many one-off programs (ResNet-50's does) ends with
+        ``jax.clear_caches()``: functions jitted before compile again at their next call
+        (:mod:`nnx_trainer.host_memory`).
         """
         # A Trainer can fit again (e.g. after early stopping): counters start at zero
         # unless a checkpoint restores them; stop flags and timings are per fit.

@@ -29,6 +29,7 @@ SCRIPTS = {
     "folder_startup.py": "seconds to first step",
     "compile_cache.py": "ratio second/first",
     "memory_phases.py": "ratio peak RSS trim/none",
+    "state_checks.py": "ratio first check per kind/one program",
 }
 # Arguments beyond --quick: vs_pytorch runs the README's three rows as one table.
 EXTRA_ARGS = {"vs_pytorch.py": ("--suite", "--with-bf16")}
