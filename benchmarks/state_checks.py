@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['first_seconds']:.2f} s, then {r['check_seconds'] * 1e3:.1f} ms; "
               f"programs keep {r['kept_mib']:.0f} MiB", flush=True)
     one, per = results["one program"], results["per kind"]
-    print(f"ratio first check per kind/one program: {per['first_seconds'] / one['first_seconds']:.2f}")
+    print(f"ratio first check per kind/one program: "
+          f"{per['first_seconds'] / one['first_seconds']:.2f}")
     print(f"ratio later checks per kind/one program: "
           f"{per['check_seconds'] / one['check_seconds']:.2f}")
     return 0
