@@ -21,8 +21,8 @@ changes no numbers. Elsewhere than glibc it does nothing.
 
 **One-off programs.** Each program XLA:CPU compiles stays resident while JAX's in-memory
 caches hold it (over 1 MiB for even a one-operation program), and an eager model build
-compiles one per initialiser and shape (ResNet-50 with its optimizer: well over a
-hundred, never run again). :func:`releasing_eager_build_memory` drops JAX's in-memory
+compiles one per initialiser and shape (ResNet-50 with its optimizer: 88, never run
+again). :func:`releasing_eager_build_memory` drops JAX's in-memory
 compilation caches after a build that compiled at least :data:`MANY_PROGRAMS`: the
 process-wide cost is that functions jitted before it compile again at their next call
 (the persistent compilation cache, where enabled, keeps them). Smaller builds (the

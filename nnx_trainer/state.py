@@ -172,8 +172,8 @@ def finite_and_checksums(leaves: list[Any]) -> list[tuple[bool, int]]:
     One small jitted program per kind of array (shape, dtype, sharding), dispatched per
     array, serves both the non-finite state check and the checkpoint fingerprints: one
     program over all arrays would compile a kernel per array, and XLA:CPU keeps every
-    compiled kernel resident for the life of the process (ResNet-50's 429 state arrays
-    are 29 kinds: see "State checks" in benchmarks/README.md for the time and memory).
+    compiled kernel resident for the life of the process (ResNet-50's 430 state arrays
+    are 30 kinds: see "State checks" in benchmarks/README.md for the time and memory).
     """
     if not leaves:
         return []
