@@ -115,10 +115,10 @@ def _compile_counter_registered() -> bool:
 
 
 @contextlib.contextmanager
-def releasing_eager_build_memory(many_programs: int | None = None) -> Iterator[None]:
+def releasing_eager_build_memory() -> Iterator[None]:
     """Around an eager model (and optimizer) build: afterwards, drop JAX's in-memory
-    compilation caches when the build compiled at least ``many_programs`` programs
-    (default :data:`MANY_PROGRAMS`), then return the freed memory to the OS.
+    compilation caches when the build compiled at least :data:`MANY_PROGRAMS` programs,
+    then return the freed memory to the OS.
 
     Not on an exception: a failed build changes nothing.
     """
@@ -127,6 +127,6 @@ def releasing_eager_build_memory(many_programs: int | None = None) -> Iterator[N
     _compile_counter_registered()
     start = _compiles
     yield
-    if _compiles - start >= (MANY_PROGRAMS if many_programs is None else many_programs):
+    if _compiles - start >= MANY_PROGRAMS:
         jax.clear_caches()
     release_free_host_memory()

@@ -141,11 +141,13 @@ def _compiles_of_call(function, *args) -> int:
 
 
 @pytest.mark.parametrize("many_programs, compiles_again", [(3, True), (1000, False)])
-def test_a_build_that_compiled_many_programs_drops_the_caches(many_programs, compiles_again):
+def test_a_build_that_compiled_many_programs_drops_the_caches(
+        monkeypatch, many_programs, compiles_again):
+    monkeypatch.setattr(host_memory, "MANY_PROGRAMS", many_programs)
     jitted_before = jax.jit(lambda x: x * 3 + 1)
     x = np.ones(5, np.float32)
     assert _compiles_of_call(jitted_before, x) == 1
-    with releasing_eager_build_memory(many_programs=many_programs):
+    with releasing_eager_build_memory():
         for n in range(3):  # eager operations: one program per shape
             jnp.arange(n + 11, dtype=jnp.float32) * 2.5
     assert _compiles_of_call(jitted_before, x) == int(compiles_again)
