@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step", metavar="MODEL/STEM/SIZE",
                    help="instead: one model's gradient step (e.g. resnet50/imagenet/64 at "
                         "--batch-size), XLA's convolution vs ours vs ours with XLA's forward "
-                        "(the routing off), paired rounds in one process")
+                        "(the routing off) vs ours without the rows path, paired rounds in "
+                        "one process")
     return p.parse_args(argv)
 
 
@@ -274,14 +275,7 @@ def paths_taken(shape: tuple, batch: int, dtype: str) -> tuple[str, str]:
     wo = fwd_mod.out_size(w, kw, strides[1], padding[1])
     g_shape = (batch, ho, wo, co)
     fwd = fwd_mod.forward_path(x_shape, w_shape, geo, dtype)
-    if grad_mod.phases_pay(w_shape, g_shape, geo):
-        dx = "phases"
-    elif (dx_geo := grad_mod.stride1_input_grad_geometry(w_shape, geo)) is not None:
-        dx = fwd_mod.forward_path(g_shape, (kh, kw, co, ci), dx_geo, dtype)
-    else:  # the transpose of the forward's formulation
-        slow = fwd == "xla" and grad_mod.dilated_transpose_is_slow(w_shape, g_shape, geo)
-        dx = "T(" + ("im2col" if slow else fwd) + ")"
-    dw = "taps" if grad_mod.shifted_products_pay(x_shape, w_shape, g_shape, geo) else "xla"
+    dx, dw = grad_mod.gradient_paths(x_shape, w_shape, g_shape, geo, dtype)
     return fwd, f"dx {dx}, dW {dw}"
 
 
@@ -305,9 +299,9 @@ def step_comparison(args: argparse.Namespace) -> dict:
     y = jnp.asarray(np.arange(batch) % 10, jnp.int32)
     # Compute dtype (parameters stay float32): --dtype bfloat16, else float32.
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    routed = conv_forward.forward_path
+    routed, rows_pay = conv_forward.forward_path, conv_forward.row_products_pay
     calls = {}
-    for variant in ("xla", "ours", "ours, XLA forward"):
+    for variant in ("xla", "ours", "ours, XLA forward", "ours, no rows"):
         model = create_model(name, num_classes=10, stem=stem, rngs=nnx.Rngs(0), dtype=dtype,
                              conv_impl="xla" if variant == "xla" else "custom")
         model.train()
@@ -321,11 +315,13 @@ def step_comparison(args: argparse.Namespace) -> dict:
 
         # The route is read when the step is traced, i.e. while it is compiled here.
         conv_forward.forward_path = (lambda *a: "xla") if variant.endswith("forward") else routed
+        if variant.endswith("no rows"):
+            conv_forward.row_products_pay = lambda *a: False
         try:
             t = time.perf_counter()
             compiled = jax.jit(grads).lower(params, rest, x, y).compile()
         finally:
-            conv_forward.forward_path = routed
+            conv_forward.forward_path, conv_forward.row_products_pay = routed, rows_pay
         temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
         jax.block_until_ready(compiled(params, rest, x, y))
         print(f"  {variant:18s} compile + first step {time.perf_counter() - t:5.1f} s, "
@@ -336,7 +332,8 @@ def step_comparison(args: argparse.Namespace) -> dict:
     line = ", ".join(f"{v} {t:.0f} ms" for v, t in ms.items())
     print(f"  best of {args.rounds} paired rounds: {line}")
     print(f"  ratio ours/xla (time) {ms['ours'] / ms['xla']:.3f}, ratio ours/ours-XLA-forward "
-          f"{ms['ours'] / ms['ours, XLA forward']:.3f}")
+          f"{ms['ours'] / ms['ours, XLA forward']:.3f}, ratio ours/ours-no-rows "
+          f"{ms['ours'] / ms['ours, no rows']:.3f}")
     return ms
 
 

@@ -2,10 +2,11 @@
 
 A supported call is described by its :class:`Geometry` (strides, explicit padding,
 precision). Its forward pass is computed by one of :data:`FORWARD_PATHS`: XLA's
-convolution, one matrix product over channels and the live kernel taps (im2col), or one
-product per live tap (shifted); :func:`forward_path` chooses by shape and dtype, from
-measurements. Internal to :mod:`nnx_trainer.conv`; the names are public for its gradient
-module, its tests and its benchmarks.
+convolution, one matrix product over channels and the live kernel taps (im2col), one
+product per live tap (shifted), or one product per kernel row over chunks of images
+(rows); :func:`forward_path` chooses by shape and dtype, from measurements. Internal to
+:mod:`nnx_trainer.conv`; the names are public for its gradient module, its tests and its
+benchmarks.
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = [
-    "FORWARD_PATHS", "NHWC", "Geometry", "forward", "forward_im2col", "forward_path",
-    "forward_shifted", "geometry_of", "live_taps", "out_size", "tap_slices", "xla_forward",
+    "FORWARD_PATHS", "NHWC", "ROW_CHUNK_PIXELS", "Geometry", "forward", "forward_im2col",
+    "forward_path", "forward_rows", "forward_shifted", "geometry_of", "images_per_chunk",
+    "kernel_rows", "live_taps", "map_batch_chunks", "out_size", "row_products_pay",
+    "tap_slices", "xla_forward",
 ]
 
 # What nnx.Conv passes for a 4-D input: lhs (0, 3, 1, 2) = NHWC, rhs (3, 2, 0, 1) = HWIO.
 NHWC_SPEC = lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 NHWC = ("NHWC", "HWIO", "NHWC")
+
+# Output pixels per chunk of images in forward_rows (at least one image). Measured with
+# 3x3, 64 -> 64 channels at 32x32, batch 128 (scratch runs, benchmarks/README.md 7b):
+# 1024 pixels 93 ms, 2048 71, 4096 68, 8192 71, the whole batch at once 206 (XLA 137).
+# A chunk's row copies (3 x 64 channels x 4096 pixels, 3 MiB) stay in cache.
+ROW_CHUNK_PIXELS = 4096
 
 
 class Geometry(NamedTuple):
@@ -125,21 +134,29 @@ def live_taps(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry) -> 
     return [(i, j) for i in rows for j in cols]
 
 
-def tap_slices(x: jax.Array, w_shape: Sequence[int], geo: Geometry,
-                taps: Sequence[tuple[int, int]]) -> list[jax.Array]:
-    """For each tap, the (B, Ho, Wo, Cin) input pixels it multiplies (strided slices)."""
-    kh, kw, ci, _ = w_shape
+def padded_to_windows(x: jax.Array, w_shape: Sequence[int], geo: Geometry) -> jax.Array:
+    """``x`` padded (or cropped: a strided window may never reach the last rows) to exactly
+    the rows and columns the windows read, so each tap is one in-bounds strided slice."""
+    kh, kw = w_shape[:2]
     (sh, sw), ((pt, _), (pl, _)) = geo.strides, geo.padding
     ho = out_size(x.shape[1], kh, sh, geo.padding[0])
     wo = out_size(x.shape[2], kw, sw, geo.padding[1])
-    # Pad (or crop: a strided window may never reach the last rows) to exactly the rows
-    # and columns the windows read, so every tap is one in-bounds strided slice.
     need_h, need_w = (ho - 1) * sh + kh, (wo - 1) * sw + kw
-    xp = lax.pad(
+    return lax.pad(
         x, jnp.zeros((), x.dtype),
         ((0, 0, 0), (pt, need_h - x.shape[1] - pt, 0), (pl, need_w - x.shape[2] - pl, 0),
          (0, 0, 0)),
     )
+
+
+def tap_slices(x: jax.Array, w_shape: Sequence[int], geo: Geometry,
+                taps: Sequence[tuple[int, int]]) -> list[jax.Array]:
+    """For each tap, the (B, Ho, Wo, Cin) input pixels it multiplies (strided slices)."""
+    kh, kw, ci, _ = w_shape
+    sh, sw = geo.strides
+    ho = out_size(x.shape[1], kh, sh, geo.padding[0])
+    wo = out_size(x.shape[2], kw, sw, geo.padding[1])
+    xp = padded_to_windows(x, w_shape, geo)
     return [
         lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * sh + 1,
                                      j + (wo - 1) * sw + 1, ci), (1, sh, sw, 1))
@@ -166,6 +183,88 @@ def forward_im2col(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def kernel_rows(xp: jax.Array, w_shape: Sequence[int], geo: Geometry,
+                ho: int, wo: int) -> list[jax.Array]:
+    """For each kernel row ``i``, the (B, Ho, Wo, kw * Cin) pixels it multiplies: the row's
+    ``kw`` horizontal taps side by side along channels (``xp`` from :func:`padded_to_windows`)."""
+    kh, kw, ci = w_shape[:3]
+    sh, sw = geo.strides
+    b, hp = xp.shape[:2]
+    cols = [lax.slice(xp, (0, 0, j, 0), (b, hp, j + (wo - 1) * sw + 1, ci), (1, 1, sw, 1))
+            for j in range(kw)]
+    wide = cols[0] if kw == 1 else jnp.concatenate(cols, axis=3)
+    return [lax.slice(wide, (0, i, 0, 0), (b, i + (ho - 1) * sh + 1, wo, kw * ci), (1, sh, 1, 1))
+            for i in range(kh)]
+
+
+def forward_rows(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
+    """The convolution as one product per kernel row over its taps (``kw * Cin``), looped
+    over chunks of about :data:`ROW_CHUNK_PIXELS` output pixels.
+
+    Between im2col (one product, a copy ``kh * kw`` times the input) and shifted products
+    (``kh * kw`` thin products): ``kh`` products of ``kw * Cin`` depth, on a chunk's copy
+    that stays in cache. XLA:CPU's own convolution runs at half its product speed with 64
+    channels; this takes 0.5-0.8x its time there (:func:`row_products_pay`). Accumulates
+    in float32 for bfloat16 inputs.
+    """
+    kh, kw, ci, co = w.shape
+    b = x.shape[0]
+    ho = out_size(x.shape[1], kh, geo.strides[0], geo.padding[0])
+    wo = out_size(x.shape[2], kw, geo.strides[1], geo.padding[1])
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    rhs = [w[i].reshape(kw * ci, co) for i in range(kh)]
+
+    def chunk(xc: jax.Array) -> jax.Array:
+        # Padded per chunk: a padded copy of the whole batch first measured 1.2-2x slower.
+        xp = padded_to_windows(xc, w.shape, geo)
+        out = None
+        for lhs, r in zip(kernel_rows(xp, w.shape, geo, ho, wo), rhs, strict=True):
+            y = lax.dot_general(lhs, r, (((3,), (0,)), ((), ())), precision=geo.precision,
+                                preferred_element_type=acc_dtype)
+            out = y if out is None else out + y
+        return out.astype(x.dtype)
+
+    per = images_per_chunk(b, ROW_CHUNK_PIXELS // (ho * wo))
+    return map_batch_chunks(chunk, x, per)
+
+
+def images_per_chunk(batch: int, wanted: int) -> int:
+    """Images per chunk for a loop over a batch: about ``wanted``, a divisor of ``batch``,
+    and a multiple of the device count where the batch is one.
+
+    Chunk ``i`` of :func:`map_batch_chunks` holds images ``i, i + steps, ...``; with a
+    multiple of the device count each chunk takes the same share of every device's part
+    of a batch sharded over devices, so the loop runs on each device's own images (a
+    loop over contiguous chunks made GSPMD gather the batch every step: 3.5-10x slower
+    on 8 CPU devices).
+    """
+    devices = jax.device_count()
+    unit = devices if batch % devices == 0 else 1
+    per = -(-max(1, min(batch, wanted)) // unit) * unit
+    while batch % per:
+        per += unit
+    return per
+
+
+def map_batch_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
+                     per: int) -> jax.Array:
+    """``fn`` over chunks of ``per`` images of ``x`` (``per`` divides the batch, from
+    :func:`images_per_chunk`), results in the images' order; a loop, not unrolled, so
+    compile time stays flat in the batch size."""
+    steps = x.shape[0] // per
+    if steps == 1:
+        return fn(x)
+    grouped = x.reshape(per, steps, *x.shape[1:])  # chunk i: images i, i + steps, ...
+    first = jax.eval_shape(fn, jax.ShapeDtypeStruct((per, *x.shape[1:]), x.dtype))
+
+    def step(i: jax.Array, out: jax.Array) -> jax.Array:
+        y = fn(lax.dynamic_index_in_dim(grouped, i, axis=1, keepdims=False))
+        return lax.dynamic_update_index_in_dim(out, y, i, axis=1)
+
+    out = lax.fori_loop(0, steps, step, jnp.zeros((per, steps, *first.shape[1:]), first.dtype))
+    return out.reshape(x.shape[0], *first.shape[1:])
+
+
 def forward_shifted(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
     """The convolution as a sum of one product per live tap (no im2col copy)."""
     taps = live_taps(x.shape, w.shape, geo)
@@ -180,6 +279,7 @@ def forward_shifted(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
 
 FORWARD_PATHS: dict[str, Callable[[jax.Array, jax.Array, Geometry], jax.Array]] = {
     "xla": xla_forward, "im2col": forward_im2col, "shifted": forward_shifted,
+    "rows": forward_rows,
 }
 
 
@@ -200,15 +300,18 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
       but one 1.17), up to 3-4x faster where XLA's output is 1x1; at stride 2 (a strided
       copy first) 0.75-1.12x, kept for its input gradient (the transposed product, not
       XLA's dilated transpose: 1.8-5.8x faster);
-    * everything else stays XLA's: 3x3 from a 3x3 image up, strided 3x3, the 7x7/2 and
-      CIFAR stems. There im2col and shifted products were 1.5-4x slower at 8x8 and up
-      (3x3 over 56x56, 64 channels: 89 vs 192 ms) and within +-30% of XLA, one way or the
-      other from run to run, at 3x3-7x7 images;
+    * 64 input channels, 8x8 to 64x64 outputs: one product per kernel row on chunks of
+      images (:func:`forward_rows`, :func:`row_products_pay`), 0.50-0.80x XLA's time;
+    * everything else stays XLA's: 3x3 from a 3x3 image up with other channel counts,
+      the 7x7/2 and CIFAR stems. There im2col and shifted products were 1.5-4x slower at
+      8x8 and up (copies of the whole batch, out of cache) and within +-30% of XLA, one
+      way or the other from run to run, at 3x3-7x7 images;
     * bfloat16 differs: XLA:CPU's bfloat16 convolution is slow on small images, and one
       product per tap beats it (and im2col) consistently there: 3x3 with outputs of at
       most 8x8 pixels (stride 1 or 2, >= 16 input channels) take 0.27-0.82x XLA's time
       over ResNet-18/50 at 32x32 and 64x64, both stems; kernel larger than the image
-      0.5x im2col's. At 16x16 outputs and up it is mixed (0.49-1.5x): left to XLA.
+      0.5x im2col's. From 16x16 outputs, with 64 channels and more, by kernel rows
+      (0.40-0.66x XLA's); with fewer channels XLA's.
     """
     kh, kw, ci = w_shape[:3]
     low_precision = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
@@ -216,12 +319,32 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
         return "shifted" if low_precision else "im2col"
     if len(live_taps(x_shape, w_shape, geo)) == 1:
         return "im2col"
-    if low_precision and ci >= 16:
-        ho = out_size(x_shape[1], kh, geo.strides[0], geo.padding[0])
-        wo = out_size(x_shape[2], kw, geo.strides[1], geo.padding[1])
-        if ho * wo <= 64:
-            return "shifted"
+    ho = out_size(x_shape[1], kh, geo.strides[0], geo.padding[0])
+    wo = out_size(x_shape[2], kw, geo.strides[1], geo.padding[1])
+    if low_precision and ci >= 16 and ho * wo <= 64:
+        return "shifted"
+    if x_shape[1] * x_shape[2] <= 64 * 64 and row_products_pay(w_shape, ho * wo, dtype):
+        return "rows"
     return "xla"
+
+
+def row_products_pay(w_shape: Sequence[int], out_pixels: int, dtype: Any = None) -> bool:
+    """Whether :func:`forward_rows` beats XLA's convolution for a kernel of more than one
+    tap over an image of at most 64x64 pixels, no smaller than the kernel, with
+    ``out_pixels`` output pixels per image.
+
+    Measured forward alone (``benchmarks/conv_sweep.py --forward-paths``, benchmarks/README.md
+    7b): float32 with 64 input channels (stride 1 or 2), outputs of 8x8 to 64x64: 0.50-0.80x
+    XLA's time (3x3, 64 -> 64 at 32x32, batch 128: 137 -> 68 ms); with 32 channels or 128
+    and more XLA's was as fast or faster (so 48-64 channels are taken), and from 112x112
+    images (one image's rows no longer fit in cache) 1.3-1.5x slower, hence the 64x64
+    bound. bfloat16 from 64 channels: 0.40-0.66x XLA's (its bfloat16 convolution is slow)
+    at 16x16 outputs and up.
+    """
+    ci = w_shape[2]
+    if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16:
+        return ci >= 64
+    return 48 <= ci <= 64 and out_pixels >= 64
 
 
 def forward(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:

@@ -1,8 +1,9 @@
 """The backward pass of :mod:`nnx_trainer.conv`: kernel and input gradients, each in the
 formulation measured fastest for its shape.
 
-* the kernel gradient as ``kh * kw`` matrix products per chunk of images
-  (:func:`kernel_grad`) where :func:`shifted_products_pay`, else XLA's transpose;
+* the kernel gradient as ``kh * kw`` matrix products per chunk of images, or ``kh`` per
+  kernel row where the forward runs by rows (:func:`kernel_grad`), where
+  :func:`shifted_products_pay`, else XLA's transpose;
 * the input gradient as stride-phase convolutions (:func:`input_grad_by_phases`) where
   :func:`phases_pay`; at stride 1 as a forward convolution of the output gradient with the
   flipped kernel, routed like any forward; otherwise as the transpose of the forward's own
@@ -26,7 +27,7 @@ from nnx_trainer.conv_forward import NHWC, Geometry, xla_forward
 
 __all__ = [
     "CHUNK_BYTES", "MIN_CHUNK_ROWS", "conv_bwd", "dilated_transpose_is_slow", "flip_transpose",
-    "input_grad_by_phases", "kernel_grad", "phases_pay", "shifted_products_pay",
+    "gradient_paths", "input_grad_by_phases", "kernel_grad", "phases_pay", "shifted_products_pay",
     "stride1_input_grad_geometry",
 ]
 
@@ -42,56 +43,58 @@ CHUNK_BYTES = 1 << 20
 MIN_CHUNK_ROWS = 512
 
 
-def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometry) -> jax.Array:
-    """``dL/dW`` (float32, or float64 for float64 inputs) as chunked shifted products."""
+def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometry,
+                by_rows: bool = False) -> jax.Array:
+    """``dL/dW`` (float32, or float64 for float64 inputs) as chunked matrix products.
+
+    Per chunk of images, one product per kernel tap (``kh * kw`` products of ``Cin`` rows)
+    or, ``by_rows``, one per kernel row over its taps side by side (``kh`` products of
+    ``kw * Cin`` rows, :func:`conv_forward.kernel_rows`; faster with <= 64 channels).
+    """
     kh, kw, ci, co = w_shape
     b, ho, wo, _ = g.shape
-    (sh, sw), ((pt, _), (pl, _)) = geo.strides, geo.padding
-    # Pad (or crop: a strided window may never reach the last rows) to exactly the rows and
-    # columns the windows read, so every tap below is one in-bounds strided slice.
-    need_h, need_w = (ho - 1) * sh + kh, (wo - 1) * sw + kw
-    zero = jnp.zeros((), x.dtype)
-    xp = lax.pad(
-        x, zero,
-        ((0, 0, 0), (pt, need_h - x.shape[1] - pt, 0), (pl, need_w - x.shape[2] - pl, 0),
-         (0, 0, 0)),
-    )
+    sh, sw = geo.strides
     # Accumulate in float32 even for bfloat16 inputs: the sums run over batch * pixels terms.
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
+    def product(lhs: jax.Array, g2: jax.Array) -> jax.Array:
+        # 2-D (rows, K)^T @ (rows, Cout): XLA:CPU's fastest form of this product.
+        return lax.dot_general(lhs.reshape(g2.shape[0], -1), g2, (((0,), (0,)), ((), ())),
+                               precision=geo.precision, preferred_element_type=acc_dtype)
+
     def chunk_grad(xc: jax.Array, gc: jax.Array) -> jax.Array:
-        n = gc.shape[0] * ho * wo
-        g2 = gc.reshape(n, co)
+        # Padded per chunk, in cache: a padded copy of the whole batch first was slower.
+        xp = conv_forward.padded_to_windows(xc, w_shape, geo)
+        g2 = gc.reshape(gc.shape[0] * ho * wo, co)
+        if by_rows:
+            rows = conv_forward.kernel_rows(xp, w_shape, geo, ho, wo)
+            return jnp.stack([product(r, g2) for r in rows])  # (kh, kw * ci, co)
         taps = []
         for i in range(kh):
             for j in range(kw):
                 xs = lax.slice(
-                    xc, (0, i, j, 0),
-                    (xc.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, ci),
+                    xp, (0, i, j, 0),
+                    (xp.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, ci),
                     (1, sh, sw, 1),
                 )
-                # 2-D (rows, Cin)^T @ (rows, Cout): XLA:CPU's fastest form of this product.
-                taps.append(lax.dot_general(
-                    xs.reshape(n, ci), g2, (((0,), (0,)), ((), ())),
-                    precision=geo.precision, preferred_element_type=acc_dtype,
-                ))
-        return jnp.stack(taps)
+                taps.append(product(xs, g2))
+        return jnp.stack(taps)  # (kh * kw, ci, co)
 
     rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // ((ci + co) * jnp.dtype(x.dtype).itemsize))
-    chunk = max(1, min(b, rows // (ho * wo)))
-    if kh == kw == 1:
-        chunk = b  # one tap, no shifted copies to keep in cache: one product is fastest
-    steps, rest = divmod(b, chunk)
-    acc = jnp.zeros((kh * kw, ci, co), acc_dtype)
+    # One tap, no shifted copies to keep in cache: one product over the batch is fastest.
+    per = b if kh == kw == 1 else conv_forward.images_per_chunk(b, rows // (ho * wo))
+    steps = b // per
     if steps == 1:
-        acc = chunk_grad(xp[:chunk], g[:chunk])
-    elif steps > 1:
-        # A loop, not an unrolled sum, keeps compile time flat in the batch size.
-        xs = xp[: steps * chunk].reshape(steps, chunk, *xp.shape[1:])
-        gs = g[: steps * chunk].reshape(steps, chunk, ho, wo, co)
-        acc, _ = lax.scan(lambda a, xg: (a + chunk_grad(*xg), None), acc, (xs, gs))
-    if rest:
-        acc = acc + chunk_grad(xp[steps * chunk:], g[steps * chunk:])
+        acc = chunk_grad(x, g)
+    else:
+        # Chunk i holds images i, i + steps, ... (see conv_forward.images_per_chunk); a
+        # loop, not an unrolled sum, keeps compile time flat in the batch size.
+        xs = x.reshape(per, steps, *x.shape[1:])
+        gs = g.reshape(per, steps, *g.shape[1:])
+        acc = lax.fori_loop(0, steps, lambda i, a: a + chunk_grad(
+            lax.dynamic_index_in_dim(xs, i, axis=1, keepdims=False),
+            lax.dynamic_index_in_dim(gs, i, axis=1, keepdims=False),
+        ), jnp.zeros((kh, kw * ci, co) if by_rows else (kh * kw, ci, co), acc_dtype))
     return acc.reshape(kh, kw, ci, co)
 
 
@@ -202,31 +205,58 @@ def dilated_transpose_is_slow(w_shape: Sequence[int], g_shape: Sequence[int],
         kh >= (g_shape[1] - 1) * sh + 1 or kw >= (g_shape[2] - 1) * sw + 1)
 
 
-def conv_bwd(geo: Geometry, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(dx, dw)`` of the convolution with residuals ``res = (x, w)`` for the cotangent ``g``."""
-    x, w = res
-    if phases_pay(w.shape, g.shape, geo):
-        dx = input_grad_by_phases(g, w, x.shape, geo)
-    elif (dx_geo := stride1_input_grad_geometry(w.shape, geo)) is not None:
-        # At stride 1 the input gradient is a forward convolution of g with the flipped,
-        # transposed kernel (what XLA's transpose rule emits): route it like a forward.
-        dx = conv_forward.forward(g, flip_transpose(w), dx_geo)
+def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequence[int],
+                   geo: Geometry, dtype: object) -> tuple[str, str]:
+    """How :func:`conv_bwd` computes this shape's gradients: ``(dx, dw)``.
+
+    ``dx``: ``"phases"`` (:func:`input_grad_by_phases`), a forward path's name (stride 1: a
+    forward convolution of ``g``, routed like any forward) or ``"T(<path>)"`` (the
+    transpose of that forward formulation). ``dw``: ``"taps"`` or ``"rows"``
+    (:func:`kernel_grad` per tap or per kernel row) or ``"xla"`` (XLA's transpose).
+    """
+    if phases_pay(w_shape, g_shape, geo):
+        dx = "phases"
+    elif (dx_geo := stride1_input_grad_geometry(w_shape, geo)) is not None:
+        dx = conv_forward.forward_path(g_shape, (*w_shape[:2], w_shape[3], w_shape[2]), dx_geo,
+                                       dtype)
     else:
-        # The transpose of the forward's own formulation: XLA's transpose of its
-        # convolution, or for im2col a product with the kernel's transpose scattered back
-        # by padding (XLA's transpose rule is as slow as its forward where the forward
-        # was routed away from it: 3x3/2 to 2x2 outputs, 512 channels, 4.4 s vs 0.1 s).
-        path = conv_forward.forward_path(x.shape, w.shape, geo, x.dtype)
-        if path == "xla" and dilated_transpose_is_slow(w.shape, g.shape, geo):
+        # XLA's transpose rule is as slow as its forward where the forward was routed away
+        # from it (3x3/2 to 2x2 outputs, 512 channels: 4.4 s vs 0.1 s as im2col's).
+        path = conv_forward.forward_path(x_shape, w_shape, geo, dtype)
+        if path == "xla" and dilated_transpose_is_slow(w_shape, g_shape, geo):
             path = "im2col"
-        fwd = conv_forward.FORWARD_PATHS[path]
+        dx = f"T({path})"
+    if not shifted_products_pay(x_shape, w_shape, g_shape, geo):
+        dw = "xla"
+    elif geo.strides == (1, 1) and conv_forward.forward_path(x_shape, w_shape, geo,
+                                                              dtype) == "rows":
+        # Per kernel row where the forward runs by rows at stride 1 (64 channels):
+        # 3x3 64 -> 64 at 32x32, batch 128: 114 ms per tap, 103 per row, XLA's 212.
+        dw = "rows"
+    else:
+        dw = "taps"
+    return dx, dw
+
+
+def conv_bwd(geo: Geometry, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(dx, dw)`` of the convolution with residuals ``res = (x, w)`` for the cotangent ``g``,
+    in the forms :func:`gradient_paths` picks."""
+    x, w = res
+    dx_path, dw_path = gradient_paths(x.shape, w.shape, g.shape, geo, x.dtype)
+    if dx_path == "phases":
+        dx = input_grad_by_phases(g, w, x.shape, geo)
+    elif not dx_path.startswith("T("):
+        dx_geo = stride1_input_grad_geometry(w.shape, geo)
+        dx = conv_forward.FORWARD_PATHS[dx_path](g, flip_transpose(w), dx_geo)
+    else:
+        fwd = conv_forward.FORWARD_PATHS[dx_path[2:-1]]
         (dx,) = jax.linear_transpose(
             lambda xx: fwd(xx, w, geo), jax.ShapeDtypeStruct(x.shape, x.dtype)
         )(g)
-    if shifted_products_pay(x.shape, w.shape, g.shape, geo):
-        dw = kernel_grad(x, g, w.shape, geo).astype(w.dtype)
-    else:
+    if dw_path == "xla":
         (dw,) = jax.linear_transpose(
             lambda ww: xla_forward(x, ww, geo), jax.ShapeDtypeStruct(w.shape, w.dtype)
         )(g)
+    else:
+        dw = kernel_grad(x, g, w.shape, geo, by_rows=dw_path == "rows").astype(w.dtype)
     return dx, dw

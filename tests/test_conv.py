@@ -9,12 +9,17 @@ asserts a speed.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from jax import lax
+from processes import clean_env
 
 from nnx_trainer import conv as conv_mod
 from nnx_trainer import conv_forward, conv_gradients
@@ -149,15 +154,90 @@ def test_the_shifted_products_pay_where_measured():
     assert not phases((3, 3, 64, 64), (8, 16, 16, 64), geo)  # stride 1
 
 
-def test_kernel_gradient_loops_over_chunks_with_a_remainder(custom_paths, monkeypatch):
-    # Chunks of 2 images over a batch of 5: two loop steps and a remainder of one.
+def test_kernel_gradient_loops_over_chunks(custom_paths, monkeypatch):
+    # Chunks of 2 images over a batch of 6: three loop steps.
     monkeypatch.setattr(conv_gradients, "CHUNK_BYTES", 1)
     monkeypatch.setattr(conv_gradients, "MIN_CHUNK_ROWS", 2 * 4 * 4)
-    x, w = _arrays(5, 8, 8, 3, 4, 3, jnp.float32)
+    x, w = _arrays(6, 8, 8, 3, 4, 3, jnp.float32)
     args = ((2, 2), ((1, 1), (1, 1)))
     want = _value_and_grads(lax.conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
     got = _value_and_grads(conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
     _assert_close(got, want, TOLERANCE[jnp.float32])
+
+
+@pytest.mark.parametrize("stride, padding", [(1, "SAME"), (2, "SAME"), (1, ((0, 2), (1, 0)))],
+                         ids=["s1", "s2", "asymmetric"])
+def test_row_products_loop_over_chunks(stride, padding, custom_paths, monkeypatch):
+    # The forward and the kernel gradient by kernel rows, chunks of 2 images over a batch of
+    # 6: three loop steps in both.
+    monkeypatch.setattr(conv_forward, "forward_path", lambda *a: "rows")
+    monkeypatch.setattr(conv_forward, "ROW_CHUNK_PIXELS", 2 * 8 * 8 // stride**2)
+    monkeypatch.setattr(conv_gradients, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv_gradients, "MIN_CHUNK_ROWS", 2 * 8 * 8 // stride**2)
+    rows_grads = []
+    real_kernel_grad = conv_gradients.kernel_grad
+    monkeypatch.setattr(conv_gradients, "kernel_grad", lambda *a, **k: rows_grads.append(
+        k.get("by_rows")) or real_kernel_grad(*a, **k))
+    x, w = _arrays(6, 8, 8, 3, 4, 3, jnp.float32)
+    args = ((stride, stride), padding)
+    want = _value_and_grads(lax.conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
+    got = _value_and_grads(conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
+    _assert_close(got, want, TOLERANCE[jnp.float32])
+    assert rows_grads == [stride == 1]  # by rows at stride 1 only
+
+
+def test_chunks_divide_the_batch_and_split_evenly_over_devices(monkeypatch):
+    per = conv_forward.images_per_chunk
+    assert per(128, 4) == 4
+    assert per(6, 4) == 6 and per(5, 2) == 5  # a divisor of the batch: no remainder step
+    assert per(128, 0) == 1 and per(3, 10) == 3
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    assert per(128, 4) == 8  # a multiple of the device count where the batch is one
+    assert per(128, 20) == 32
+    assert per(12, 4) == 4  # 12 images do not split over 8 devices
+
+
+BATCH_SHARDED_CHUNKS = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax import lax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from nnx_trainer import conv_forward, conv_gradients
+    from nnx_trainer.conv import conv_general_dilated
+    # 3x3 64 -> 64 over 8x8 (the rows path), chunks of 8 images (one per device) over 32:
+    # four loop steps in the forward, the input gradient and the kernel gradient.
+    conv_forward.ROW_CHUNK_PIXELS = 1
+    conv_gradients.shifted_products_pay = lambda *a: True
+    conv_gradients.CHUNK_BYTES, conv_gradients.MIN_CHUNK_ROWS = 1, 1
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.standard_normal((32, 8, 8, 64), np.float32),
+                       NamedSharding(mesh, P("data")))
+    w = jax.device_put(rng.standard_normal((3, 3, 64, 64), np.float32) / 24,
+                       NamedSharding(mesh, P()))
+    def grads(fn):
+        loss = lambda x, w: jnp.sum(fn(x, w, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    ours = grads(conv_general_dilated)
+    hlo = ours.lower(x, w).compile().as_text()
+    (v, (dx, dw)), (v0, (dx0, dw0)) = ours(x, w), grads(lax.conv_general_dilated)(x, w)
+    err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+              for a, b in ((v, v0), (dx, dx0), (dw, dw0)))
+    print("RESULT", jax.device_count(), hlo.count("all-gather"), dx.sharding.spec, err)
+""")
+
+
+def test_chunk_loops_keep_a_batch_sharded_over_devices():
+    # A loop over contiguous chunks of a batch sharded over 8 devices made GSPMD gather
+    # the whole batch on every device at every step; chunks that take the same share of
+    # each device's images keep the work (and the input gradient) on its device.
+    proc = subprocess.run([sys.executable, "-c", BATCH_SHARDED_CHUNKS], env=clean_env(8),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    devices, gathers, spec, err = next(
+        line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split(" ", 4)[1:]
+    assert (devices, gathers, spec) == ("8", "0", "P('data',)")
+    assert float(err) < 1e-5
 
 
 def test_eager_and_with_precision_and_a_list_padding(custom_paths):
@@ -174,7 +254,7 @@ def test_eager_and_with_precision_and_a_list_padding(custom_paths):
 
 S1, S3, S7 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # (batch, h, w, cin, cout, kernel, stride, padding): every case the forward router tells
-# apart, at a few channels.
+# apart, at a few channels (64 where the rule needs them).
 ROUTED_SHAPES = {
     "3x3 over 2x2 (kernel larger than the image)": (2, 2, 2, 8, 6, 3, 1, S3),
     "3x3 over 1x1 (one live tap)": (2, 1, 1, 8, 6, 3, 1, S3),
@@ -190,6 +270,8 @@ ROUTED_SHAPES = {
     "7x7/2 stem over 8x8": (2, 8, 8, 3, 8, 7, 2, S7),
     "7x7/2 stem over 5x5": (2, 5, 5, 3, 8, 7, 2, S7),
     "7x7/2 stem over 3x3": (2, 3, 3, 3, 8, 7, 2, S7),
+    "3x3 over 12x12, 64 channels (rows)": (2, 12, 12, 64, 64, 3, 1, S3),
+    "3x3/2 over 15x16, 64 channels (rows)": (2, 15, 16, 64, 128, 3, 2, S3),
 }
 
 
@@ -278,8 +360,16 @@ def test_the_forward_router_picks_the_measured_paths():
     assert path(8, 128, 128, 3, 2, S3) == "xla"  # strided, 4x4 outputs: a tie
     assert path(4, 512, 512, 3, 2, S3) == "xla"
     assert path(3, 512, 512, 3, 1, S3) == "xla"  # kernel as large as the image: a tie
-    assert path(16, 64, 64, 3, 1, S3) == "xla"
-    assert path(56, 64, 64, 3, 1, S3) == "xla"
+    # 64 channels: one product per kernel row, from 8x8 to 64x64 outputs, stride 1 or 2.
+    assert path(16, 64, 64, 3, 1, S3) == "rows"
+    assert path(56, 64, 64, 3, 1, S3) == "rows"
+    assert path(64, 64, 128, 3, 2, S3) == "rows"
+    assert path(8, 64, 64, 3, 1, S3) == "rows"
+    assert path(4, 64, 64, 3, 1, S3) == "xla"  # 4x4 outputs: not measured faster
+    assert path(224, 64, 64, 3, 1, S3) == "xla"  # an image's rows outgrow the cache
+    assert path(112, 64, 128, 3, 2, S3) == "xla"  # 56x56 outputs, but from 112x112
+    assert path(32, 32, 32, 3, 1, S3) == "xla"  # 32 and 128 channels: XLA's is as fast
+    assert path(16, 128, 128, 3, 1, S3) == "xla"
     assert path(64, 3, 64, 7, 2, S7) == "xla"
     assert path(224, 3, 64, 7, 2, S7) == "xla"
     assert path(16, 64, 256, 1, 1, S1) == "im2col"  # 1x1: one product over channels
@@ -296,8 +386,12 @@ def test_the_forward_router_picks_the_measured_paths():
     assert bf16(2, 512, 512, 3, 1, S3) == "shifted"
     assert bf16(8, 128, 128, 3, 1, S3) == "shifted"
     assert bf16(16, 128, 128, 3, 2, S3) == "shifted"
-    assert bf16(16, 64, 64, 3, 1, S3) == "xla"
-    assert bf16(32, 64, 128, 3, 2, S3) == "xla"
+    # From 16x16 outputs, with 64 channels and more: one product per kernel row.
+    assert bf16(16, 64, 64, 3, 1, S3) == "rows"
+    assert bf16(32, 64, 128, 3, 2, S3) == "rows"
+    assert bf16(28, 128, 128, 3, 1, S3) == "rows"
+    assert bf16(32, 32, 32, 3, 1, S3) == "xla"
+    assert bf16(112, 64, 64, 3, 1, S3) == "xla"
     assert bf16(32, 3, 64, 7, 2, S7) == "xla"
     assert bf16(8, 3, 64, 3, 1, S3) == "xla"  # a stem over a small image: few channels
     assert bf16(16, 256, 128, 1, 1, S1) == "im2col"
