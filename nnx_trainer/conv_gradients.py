@@ -53,7 +53,6 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
     """
     kh, kw, ci, co = w_shape
     b, ho, wo, _ = g.shape
-    sh, sw = geo.strides
     # Accumulate in float32 even for bfloat16 inputs: the sums run over batch * pixels terms.
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
@@ -64,21 +63,14 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
 
     def chunk_grad(xc: jax.Array, gc: jax.Array) -> jax.Array:
         # Padded per chunk, in cache: a padded copy of the whole batch first was slower.
-        xp = conv_forward.padded_to_windows(xc, w_shape, geo)
         g2 = gc.reshape(gc.shape[0] * ho * wo, co)
         if by_rows:
+            xp = conv_forward.padded_to_windows(xc, w_shape, geo)
             rows = conv_forward.kernel_rows(xp, w_shape, geo, ho, wo)
             return jnp.stack([product(r, g2) for r in rows])  # (kh, kw * ci, co)
-        taps = []
-        for i in range(kh):
-            for j in range(kw):
-                xs = lax.slice(
-                    xp, (0, i, j, 0),
-                    (xp.shape[0], i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, ci),
-                    (1, sh, sw, 1),
-                )
-                taps.append(product(xs, g2))
-        return jnp.stack(taps)  # (kh * kw, ci, co)
+        taps = [(i, j) for i in range(kh) for j in range(kw)]
+        slices = conv_forward.tap_slices(xc, w_shape, geo, taps)
+        return jnp.stack([product(xs, g2) for xs in slices])  # (kh * kw, ci, co)
 
     rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // ((ci + co) * jnp.dtype(x.dtype).itemsize))
     # One tap, no shifted copies to keep in cache: one product over the batch is fastest.
