@@ -1,9 +1,11 @@
 """The backward pass of :mod:`nnx_trainer.conv`: kernel and input gradients, each in the
 formulation measured fastest for its shape.
 
-* the kernel gradient as ``kh * kw`` matrix products per chunk of images, or ``kh`` per
-  kernel row where the forward runs by rows (:func:`kernel_grad`), where
-  :func:`shifted_products_pay`, else XLA's transpose;
+* the kernel gradient as XLA's transpose summed over a few chunks of images where
+  :func:`xla_kernel_grad_chunk` finds it pays (:func:`kernel_grad_by_chunks`); else as
+  ``kh * kw`` matrix products per chunk of images, or ``kh`` per kernel row where the
+  forward runs by rows (:func:`kernel_grad`), where :func:`shifted_products_pay`; else
+  XLA's transpose over the whole batch;
 * the input gradient as stride-phase convolutions (:func:`input_grad_by_phases`) where
   :func:`phases_pay`; at stride 1 as a forward convolution of the output gradient with the
   flipped kernel, routed like any forward; otherwise as the transpose of the forward's own
@@ -26,9 +28,10 @@ from nnx_trainer import conv_forward
 from nnx_trainer.conv_forward import NHWC, Geometry, xla_forward
 
 __all__ = [
-    "CHUNK_BYTES", "MIN_CHUNK_ROWS", "conv_bwd", "dilated_transpose_is_slow", "flip_transpose",
-    "gradient_paths", "input_grad_by_phases", "kernel_grad", "phases_pay", "shifted_products_pay",
-    "stride1_input_grad_geometry",
+    "CHUNK_BYTES", "MAX_XLA_CHUNKS", "MIN_CHUNK_ROWS", "XLA_CHUNK_ROWS", "conv_bwd",
+    "dilated_transpose_is_slow", "flip_transpose", "gradient_paths", "input_grad_by_phases",
+    "kernel_grad", "kernel_grad_by_chunks", "phases_pay", "shifted_products_pay",
+    "stride1_input_grad_geometry", "xla_kernel_grad_chunk",
 ]
 
 # Bytes of one tap's input rows plus the output-gradient rows per chunk of the
@@ -41,6 +44,17 @@ CHUNK_BYTES = 1 << 20
 # ...but at least this many rows, so that the per-chunk update of a large kernel
 # gradient (512x512x3x3 float32 is 9 MiB) stays small next to the chunk's products.
 MIN_CHUNK_ROWS = 512
+
+# XLA's kernel gradient over chunks of about this many output pixels (batch x pixels),
+# summed: XLA:CPU's transpose over a whole batch of 128 falls out of cache (3x3 256 -> 256
+# at 8x8: 82-88 ms, four chunks of 32 images 52 ms). Chunks of 1024 pixels measured best
+# or tied from 4x4 to 32x32 outputs (benchmarks/README.md, 7b, "XLA's kernel gradient by
+# chunks of images").
+XLA_CHUNK_ROWS = 1024
+# ...unrolled, at most this many: inside a loop body XLA:CPU runs this convolution another,
+# far slower way (3x3 128 -> 128 at 16x16, batch 128: 3.4 s against 55 ms unrolled). Each
+# chunk is one more convolution to compile: ResNet-18 (CIFAR, batch 128) 5.0 s against 3.1.
+MAX_XLA_CHUNKS = 16
 
 
 def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometry,
@@ -88,6 +102,43 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
             lax.dynamic_index_in_dim(gs, i, axis=1, keepdims=False),
         ), jnp.zeros((kh, kw * ci, co) if by_rows else (kh * kw, ci, co), acc_dtype))
     return acc.reshape(kh, kw, ci, co)
+
+
+def xla_kernel_grad_chunk(x_shape: Sequence[int], w_shape: Sequence[int],
+                          g_shape: Sequence[int], geo: Geometry, dtype: object) -> int | None:
+    """Images per chunk where XLA's kernel gradient summed over chunks of the batch
+    (:func:`kernel_grad_by_chunks`) beats both XLA's over the whole batch and the shifted
+    products, else ``None``.
+
+    Measured float32 (``benchmarks/README.md``, 7b): 3x3 with >= 128 channels, or >= 64 at
+    stride 2, at batch 128: 0.3-0.9x XLA's whole-batch time and 0.7-0.95x the shifted
+    products'; at batch 16-32 mostly ties, up to 0.78x (3x3 128 -> 128 at 32x32). One image
+    per chunk lost (1.6-1.7x), so chunks hold at least two; bfloat16 was not measured and
+    keeps its earlier paths.
+    """
+    kh, kw, ci, co = w_shape
+    b, ho, wo, _ = g_shape
+    if jnp.dtype(dtype) != jnp.float32 or kh * kw == 1:
+        return None
+    if min(ci, co) < (64 if max(geo.strides) > 1 else 128):
+        return None
+    wanted = max(2, -(-XLA_CHUNK_ROWS // (ho * wo)), -(-b // MAX_XLA_CHUNKS))
+    per = conv_forward.images_per_chunk(b, wanted)
+    return per if b // per >= 2 else None
+
+
+def kernel_grad_by_chunks(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometry,
+                          per: int) -> jax.Array:
+    """``dL/dW`` as XLA's transpose per chunk of ``per`` images (from
+    :func:`xla_kernel_grad_chunk`), summed; chunk ``i`` holds images ``i, i + steps, ...``
+    as in :func:`conv_forward.map_batch_chunks`, so a batch sharded over devices stays so."""
+    steps = x.shape[0] // per
+    xs = x.reshape(per, steps, *x.shape[1:])
+    gs = g.reshape(per, steps, *g.shape[1:])
+    parts = [jax.linear_transpose(
+        lambda ww, i=i: xla_forward(xs[:, i], ww, geo), jax.ShapeDtypeStruct(w_shape, x.dtype)
+    )(gs[:, i])[0] for i in range(steps)]  # unrolled: see MAX_XLA_CHUNKS
+    return sum(parts[1:], parts[0])
 
 
 def shifted_products_pay(x_shape: Sequence[int], w_shape: Sequence[int],
@@ -203,7 +254,8 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
 
     ``dx``: ``"phases"`` (:func:`input_grad_by_phases`), a forward path's name (stride 1: a
     forward convolution of ``g``, routed like any forward) or ``"T(<path>)"`` (the
-    transpose of that forward formulation). ``dw``: ``"taps"`` or ``"rows"``
+    transpose of that forward formulation). ``dw``: ``"chunks"`` (XLA's transpose per
+    chunk of images, :func:`kernel_grad_by_chunks`), ``"taps"`` or ``"rows"``
     (:func:`kernel_grad` per tap or per kernel row) or ``"xla"`` (XLA's transpose).
     """
     if phases_pay(w_shape, g_shape, geo):
@@ -218,7 +270,9 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
         if path == "xla" and dilated_transpose_is_slow(w_shape, g_shape, geo):
             path = "im2col"
         dx = f"T({path})"
-    if not shifted_products_pay(x_shape, w_shape, g_shape, geo):
+    if xla_kernel_grad_chunk(x_shape, w_shape, g_shape, geo, dtype) is not None:
+        dw = "chunks"
+    elif not shifted_products_pay(x_shape, w_shape, g_shape, geo):
         dw = "xla"
     elif geo.strides == (1, 1) and conv_forward.forward_path(x_shape, w_shape, geo,
                                                               dtype) == "rows":
@@ -245,7 +299,10 @@ def conv_bwd(geo: Geometry, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Ar
         (dx,) = jax.linear_transpose(
             lambda xx: fwd(xx, w, geo), jax.ShapeDtypeStruct(x.shape, x.dtype)
         )(g)
-    if dw_path == "xla":
+    if dw_path == "chunks":
+        per = xla_kernel_grad_chunk(x.shape, w.shape, g.shape, geo, x.dtype)
+        dw = kernel_grad_by_chunks(x, g, w.shape, geo, per)
+    elif dw_path == "xla":
         (dw,) = jax.linear_transpose(
             lambda ww: xla_forward(x, ww, geo), jax.ShapeDtypeStruct(w.shape, w.dtype)
         )(g)

@@ -154,6 +154,46 @@ def test_the_shifted_products_pay_where_measured():
     assert not phases((3, 3, 64, 64), (8, 16, 16, 64), geo)  # stride 1
 
 
+def test_xla_kernel_gradient_goes_by_chunks_where_measured():
+    geo = conv_forward.Geometry((1, 1), ((1, 1), (1, 1)), None)
+    geo2 = conv_forward.Geometry((2, 2), ((1, 1), (1, 1)), None)
+
+    def chunk(b, side, ci, co, g=geo, dtype=jnp.float32, k=3):
+        out = side // g.strides[0]
+        return conv_gradients.xla_kernel_grad_chunk(
+            (b, side, side, ci), (k, k, ci, co), (b, out, out, co), g, dtype)
+
+    # ResNet-18 CIFAR at batch 128: chunks of about 1024 output pixels, at most 16 of them.
+    assert chunk(128, 16, 128, 128) == 8  # 4 images would be 32 chunks
+    assert chunk(128, 8, 256, 256) == 16
+    assert chunk(128, 4, 512, 512) == 64
+    assert chunk(128, 32, 64, 128, geo2) == 8  # stride 2 from 64 channels
+    assert chunk(16, 28, 128, 128) == 2  # never one image per chunk
+    assert chunk(128, 32, 64, 64) is None  # 64 channels at stride 1: by rows
+    assert chunk(32, 7, 512, 512) is None  # a single chunk: XLA's over the batch
+    assert chunk(128, 8, 256, 256, dtype=jnp.bfloat16) is None  # not measured
+    assert chunk(128, 16, 128, 128, k=1) is None  # 1x1: one product
+    assert conv_gradients.gradient_paths(
+        (128, 8, 8, 256), (3, 3, 256, 256), (128, 8, 8, 256), geo, jnp.float32)[1] == "chunks"
+
+
+@pytest.mark.parametrize("stride, padding, channels", [
+    (1, "SAME", 128), (2, "SAME", 64), (1, ((0, 2), (1, 0)), 128)], ids=["s1", "s2", "asymmetric"])
+def test_xla_kernel_gradient_sums_over_chunks(stride, padding, channels, monkeypatch):
+    # Chunks of 2 images over a batch of 6: three kernel gradients summed.
+    monkeypatch.setattr(conv_gradients, "XLA_CHUNK_ROWS", 1)
+    chunked = []
+    real = conv_gradients.kernel_grad_by_chunks
+    monkeypatch.setattr(conv_gradients, "kernel_grad_by_chunks", lambda *a: chunked.append(
+        a[-1]) or real(*a))
+    x, w = _arrays(6, 8, 8, channels, channels, 3, jnp.float32)
+    args = ((stride, stride), padding)
+    want = _value_and_grads(lax.conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
+    got = _value_and_grads(conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
+    _assert_close(got, want, TOLERANCE[jnp.float32])
+    assert chunked == [2]
+
+
 def test_kernel_gradient_loops_over_chunks(custom_paths, monkeypatch):
     # Chunks of 2 images over a batch of 6: three loop steps.
     monkeypatch.setattr(conv_gradients, "CHUNK_BYTES", 1)
@@ -203,27 +243,33 @@ BATCH_SHARDED_CHUNKS = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from nnx_trainer import conv_forward, conv_gradients
     from nnx_trainer.conv import conv_general_dilated
-    # 3x3 64 -> 64 over 8x8 (the rows path), chunks of 8 images (one per device) over 32:
-    # four loop steps in the forward, the input gradient and the kernel gradient.
+    # 3x3 over 8x8, chunks of 8 images (one per device) over 32: with 64 channels (the rows
+    # path) four loop steps in the forward, the input gradient and the kernel gradient;
+    # with 128, four kernel gradients of XLA's summed.
     conv_forward.ROW_CHUNK_PIXELS = 1
     conv_gradients.shifted_products_pay = lambda *a: True
     conv_gradients.CHUNK_BYTES, conv_gradients.MIN_CHUNK_ROWS = 1, 1
+    conv_gradients.XLA_CHUNK_ROWS = 1
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rng = np.random.default_rng(0)
-    x = jax.device_put(rng.standard_normal((32, 8, 8, 64), np.float32),
-                       NamedSharding(mesh, P("data")))
-    w = jax.device_put(rng.standard_normal((3, 3, 64, 64), np.float32) / 24,
-                       NamedSharding(mesh, P()))
     def grads(fn):
         loss = lambda x, w: jnp.sum(fn(x, w, (1, 1), "SAME",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    ours = grads(conv_general_dilated)
-    hlo = ours.lower(x, w).compile().as_text()
-    (v, (dx, dw)), (v0, (dx0, dw0)) = ours(x, w), grads(lax.conv_general_dilated)(x, w)
-    err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-              for a, b in ((v, v0), (dx, dx0), (dw, dw0)))
-    print("RESULT", jax.device_count(), hlo.count("all-gather"), dx.sharding.spec, err)
+    for channels in (64, 128):
+        x = jax.device_put(rng.standard_normal((32, 8, 8, channels), np.float32),
+                           NamedSharding(mesh, P("data")))
+        w = jax.device_put(rng.standard_normal((3, 3, channels, channels), np.float32) / 24,
+                           NamedSharding(mesh, P()))
+        ours = grads(conv_general_dilated)
+        hlo = ours.lower(x, w).compile().as_text()
+        (v, (dx, dw)), (v0, (dx0, dw0)) = ours(x, w), grads(lax.conv_general_dilated)(x, w)
+        err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                  for a, b in ((v, v0), (dx, dx0), (dw, dw0)))
+        paths = conv_gradients.gradient_paths(x.shape, w.shape, x.shape, conv_forward.Geometry(
+            (1, 1), ((1, 1), (1, 1)), None), x.dtype)
+        print("RESULT", paths[1], jax.device_count(), hlo.count("all-gather"),
+              dx.sharding.spec, err)
 """)
 
 
@@ -234,10 +280,11 @@ def test_chunk_loops_keep_a_batch_sharded_over_devices():
     proc = subprocess.run([sys.executable, "-c", BATCH_SHARDED_CHUNKS], env=clean_env(8),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    devices, gathers, spec, err = next(
-        line for line in proc.stdout.splitlines() if line.startswith("RESULT")).split(" ", 4)[1:]
-    assert (devices, gathers, spec) == ("8", "0", "P('data',)")
-    assert float(err) < 1e-5
+    results = [line.split(" ", 5)[1:] for line in proc.stdout.splitlines()
+               if line.startswith("RESULT")]
+    assert [r[:4] for r in results] == [["rows", "8", "0", "P('data',)"],
+                                        ["chunks", "8", "0", "P('data',)"]]
+    assert all(float(r[4]) < 1e-5 for r in results)
 
 
 def test_eager_and_with_precision_and_a_list_padding(custom_paths):
@@ -249,9 +296,7 @@ def test_eager_and_with_precision_and_a_list_padding(custom_paths):
     _assert_close([y, *vjp(jnp.asarray(np.random.default_rng(1).standard_normal(
         y.shape, np.float32)))], want, TOLERANCE[jnp.float32])
 
-
 # --- the routed forward pass ----------------------------------------------------------------
-
 S1, S3, S7 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # (batch, h, w, cin, cout, kernel, stride, padding): every case the forward router tells
 # apart, at a few channels (64 where the rule needs them).
