@@ -47,7 +47,7 @@ MIN_CHUNK_ROWS = 512
 
 # XLA's kernel gradient over chunks of about this many output pixels (batch x pixels),
 # summed: XLA:CPU's transpose over a whole batch of 128 falls out of cache (3x3 256 -> 256
-# at 8x8: 82-88 ms, four chunks of 32 images 52 ms). Chunks of 1024 pixels measured best
+# at 8x8: 78-93 ms, eight chunks of 16 images 50 ms). Chunks of 1024 pixels measured best
 # or tied from 4x4 to 32x32 outputs (benchmarks/README.md, 7b, "XLA's kernel gradient by
 # chunks of images").
 XLA_CHUNK_ROWS = 1024
