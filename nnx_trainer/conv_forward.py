@@ -19,10 +19,10 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = [
-    "FORWARD_PATHS", "NHWC", "ROW_CHUNK_PIXELS", "Geometry", "forward", "forward_im2col",
-    "forward_path", "forward_rows", "forward_shifted", "geometry_of", "images_per_chunk",
-    "kernel_rows", "live_taps", "map_batch_chunks", "out_size", "row_products_pay",
-    "tap_slices", "xla_forward",
+    "FORWARD_PATHS", "NHWC", "ROW_CHUNK_PIXELS", "Geometry", "batch_chunks", "forward",
+    "forward_im2col", "forward_path", "forward_rows", "forward_shifted", "geometry_of",
+    "images_per_chunk", "kernel_rows", "live_taps", "map_batch_chunks", "out_size",
+    "row_products_pay", "tap_slices", "xla_forward",
 ]
 
 # What nnx.Conv passes for a 4-D input: lhs (0, 3, 1, 2) = NHWC, rhs (3, 2, 0, 1) = HWIO.
@@ -246,6 +246,12 @@ def images_per_chunk(batch: int, wanted: int) -> int:
     return per
 
 
+def batch_chunks(x: jax.Array, per: int) -> jax.Array:
+    """``x`` grouped as ``(per, steps, ...)``: chunk ``i`` (``[:, i]``) holds images ``i, i +
+    steps, ...``, the layout :func:`images_per_chunk` sizes chunks for."""
+    return x.reshape(per, x.shape[0] // per, *x.shape[1:])
+
+
 def map_batch_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
                      per: int) -> jax.Array:
     """``fn`` over chunks of ``per`` images of ``x`` (``per`` divides the batch, from
@@ -254,7 +260,7 @@ def map_batch_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
     steps = x.shape[0] // per
     if steps == 1:
         return fn(x)
-    grouped = x.reshape(per, steps, *x.shape[1:])  # chunk i: images i, i + steps, ...
+    grouped = batch_chunks(x, per)
     first = jax.eval_shape(fn, jax.ShapeDtypeStruct((per, *x.shape[1:]), x.dtype))
 
     def step(i: jax.Array, out: jax.Array) -> jax.Array:

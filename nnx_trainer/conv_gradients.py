@@ -93,10 +93,9 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
     if steps == 1:
         acc = chunk_grad(x, g)
     else:
-        # Chunk i holds images i, i + steps, ... (see conv_forward.images_per_chunk); a
-        # loop, not an unrolled sum, keeps compile time flat in the batch size.
-        xs = x.reshape(per, steps, *x.shape[1:])
-        gs = g.reshape(per, steps, *g.shape[1:])
+        # Chunk i holds images i, i + steps, ... (conv_forward.batch_chunks); a loop, not
+        # an unrolled sum, keeps compile time flat in the batch size.
+        xs, gs = conv_forward.batch_chunks(x, per), conv_forward.batch_chunks(g, per)
         acc = lax.fori_loop(0, steps, lambda i, a: a + chunk_grad(
             lax.dynamic_index_in_dim(xs, i, axis=1, keepdims=False),
             lax.dynamic_index_in_dim(gs, i, axis=1, keepdims=False),
@@ -130,14 +129,12 @@ def xla_kernel_grad_chunk(x_shape: Sequence[int], w_shape: Sequence[int],
 def kernel_grad_by_chunks(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometry,
                           per: int) -> jax.Array:
     """``dL/dW`` as XLA's transpose per chunk of ``per`` images (from
-    :func:`xla_kernel_grad_chunk`), summed; chunk ``i`` holds images ``i, i + steps, ...``
-    as in :func:`conv_forward.map_batch_chunks`, so a batch sharded over devices stays so."""
-    steps = x.shape[0] // per
-    xs = x.reshape(per, steps, *x.shape[1:])
-    gs = g.reshape(per, steps, *g.shape[1:])
+    :func:`xla_kernel_grad_chunk`), summed; chunks as :func:`conv_forward.batch_chunks`
+    groups them, so a batch sharded over devices stays so."""
+    xs, gs = conv_forward.batch_chunks(x, per), conv_forward.batch_chunks(g, per)
     parts = [jax.linear_transpose(
         lambda ww, i=i: xla_forward(xs[:, i], ww, geo), jax.ShapeDtypeStruct(w_shape, x.dtype)
-    )(gs[:, i])[0] for i in range(steps)]  # unrolled: see MAX_XLA_CHUNKS
+    )(gs[:, i])[0] for i in range(xs.shape[1])]  # unrolled: see MAX_XLA_CHUNKS
     return sum(parts[1:], parts[0])
 
 
