@@ -31,10 +31,12 @@ with each program's temporary buffers (``memory_analysis``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import harness
 
@@ -75,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step", metavar="MODEL/STEM/SIZE",
                    help="instead: one model's gradient step (e.g. resnet50/imagenet/64 at "
                         "--batch-size), XLA's convolution vs ours vs ours with XLA's forward "
-                        "(the routing off) vs ours without the rows path, paired rounds in "
-                        "one process")
+                        "(the routing off) vs ours without the rows path vs ours without the "
+                        "kernel gradient by chunks, paired rounds in one process")
     return p.parse_args(argv)
 
 
@@ -289,7 +291,7 @@ def step_comparison(args: argparse.Namespace) -> dict:
     import numpy as np
     from flax import nnx
 
-    from nnx_trainer import conv_forward
+    from nnx_trainer import conv_forward, conv_gradients
     from resnet_task.models import create_model
 
     name, stem, size = args.step.split("/")
@@ -299,9 +301,15 @@ def step_comparison(args: argparse.Namespace) -> dict:
     y = jnp.asarray(np.arange(batch) % 10, jnp.int32)
     # Compute dtype (parameters stay float32): --dtype bfloat16, else float32.
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    routed, rows_pay = conv_forward.forward_path, conv_forward.row_products_pay
+    # Each variant's replacements for routing rules, in place while its step is traced.
+    variants = {
+        "xla": {}, "ours": {},
+        "ours, XLA forward": {(conv_forward, "forward_path"): lambda *a: "xla"},
+        "ours, no rows": {(conv_forward, "row_products_pay"): lambda *a: False},
+        "ours, no dW chunks": {(conv_gradients, "xla_kernel_grad_chunk"): lambda *a: None},
+    }
     calls = {}
-    for variant in ("xla", "ours", "ours, XLA forward", "ours, no rows"):
+    for variant, replaced in variants.items():
         model = create_model(name, num_classes=10, stem=stem, rngs=nnx.Rngs(0), dtype=dtype,
                              conv_impl="xla" if variant == "xla" else "custom")
         model.train()
@@ -314,14 +322,11 @@ def step_comparison(args: argparse.Namespace) -> dict:
             return nnx.grad(loss)(nnx.merge(graphdef, p, r))
 
         # The route is read when the step is traced, i.e. while it is compiled here.
-        conv_forward.forward_path = (lambda *a: "xla") if variant.endswith("forward") else routed
-        if variant.endswith("no rows"):
-            conv_forward.row_products_pay = lambda *a: False
-        try:
+        with contextlib.ExitStack() as stack:
+            for (module, attribute), replacement in replaced.items():
+                stack.enter_context(mock.patch.object(module, attribute, replacement))
             t = time.perf_counter()
             compiled = jax.jit(grads).lower(params, rest, x, y).compile()
-        finally:
-            conv_forward.forward_path, conv_forward.row_products_pay = routed, rows_pay
         temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
         jax.block_until_ready(compiled(params, rest, x, y))
         print(f"  {variant:18s} compile + first step {time.perf_counter() - t:5.1f} s, "
@@ -331,9 +336,8 @@ def step_comparison(args: argparse.Namespace) -> dict:
     ms = best_ms(calls, args.rounds, 0.0)
     line = ", ".join(f"{v} {t:.0f} ms" for v, t in ms.items())
     print(f"  best of {args.rounds} paired rounds: {line}")
-    print(f"  ratio ours/xla (time) {ms['ours'] / ms['xla']:.3f}, ratio ours/ours-XLA-forward "
-          f"{ms['ours'] / ms['ours, XLA forward']:.3f}, ratio ours/ours-no-rows "
-          f"{ms['ours'] / ms['ours, no rows']:.3f}")
+    print("  " + ", ".join(f"ratio ours/{v} (time) {ms['ours'] / ms[v]:.3f}"
+                           for v in variants if v != "ours"))
     return ms
 
 
