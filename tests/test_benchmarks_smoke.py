@@ -17,19 +17,20 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-# script -> a text its result lines contain
+# script -> a text its result lines contain; the longest runs first, so that the two
+# workers of the fixture below finish together.
 SCRIPTS = {
-    "loop_overhead.py": "ratio small",
-    "data_throughput.py": "ratio digits pipeline/step",
     "vs_pytorch.py": "| model, input, batch | PyTorch images/s",
-    "memory.py": "ratio peak RSS example/hand",
-    "strategies_throughput.py": "ratio fsdp/single_device",
-    "resnet50_gpu.py": "images/s",
-    "conv_grad.py": "ratio custom/xla",
-    "folder_startup.py": "seconds to first step",
-    "compile_cache.py": "ratio second/first",
     "memory_phases.py": "ratio peak RSS trim/none",
+    "conv_grad.py": "ratio custom/xla",
+    "compile_cache.py": "ratio second/first",
+    "memory.py": "ratio peak RSS example/hand",
     "state_checks.py": "ratio first check per kind/one program",
+    "data_throughput.py": "ratio digits pipeline/step",
+    "strategies_throughput.py": "ratio fsdp/single_device",
+    "loop_overhead.py": "ratio small",
+    "resnet50_gpu.py": "images/s",
+    "folder_startup.py": "seconds to first step",
 }
 # Arguments beyond --quick: vs_pytorch runs the README's three rows as one table.
 EXTRA_ARGS = {"vs_pytorch.py": ("--suite", "--with-bf16")}
