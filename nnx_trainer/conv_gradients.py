@@ -4,8 +4,8 @@ formulation measured fastest for its shape.
 * the kernel gradient as XLA's transpose summed over a few chunks of images where
   :func:`xla_kernel_grad_chunk` finds it pays (:func:`kernel_grad_by_chunks`); else as
   ``kh * kw`` matrix products per chunk of images, or ``kh`` per kernel row where the
-  forward runs by rows (:func:`kernel_grad`), where :func:`shifted_products_pay`; else
-  XLA's transpose over the whole batch;
+  forward runs by rows or for a stem (:func:`kernel_grad`, :func:`stem_rows_pay`), where
+  :func:`shifted_products_pay`; else XLA's transpose over the whole batch;
 * the input gradient as stride-phase convolutions (:func:`input_grad_by_phases`) where
   :func:`phases_pay`; at stride 1 as a forward convolution of the output gradient with the
   flipped kernel, routed like any forward; otherwise as the transpose of the forward's own
@@ -18,6 +18,7 @@ test that replaces it changes the backward pass's routing too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -28,10 +29,11 @@ from nnx_trainer import conv_forward
 from nnx_trainer.conv_forward import NHWC, Geometry, xla_forward
 
 __all__ = [
-    "CHUNK_BYTES", "MAX_XLA_CHUNKS", "MIN_CHUNK_ROWS", "XLA_CHUNK_ROWS", "conv_bwd",
+    "CHUNK_BYTES", "MAX_XLA_CHUNKS", "MIN_CHUNK_ROWS", "STEM_CHANNELS", "STEM_ROWS",
+    "XLA_CHUNK_MAX_BYTES", "XLA_CHUNK_ROWS", "conv_bwd",
     "dilated_transpose_is_slow", "flip_transpose", "gradient_paths", "input_grad_by_phases",
     "kernel_grad", "kernel_grad_by_chunks", "phases_pay", "shifted_products_pay",
-    "stride1_input_grad_geometry", "xla_kernel_grad_chunk",
+    "stem_rows_pay", "stride1_input_grad_geometry", "xla_kernel_grad_chunk",
 ]
 
 # Bytes of one tap's input rows plus the output-gradient rows per chunk of the
@@ -55,6 +57,17 @@ XLA_CHUNK_ROWS = 1024
 # far slower way (3x3 128 -> 128 at 16x16, batch 128: 3.4 s against 55 ms unrolled). Each
 # chunk is one more convolution to compile: ResNet-18 (CIFAR, batch 128) 5.0 s against 3.1.
 MAX_XLA_CHUNKS = 16
+# ...and only while a chunk's input stays under this many bytes; above, the per-tap products
+# won: 3x3/2 128 -> 128 over 224x224 at batch 32 (two images, 51 MiB) chunks 2.1 s, taps
+# 1.1 s; over 112x112 (12.8 MiB) 281 against 236 ms. At 6.4 MiB the chunks still won:
+# 3x3/2 64 -> 128 over 112x112, 159 against 246 ms; 3x3 256 -> 256 at 56x56, 1.53 s
+# against 1.70 (README 7b).
+XLA_CHUNK_MAX_BYTES = 8 << 20
+# The kernel gradient of a stem (at most this many input channels: an image's) runs by
+# kernel rows from this many output pixels (batch x pixels) on; XLA's transpose of the
+# 7x7/2 3 -> 64 stem over 224x224 at batch 16 takes 115 ms, by rows 36 (README 7b).
+STEM_CHANNELS = 4
+STEM_ROWS = 48 * 1024
 
 
 def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometry,
@@ -112,8 +125,9 @@ def xla_kernel_grad_chunk(x_shape: Sequence[int], w_shape: Sequence[int],
     Measured float32 (``benchmarks/README.md``, 7b): 3x3 with >= 128 channels, or >= 64 at
     stride 2, at batch 128: 0.3-0.9x XLA's whole-batch time and 0.7-0.95x the shifted
     products'; at batch 16-32 mostly ties, up to 0.78x (3x3 128 -> 128 at 32x32). One image
-    per chunk lost (1.6-1.7x), so chunks hold at least two; bfloat16 was not measured and
-    keeps its earlier paths.
+    per chunk lost (1.6-1.7x), so chunks hold at least two; chunks whose input exceeds
+    :data:`XLA_CHUNK_MAX_BYTES` lost to the shifted products. bfloat16 was not measured
+    and keeps its earlier paths.
     """
     kh, kw, ci, co = w_shape
     b, ho, wo, _ = g_shape
@@ -123,7 +137,23 @@ def xla_kernel_grad_chunk(x_shape: Sequence[int], w_shape: Sequence[int],
         return None
     wanted = max(2, -(-XLA_CHUNK_ROWS // (ho * wo)), -(-b // MAX_XLA_CHUNKS))
     per = conv_forward.images_per_chunk(b, wanted)
-    return per if b // per >= 2 else None
+    chunk_bytes = per * math.prod(x_shape[1:]) * jnp.dtype(dtype).itemsize
+    return per if b // per >= 2 and chunk_bytes < XLA_CHUNK_MAX_BYTES else None
+
+
+def stem_rows_pay(w_shape: Sequence[int], g_shape: Sequence[int], dtype: object) -> bool:
+    """Whether a stem's kernel gradient (few input channels, >= 64 outputs) runs fastest
+    by kernel rows (:func:`kernel_grad` ``by_rows``) rather than as XLA's transpose.
+
+    Measured float32, fresh process (``benchmarks/README.md``, 7b, "The stem's kernel
+    gradient"): 7x7/2 3 -> 64 from 50k output pixels 0.28-0.83x XLA's time (224x224 at
+    batch 16: 36 against 115 ms), 3x3 3 -> 64 at 131k 0.41-0.44x; at 32k pixels 1.1-1.6x
+    slower, and 3 -> 16 (the CIFAR ResNets) slower too. bfloat16 was not measured.
+    """
+    kh, kw, ci, co = w_shape
+    rows = g_shape[0] * g_shape[1] * g_shape[2]
+    return (jnp.dtype(dtype) == jnp.float32 and kh * kw > 1 and ci <= STEM_CHANNELS
+            and co >= 64 and rows >= STEM_ROWS)
 
 
 def kernel_grad_by_chunks(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometry,
@@ -269,6 +299,8 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
         dx = f"T({path})"
     if xla_kernel_grad_chunk(x_shape, w_shape, g_shape, geo, dtype) is not None:
         dw = "chunks"
+    elif stem_rows_pay(w_shape, g_shape, dtype):
+        dw = "rows"
     elif not shifted_products_pay(x_shape, w_shape, g_shape, geo):
         dw = "xla"
     elif geo.strides == (1, 1) and conv_forward.forward_path(x_shape, w_shape, geo,

@@ -173,8 +173,50 @@ def test_xla_kernel_gradient_goes_by_chunks_where_measured():
     assert chunk(32, 7, 512, 512) is None  # a single chunk: XLA's over the batch
     assert chunk(128, 8, 256, 256, dtype=jnp.bfloat16) is None  # not measured
     assert chunk(128, 16, 128, 128, k=1) is None  # 1x1: one product
+    # Chunks whose input is 8 MiB or more go by taps: two images of 224x224 (25-51 MiB),
+    # 3x3/2 128 -> 128 over 112x112 (12.8 MiB); at 6.4 MiB the chunks won.
+    assert chunk(32, 224, 128, 128, geo2) is None and chunk(32, 224, 64, 128, geo2) is None
+    assert chunk(32, 112, 128, 128, geo2) is None
+    assert chunk(32, 112, 64, 128, geo2) == 2 and chunk(32, 56, 256, 256) == 2
+    assert conv_gradients.gradient_paths(
+        (32, 224, 224, 128), (3, 3, 128, 128), (32, 112, 112, 128), geo2, jnp.float32) == (
+        "phases", "taps")
     assert conv_gradients.gradient_paths(
         (128, 8, 8, 256), (3, 3, 256, 256), (128, 8, 8, 256), geo, jnp.float32)[1] == "chunks"
+
+
+def test_a_stems_kernel_gradient_goes_by_rows_where_measured():
+    def dw_path(b, side, k, s, ci=3, co=64, dtype=jnp.float32):
+        p = (k - 1) // 2
+        geo = conv_forward.Geometry((s, s), ((p, p), (p, p)), None)
+        out = (side + 2 * p - k) // s + 1
+        return conv_gradients.gradient_paths(
+            (b, side, side, ci), (k, k, ci, co), (b, out, out, co), geo, dtype)[1]
+
+    assert dw_path(16, 224, 7, 2) == "rows"  # ResNet-50's stem: 36 ms against XLA's 115
+    assert dw_path(16, 112, 7, 2) == "rows"  # 50k output pixels
+    assert dw_path(128, 32, 3, 1) == "rows"  # the CIFAR stem of ResNet-18 at batch 128
+    assert dw_path(32, 64, 7, 2) == "xla"  # 32k pixels: XLA's was faster
+    assert dw_path(128, 32, 3, 1, co=16) == "xla"  # the CIFAR ResNets' 3 -> 16 stem
+    assert dw_path(16, 224, 7, 2, dtype=jnp.bfloat16) == "xla"  # not measured
+    assert dw_path(16, 224, 7, 2, ci=16) != "rows"  # not a stem
+
+
+def test_a_stems_kernel_gradient_by_rows_equals_autodiff(monkeypatch):
+    # 7x7/2 and 3x3/1 over 3 input channels, by kernel rows in chunks of images.
+    monkeypatch.setattr(conv_gradients, "STEM_ROWS", 1)
+    monkeypatch.setattr(conv_gradients, "CHUNK_BYTES", 1)
+    by_rows = []
+    real = conv_gradients.kernel_grad
+    monkeypatch.setattr(conv_gradients, "kernel_grad", lambda *a, **k: by_rows.append(
+        k.get("by_rows")) or real(*a, **k))
+    for k, s in ((7, 2), (3, 1)):
+        x, w = _arrays(4, 15, 15, 3, 64, k, jnp.float32)
+        args = ((s, s), "SAME")
+        want = _value_and_grads(lax.conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
+        got = _value_and_grads(conv_general_dilated, x, w, *args, dimension_numbers=NHWC)
+        _assert_close(got, want, TOLERANCE[jnp.float32])
+    assert by_rows == [True, True]
 
 
 @pytest.mark.parametrize("stride, padding, channels", [
