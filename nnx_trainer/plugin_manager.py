@@ -71,6 +71,11 @@ class PluginHookError(PluginError, pluggy.PluginValidationError):
 RAISED_IN = "raised in plugin"
 
 
+def _before_hook_call(hook_name: str, methods: Sequence[Any],
+                      kwargs: Mapping[str, object]) -> None:
+    """Nothing before a hook call (pluggy's monitoring takes a pair)."""
+
+
 class TrainerPluginManager(pluggy.PluginManager):
     """pluggy's manager plus where each plugin came from (distribution or "passed in").
 
@@ -84,16 +89,16 @@ class TrainerPluginManager(pluggy.PluginManager):
         # Installed entry points that are not registered, with the reason (shown by
         # ``nnx-trainer-plugins``): disabled, autoload off, or an opt-in not configured.
         self.inactive: dict[str, str] = {}
+        # pluggy's public per-call monitoring (what its enable_tracing uses) sees every hook
+        # call's outcome: 1.1 -> 1.9 us per call measured, a few calls per training step.
+        self.add_hookcall_monitoring(_before_hook_call, self._after_hook_call)
 
-    def _hookexec(self, hook_name: str, methods: Sequence[Any], kwargs: Mapping[str, object],
-                  firstresult: bool) -> Any:
-        # pluggy calls every hook through here. The try costs nothing until something
-        # raises (zero-cost exceptions), so the step loop's hooks stay as fast.
+    def _after_hook_call(self, outcome: pluggy.Result, hook_name: str,
+                         methods: Sequence[Any], kwargs: Mapping[str, object]) -> None:
         try:
-            return self._inner_hookexec(hook_name, methods, kwargs, firstresult)
+            outcome.get_result()  # re-raises the hook call's exception, if any
         except Exception as exc:
             self._note_plugin(exc, hook_name, methods)
-            raise
 
     def describe(self, name: str) -> str:
         """``'name' (distribution)`` or ``'name' (passed in)``: where a plugin came from."""
@@ -250,10 +255,12 @@ def call_each(pm: TrainerPluginManager, hook_name: str, **kwargs: Any) -> None:
     ``tryfirst``/``trylast`` respected); later errors are logged as notes on the first.
     """
     first: Exception | None = None
+    plugins = pm.get_plugins()
     for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        only_this = pm.subset_hook_caller(hook_name, plugins - {impl.plugin})
         try:
-            pm._hookexec(hook_name, [impl], kwargs, False)
-        except Exception as exc:  # the note names the plugin (see _hookexec)
+            only_this(**kwargs)
+        except Exception as exc:  # the note names the plugin (see _after_hook_call)
             if first is None:
                 first = exc
             else:
