@@ -90,7 +90,8 @@ class TrainerPluginManager(pluggy.PluginManager):
         # ``nnx-trainer-plugins``): disabled, autoload off, or an opt-in not configured.
         self.inactive: dict[str, str] = {}
         # pluggy's public per-call monitoring (what its enable_tracing uses) sees every hook
-        # call's outcome: 1.1 -> 1.9 us per call measured, a few calls per training step.
+        # call's outcome; it adds a function call and a pluggy Result per hook call, and a
+        # training step makes only a few hook calls.
         self.add_hookcall_monitoring(_before_hook_call, self._after_hook_call)
 
     def _after_hook_call(self, outcome: pluggy.Result, hook_name: str,

@@ -33,8 +33,8 @@ SCRIPTS = {
     "folder_startup.py": "seconds to first step",
 }
 # Arguments beyond --quick: vs_pytorch runs the README's three rows as one table (ResNet-50
-# among them); memory_phases and state_checks take ResNet-18, whose compiles cost half as
-# much CPU (with their ResNet-50 default: 60 + 25 s of CPU, against 27 + 13).
+# among them); memory_phases and state_checks take ResNet-18, whose compiles cost about
+# half the CPU of their ResNet-50 default (benchmarks/README.md, "Smoke test").
 EXTRA_ARGS = {"vs_pytorch.py": ("--suite", "--with-bf16"),
               "memory_phases.py": ("--model", "resnet18"),
               "state_checks.py": ("--model", "resnet18")}
