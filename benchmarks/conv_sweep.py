@@ -78,7 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead: one model's gradient step (e.g. resnet50/imagenet/64 at "
                         "--batch-size), XLA's convolution vs ours vs ours with XLA's forward "
                         "(the routing off) vs ours without the rows path vs ours without the "
-                        "kernel gradient by chunks, paired rounds in one process")
+                        "kernel gradient by chunks vs ours with every kernel-gradient product "
+                        "as x^T g, paired rounds in one process")
+    p.add_argument("--dw-orders", action="store_true",
+                   help="instead: for each shape whose kernel gradient runs as products "
+                        "(per tap or kernel row), those products as x^T g and as g^T x, "
+                        "paired rounds (conv_gradients.output_grad_first)")
     return p.parse_args(argv)
 
 
@@ -284,6 +289,66 @@ def paths_taken(shape: tuple, batch: int, dtype: str) -> tuple[str, str]:
 # ------------------------------------------------------------------------- step
 
 
+def _dw_order_times(shape: tuple, args: argparse.Namespace) -> tuple | None:
+    """``(dw path, {order: ms}, chosen g_first)`` for a product-form kernel gradient, else
+    None."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nnx_trainer import conv_forward, conv_gradients
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    h, w, ci, co, kh, kw, strides, padding = shape
+    geo = conv_forward.Geometry(strides, padding, None)
+    x_shape, w_shape = (args.batch_size, h, w, ci), (kh, kw, ci, co)
+    g_shape = jax.eval_shape(lambda a, k: conv_forward.xla_forward(a, k, geo),
+                             jax.ShapeDtypeStruct(x_shape, dtype),
+                             jax.ShapeDtypeStruct(w_shape, dtype)).shape
+    dw = conv_gradients.gradient_paths(x_shape, w_shape, g_shape, geo, dtype)[1]
+    if dw not in ("taps", "rows"):
+        return None
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape, np.float32), dtype)
+    g = jnp.asarray(rng.standard_normal(g_shape, np.float32), dtype)
+    real = conv_gradients.output_grad_first
+    chosen = []
+
+    def grad_fn(g_first: bool):
+        def order(*a):
+            chosen.append(real(*a))
+            return g_first
+        with mock.patch.object(conv_gradients, "output_grad_first", order):
+            f = jax.jit(lambda a, b: conv_gradients.kernel_grad(
+                a, b, w_shape, geo, by_rows=dw == "rows")).lower(x, g).compile()
+        return lambda: jax.block_until_ready(f(x, g))
+
+    fns = {"x^T g": grad_fn(False), "g^T x": grad_fn(True)}
+    return dw, best_ms(fns, args.rounds, args.min_time), chosen[0]
+
+
+def dw_orders(shapes: dict[tuple, list[str]], args: argparse.Namespace) -> list[dict]:
+    """Each product-form kernel gradient timed with its products in both orders."""
+    rows = []
+    print(f"{'conv':28s} {'dW':5s} {'x^T g':>9s} {'g^T x':>9s} {'ratio':>6s}  chosen")
+    for shape in shapes:
+        timed = _dw_order_times(shape, args)
+        if timed is None:
+            continue
+        dw, ms, chosen = timed
+        print(f"{describe(shape):28s} {dw:5s} {ms['x^T g']:9.3f} {ms['g^T x']:9.3f} "
+              f"{ms['g^T x'] / ms['x^T g']:6.2f}  {'g^T x' if chosen else 'x^T g'}",
+              flush=True)
+        rows.append(dict(shape=describe(shape), dw=dw, xtg=ms["x^T g"], gtx=ms["g^T x"],
+                         chosen_g_first=bool(chosen)))
+    if rows:
+        picked = [min(r["xtg"], r["gtx"]) / (r["gtx"] if r["chosen_g_first"] else r["xtg"])
+                  for r in rows]
+        print(f"{len(rows)} shapes; the faster order's time over the chosen one's: "
+              f"worst {min(picked):.2f}, median {harness.median(picked):.2f}")
+    return rows
+
+
 def step_comparison(args: argparse.Namespace) -> dict:
     """A whole gradient step (train-mode batch norm) per convolution variant."""
     import jax
@@ -307,6 +372,7 @@ def step_comparison(args: argparse.Namespace) -> dict:
         "ours, XLA forward": {(conv_forward, "forward_path"): lambda *a: "xla"},
         "ours, no rows": {(conv_forward, "row_products_pay"): lambda *a: False},
         "ours, no dW chunks": {(conv_gradients, "xla_kernel_grad_chunk"): lambda *a: None},
+        "ours, dW x^T g": {(conv_gradients, "output_grad_first"): lambda *a: False},
     }
     calls = {}
     for variant, replaced in variants.items():
@@ -364,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         harness.emit_result({"step_ms": step_comparison(args)})
         return 0
     shapes = distinct_shapes(args)
+    if args.dw_orders:
+        print(f"kernel gradients as products, batch {args.batch_size}, {args.dtype}, best of "
+              f"{args.rounds} paired rounds, ms per call", flush=True)
+        harness.emit_result({"dw_orders": dw_orders(shapes, args)})
+        return 0
     if args.list:
         for shape, users in shapes.items():
             print(f"{describe(shape):28s} {' '.join(users)}")

@@ -32,7 +32,8 @@ __all__ = [
     "CHUNK_BYTES", "MAX_XLA_CHUNKS", "MIN_CHUNK_ROWS", "STEM_CHANNELS", "STEM_ROWS",
     "XLA_CHUNK_MAX_BYTES", "XLA_CHUNK_ROWS", "conv_bwd",
     "dilated_transpose_is_slow", "flip_transpose", "gradient_paths", "input_grad_by_phases",
-    "kernel_grad", "kernel_grad_by_chunks", "phases_pay", "shifted_products_pay",
+    "kernel_grad", "kernel_grad_by_chunks", "output_grad_first", "phases_pay",
+    "shifted_products_pay",
     "stem_rows_pay", "stride1_input_grad_geometry", "xla_kernel_grad_chunk",
 ]
 
@@ -83,25 +84,30 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
     # Accumulate in float32 even for bfloat16 inputs: the sums run over batch * pixels terms.
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // ((ci + co) * jnp.dtype(x.dtype).itemsize))
+    # One tap, no shifted copies to keep in cache: one product over the batch is fastest.
+    per = b if kh == kw == 1 else conv_forward.images_per_chunk(b, rows // (ho * wo))
+    depth = kw * ci if by_rows else ci  # the K of each product
+    g_first = output_grad_first(depth, co, per * ho * wo)
+
     def product(lhs: jax.Array, g2: jax.Array) -> jax.Array:
-        # 2-D (rows, K)^T @ (rows, Cout): XLA:CPU's fastest form of this product.
-        return lax.dot_general(lhs.reshape(g2.shape[0], -1), g2, (((0,), (0,)), ((), ())),
-                               precision=geo.precision, preferred_element_type=acc_dtype)
+        # 2-D, contracting the rows: g^T @ x, (Cout, K), where g_first, else x^T @ g.
+        lhs = lhs.reshape(g2.shape[0], -1)
+        operands = (g2, lhs) if g_first else (lhs, g2)
+        return lax.dot_general(*operands, (((0,), (0,)), ((), ())), precision=geo.precision,
+                               preferred_element_type=acc_dtype)
 
     def chunk_grad(xc: jax.Array, gc: jax.Array) -> jax.Array:
         # Padded per chunk, in cache: a padded copy of the whole batch first was slower.
         g2 = gc.reshape(gc.shape[0] * ho * wo, co)
         if by_rows:
             xp = conv_forward.padded_to_windows(xc, w_shape, geo)
-            rows = conv_forward.kernel_rows(xp, w_shape, geo, ho, wo)
-            return jnp.stack([product(r, g2) for r in rows])  # (kh, kw * ci, co)
+            row_slices = conv_forward.kernel_rows(xp, w_shape, geo, ho, wo)
+            return jnp.stack([product(r, g2) for r in row_slices])  # kh products
         taps = [(i, j) for i in range(kh) for j in range(kw)]
         slices = conv_forward.tap_slices(xc, w_shape, geo, taps)
-        return jnp.stack([product(xs, g2) for xs in slices])  # (kh * kw, ci, co)
+        return jnp.stack([product(xs, g2) for xs in slices])  # kh * kw products
 
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // ((ci + co) * jnp.dtype(x.dtype).itemsize))
-    # One tap, no shifted copies to keep in cache: one product over the batch is fastest.
-    per = b if kh == kw == 1 else conv_forward.images_per_chunk(b, rows // (ho * wo))
     steps = b // per
     if steps == 1:
         acc = chunk_grad(x, g)
@@ -112,8 +118,26 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
         acc = lax.fori_loop(0, steps, lambda i, a: a + chunk_grad(
             lax.dynamic_index_in_dim(xs, i, axis=1, keepdims=False),
             lax.dynamic_index_in_dim(gs, i, axis=1, keepdims=False),
-        ), jnp.zeros((kh, kw * ci, co) if by_rows else (kh * kw, ci, co), acc_dtype))
+        ), jnp.zeros((kh if by_rows else kh * kw, *((co, depth) if g_first else (depth, co))),
+                     acc_dtype))
+    if g_first:
+        acc = jnp.swapaxes(acc, 1, 2)  # once, after the sum: (kh or taps, K, Cout)
     return acc.reshape(kh, kw, ci, co)
+
+
+def output_grad_first(depth: int, cout: int, rows: int) -> bool:
+    """Whether :func:`kernel_grad`'s products run as ``g^T @ x`` (a ``(Cout, K)`` result)
+    rather than ``x^T @ g`` (``(K, Cout)``): the same product, faster on XLA:CPU when the
+    result's rows are the fewer.
+
+    Measured float32, each product's both orders in paired rounds (``benchmarks/README.md``,
+    7b, "The kernel gradient's product order"): with ``K > Cout`` 0.70-0.95x the time
+    (3x3 64 -> 64 by kernel rows, K = 192: 0.72-0.80x at 32x32-112x112; 1x1 256 -> 64,
+    512 -> 128, 1024 -> 256); with ``K <= Cout`` 1.0-2.0x (the stems' few input channels,
+    1x1 64 -> 256, 3x3/2 512 -> 512), and below 512 rows per product (2x2 images at batch
+    32) slower either way.
+    """
+    return depth > cout and rows >= MIN_CHUNK_ROWS
 
 
 def xla_kernel_grad_chunk(x_shape: Sequence[int], w_shape: Sequence[int],
@@ -303,10 +327,13 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
         dw = "rows"
     elif not shifted_products_pay(x_shape, w_shape, g_shape, geo):
         dw = "xla"
-    elif geo.strides == (1, 1) and conv_forward.forward_path(x_shape, w_shape, geo,
-                                                              dtype) == "rows":
-        # Per kernel row where the forward runs by rows at stride 1 (64 channels):
-        # 3x3 64 -> 64 at 32x32, batch 128: 114 ms per tap, 103 per row, XLA's 212.
+    elif geo.strides == (1, 1) and w_shape[0] * w_shape[1] > 1 and (
+            48 <= w_shape[2] <= 64
+            or conv_forward.forward_path(x_shape, w_shape, geo, dtype) == "rows"):
+        # Per kernel row at stride 1 with 64 input channels (where the forward runs by rows,
+        # and on larger images): 3x3 64 -> 64 at 32x32, batch 128: 114 ms per tap, 103 per
+        # row, 70-77 per row with the output gradient first (output_grad_first), XLA's 212;
+        # at 112x112, batch 16: 173 per tap, 134 per row.
         dw = "rows"
     else:
         dw = "taps"

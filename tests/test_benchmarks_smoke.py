@@ -87,3 +87,13 @@ def test_image_pipeline_benchmark_runs_tiny_and_prints_its_table(tmp_path):
             or "torchvision: skipped" in proc.stdout)
     help_proc = run_script("image_pipeline.py", "--help", timeout=60)
     assert help_proc.returncode == 0 and "--quick" in help_proc.stdout
+
+
+def test_conv_sweep_times_the_kernel_gradients_product_orders():
+    # Not in SCRIPTS: its --quick still sweeps shapes; this is its shortest mode.
+    proc = run_script("conv_sweep.py", "--dw-orders", "--quick", "--dtype", "float32",
+                      "--batch-size", "4", "--rounds", "1", "--min-time", "0")
+    assert proc.returncode == 0, (proc.stdout[-2000:] + proc.stderr[-4000:])
+    assert "machine:" in proc.stdout and "inputs:" in proc.stdout
+    assert "x^T g" in proc.stdout and "the faster order's time over the chosen one's" in \
+        proc.stdout, proc.stdout[-3000:]

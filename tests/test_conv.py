@@ -219,6 +219,42 @@ def test_a_stems_kernel_gradient_by_rows_equals_autodiff(monkeypatch):
     assert by_rows == [True, True]
 
 
+@pytest.mark.parametrize("g_first", [True, False], ids=["g_first", "x_first"])
+def test_kernel_gradient_products_in_either_order_match_autodiff(g_first, custom_paths,
+                                                                 monkeypatch):
+    # Per tap (1x1 and 3x3, stride 1 and 2) and per kernel row, both orders of the product.
+    monkeypatch.setattr(conv_gradients, "output_grad_first", lambda *a: g_first)
+    for k, stride in ((1, 1), (3, 1), (3, 2)):
+        _compare_paddings(k, stride, ["SAME", ((0, 2), (1, 0))], jnp.float32, (3, 7, 8, 6, 4))
+    monkeypatch.setattr(conv_forward, "forward_path", lambda *a: "rows")
+    _compare_paddings(3, 1, ["SAME", ((0, 2), (1, 0))], jnp.float32, (3, 7, 8, 6, 4))
+
+
+def test_the_kernel_gradients_product_order_follows_the_measurements():
+    first = conv_gradients.output_grad_first
+    assert first(3 * 64, 64, 2048)  # 3x3 64 -> 64 by kernel rows: 0.72-0.80x the time
+    assert first(256, 64, 8192)  # 1x1 256 -> 64
+    assert not first(64, 256, 8192)  # 1x1 64 -> 256: the other order was 1.3-1.4x slower
+    assert not first(7 * 3, 64, 8192)  # the stem by kernel rows: 1.6-2.0x slower
+    assert not first(512, 512, 8192)  # square: no gain
+    assert not first(2048, 512, 128)  # a few rows (2x2 images at batch 32): slower
+
+
+def test_a_64_channel_kernel_gradient_goes_by_rows_at_stride_1():
+    def dw_path(b, side, s=1, c=64, k=3):
+        p = k // 2
+        geo = conv_forward.Geometry((s, s), ((p, p), (p, p)), None)
+        out = (side - 1) // s + 1
+        return conv_gradients.gradient_paths(
+            (b, side, side, c), (k, k, c, c), (b, out, out, c), geo, jnp.float32)[1]
+
+    assert dw_path(128, 32) == "rows"  # the forward goes by rows too
+    assert dw_path(16, 112) == "rows"  # its forward stays XLA's; per tap it was 1.3x slower
+    assert dw_path(128, 32, s=2) != "rows"
+    assert dw_path(16, 112, c=128) != "rows"
+    assert dw_path(32, 56, k=1) == "taps"  # one tap: nothing to put side by side
+
+
 @pytest.mark.parametrize("stride, padding, channels", [
     (1, "SAME", 128), (2, "SAME", 64), (1, ((0, 2), (1, 0)), 128)], ids=["s1", "s2", "asymmetric"])
 def test_xla_kernel_gradient_sums_over_chunks(stride, padding, channels, monkeypatch):
