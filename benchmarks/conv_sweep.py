@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--batch-size), XLA's convolution vs ours vs ours with XLA's forward "
                         "(the routing off) vs ours without the rows path vs ours without the "
                         "kernel gradient by chunks vs ours with every kernel-gradient product "
-                        "as x^T g, paired rounds in one process")
+                        "as x^T g vs ours without the input gradient waiting for the "
+                        "products' kernel gradient, paired rounds in one process")
     p.add_argument("--dw-orders", action="store_true",
                    help="instead: for each shape whose kernel gradient runs as products "
                         "(per tap or kernel row), those products as x^T g and as g^T x, "
@@ -373,6 +374,7 @@ def step_comparison(args: argparse.Namespace) -> dict:
         "ours, no rows": {(conv_forward, "row_products_pay"): lambda *a: False},
         "ours, no dW chunks": {(conv_gradients, "xla_kernel_grad_chunk"): lambda *a: None},
         "ours, dW x^T g": {(conv_gradients, "output_grad_first"): lambda *a: False},
+        "ours, dW untied": {(conv_gradients, "computed_after"): lambda value, _: value},
     }
     calls = {}
     for variant, replaced in variants.items():

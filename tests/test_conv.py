@@ -240,6 +240,23 @@ def test_the_kernel_gradients_product_order_follows_the_measurements():
     assert not first(2048, 512, 128)  # a few rows (2x2 images at batch 32): slower
 
 
+def test_the_input_gradient_waits_for_the_kernel_gradient_bit_for_bit():
+    # conv_bwd ties dx to a product-form dW (XLA:CPU would leave those products to the end
+    # of the backward pass, holding their inputs): dx must come out unchanged whatever dW
+    # holds, and must really depend on it.
+    value = jnp.asarray(np.random.default_rng(0).standard_normal((4, 3, 5, 6)), jnp.float32)
+    tie = jax.jit(conv_gradients.computed_after)
+    for dep in (np.nan, np.inf, -np.inf, -1.0, 0.0, 5.0):
+        out = tie(value, jnp.full((3, 3, 6, 2), dep, jnp.float32))
+        np.testing.assert_array_equal(np.asarray(out).view(np.uint32),
+                                      np.asarray(value).view(np.uint32))
+    vector = jnp.arange(5.0)
+    np.testing.assert_array_equal(tie(vector, jnp.ones(2)), vector)
+    jaxpr = jax.make_jaxpr(conv_gradients.computed_after)(value, jnp.ones((3, 3, 6, 2)))
+    dependency = jaxpr.jaxpr.invars[1]
+    assert any(dependency in eqn.invars for eqn in jaxpr.jaxpr.eqns)
+
+
 def test_a_64_channel_kernel_gradient_goes_by_rows_at_stride_1():
     def dw_path(b, side, s=1, c=64, k=3):
         p = k // 2
