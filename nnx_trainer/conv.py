@@ -21,11 +21,13 @@ convolution is slow. A ``jax.custom_vjp`` whose backward pass computes
 
 * the kernel gradient, where that measured faster (1x1 kernels, and 3x3 with many
   channels or large images: see ``conv_gradients.shifted_products_pay``), as ``kh * kw`` matrix
-  products per chunk of images (``kh`` where the forward runs by kernel rows),
+  products per chunk of images (``kh``, one per kernel row, with 64 input channels at
+  stride 1),
   ``dW[i, j] = sum_{b,h,w} x_pad[b, h*s + i, w*s + j, :]^T  g[b, h, w, :]``, looped over
   chunks of images of about ``CHUNK_BYTES`` per tap, so each chunk's shifted copies of
   the input stay in cache (1.2-2.5x faster than one product over the whole batch,
-  whose copies are each the size of the input);
+  whose copies are each the size of the input), each product as ``g^T x`` or ``x^T g``,
+  whichever runs faster for its shape (``conv_gradients.output_grad_first``);
 * the input gradient at stride 1 as the forward convolution of the output gradient with
   the flipped kernel, routed like any forward; at stride 2 on larger images as ``s * s``
   stride-1 convolutions with the kernel's stride phases (sub-pixel form), which do only

@@ -3,13 +3,16 @@ formulation measured fastest for its shape.
 
 * the kernel gradient as XLA's transpose summed over a few chunks of images where
   :func:`xla_kernel_grad_chunk` finds it pays (:func:`kernel_grad_by_chunks`); else as
-  ``kh * kw`` matrix products per chunk of images, or ``kh`` per kernel row where the
-  forward runs by rows or for a stem (:func:`kernel_grad`, :func:`stem_rows_pay`), where
-  :func:`shifted_products_pay`; else XLA's transpose over the whole batch;
+  ``kh * kw`` matrix products per chunk of images, or ``kh`` per kernel row with 64 input
+  channels at stride 1 or for a stem (:func:`kernel_grad`, :func:`stem_rows_pay`), where
+  :func:`shifted_products_pay`, each product in the order :func:`output_grad_first`
+  picks; else XLA's transpose over the whole batch;
 * the input gradient as stride-phase convolutions (:func:`input_grad_by_phases`) where
   :func:`phases_pay`; at stride 1 as a forward convolution of the output gradient with the
   flipped kernel, routed like any forward; otherwise as the transpose of the forward's own
-  formulation (:func:`conv_bwd`).
+  formulation (:func:`conv_bwd`). Where the kernel gradient is products, the input
+  gradient is handed on only once it is computed (:func:`computed_after`), or XLA:CPU
+  would leave those products to the end of the backward pass.
 
 Internal to :mod:`nnx_trainer.conv`; the names are public for its tests and benchmarks.
 The forward router is looked up through its module (``conv_forward.forward_path``), so a
@@ -328,12 +331,12 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
     elif not shifted_products_pay(x_shape, w_shape, g_shape, geo):
         dw = "xla"
     elif geo.strides == (1, 1) and w_shape[0] * w_shape[1] > 1 and (
-            48 <= w_shape[2] <= 64
+            (jnp.dtype(dtype) == jnp.float32 and 48 <= w_shape[2] <= 64)
             or conv_forward.forward_path(x_shape, w_shape, geo, dtype) == "rows"):
         # Per kernel row at stride 1 with 64 input channels (where the forward runs by rows,
         # and on larger images): 3x3 64 -> 64 at 32x32, batch 128: 114 ms per tap, 103 per
         # row, 70-77 per row with the output gradient first (output_grad_first), XLA's 212;
-        # at 112x112, batch 16: 173 per tap, 134 per row.
+        # at 112x112, batch 16: 173 per tap, 134 per row (float32; bfloat16 not measured).
         dw = "rows"
     else:
         dw = "taps"
