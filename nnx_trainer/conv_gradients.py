@@ -133,8 +133,9 @@ def output_grad_first(depth: int, cout: int, rows: int) -> bool:
     rather than ``x^T @ g`` (``(K, Cout)``): the same product, faster on XLA:CPU when the
     result's rows are the fewer.
 
-    Measured float32, each product's both orders in paired rounds (``benchmarks/README.md``,
-    7b, "The kernel gradient's product order"): with ``K > Cout`` 0.70-0.95x the time
+    Measured float32 (and bfloat16 on two models), each product's both orders in paired
+    rounds (``benchmarks/README.md``, 7b, "The kernel gradient's product order"): with
+    ``K > Cout`` 0.70-0.95x the time
     (3x3 64 -> 64 by kernel rows, K = 192: 0.72-0.80x at 32x32-112x112; 1x1 256 -> 64,
     512 -> 128, 1024 -> 256); with ``K <= Cout`` 1.0-2.0x (the stems' few input channels,
     1x1 64 -> 256, 3x3/2 512 -> 512), and below 512 rows per product (2x2 images at batch
@@ -378,18 +379,21 @@ def computed_after(value: jax.Array, dependency: jax.Array) -> jax.Array:
     XLA:CPU's scheduler leaves a kernel gradient computed as products (plain dots whose
     result is only a parameter's gradient) to the end of the backward pass, holding each
     one's input and output gradient alive until then: ResNet-50 at 224x224, batch 16,
-    1721 MiB of temporary buffers against 1159 with this tie, and its step 0.81-0.85x the
+    1721 MiB of temporary buffers against 1159 with this tie, and its step 0.80-0.85x the
     time (``benchmarks/README.md``, 7b, "The kernel gradient's product order"). Passing
     the input gradient through this makes the rest of the backward pass wait for the
     kernel gradient. ``lax.optimization_barrier`` would say the same, but XLA:CPU drops it
-    before scheduling (jax 0.10.2). The tie copies one element per image along the last
-    axis over itself, at an index read from ``dependency``: whatever the index, it is
-    clamped alike on both sides, so the copy is an exact no-op, and the leading (batch)
-    axis is taken whole, so a batch sharded over devices stays where it is.
+    before scheduling (jax 0.10.2). The tie copies one element per image over itself, at
+    a row index read from ``dependency``: whatever the index, it is clamped alike on both
+    sides, so the copy is an exact no-op. The batch axis is taken whole and the channels
+    at a fixed index, so a batch sharded over devices (or channels sharded by a model's
+    partition rules) stays where it is; only the image's rows (axis 1), which no shipped
+    strategy shards, are indexed by a traced value.
     """
     if value.ndim == 0 or value.size == 0 or dependency.size == 0:
         return value
     index = (dependency.reshape(-1)[0] > 0).astype(jnp.int32)
-    start = (*(jnp.zeros((), jnp.int32),) * (value.ndim - 1), index)  # one index type (x64)
-    sizes = (value.shape[0], *(1,) * (value.ndim - 1))
+    zero = jnp.zeros((), jnp.int32)  # every index of one type, also under x64
+    start = (index,) if value.ndim == 1 else (zero, index, *(zero,) * (value.ndim - 2))
+    sizes = (1,) if value.ndim == 1 else (value.shape[0], *(1,) * (value.ndim - 1))
     return lax.dynamic_update_slice(value, lax.dynamic_slice(value, start, sizes), start)
