@@ -271,17 +271,23 @@ def torch_fn(shape: tuple, batch: int, dtype_name: str, which: str) -> Callable[
     return bwd
 
 
+def gradient_geometry(shape: tuple, batch: int) -> tuple:
+    """``(geometry, x_shape, w_shape, g_shape)`` of a sweep shape at ``batch``."""
+    from nnx_trainer import conv_forward as fwd_mod
+
+    h, w, ci, co, kh, kw, strides, padding = shape
+    ho = fwd_mod.out_size(h, kh, strides[0], padding[0])
+    wo = fwd_mod.out_size(w, kw, strides[1], padding[1])
+    return (fwd_mod.Geometry(strides, padding, None), (batch, h, w, ci), (kh, kw, ci, co),
+            (batch, ho, wo, co))
+
+
 def paths_taken(shape: tuple, batch: int, dtype: str) -> tuple[str, str]:
     """The forward path and the backward's (input gradient, kernel gradient) forms."""
     from nnx_trainer import conv_forward as fwd_mod
     from nnx_trainer import conv_gradients as grad_mod
 
-    h, w, ci, co, kh, kw, strides, padding = shape
-    geo = fwd_mod.Geometry(strides, padding, None)
-    x_shape, w_shape = (batch, h, w, ci), (kh, kw, ci, co)
-    ho = fwd_mod.out_size(h, kh, strides[0], padding[0])
-    wo = fwd_mod.out_size(w, kw, strides[1], padding[1])
-    g_shape = (batch, ho, wo, co)
+    geo, x_shape, w_shape, g_shape = gradient_geometry(shape, batch)
     fwd = fwd_mod.forward_path(x_shape, w_shape, geo, dtype)
     dx, dw = grad_mod.gradient_paths(x_shape, w_shape, g_shape, geo, dtype)
     return fwd, f"dx {dx}, dW {dw}"
@@ -297,15 +303,10 @@ def _dw_order_times(shape: tuple, args: argparse.Namespace) -> tuple | None:
     import jax.numpy as jnp
     import numpy as np
 
-    from nnx_trainer import conv_forward, conv_gradients
+    from nnx_trainer import conv_gradients
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    h, w, ci, co, kh, kw, strides, padding = shape
-    geo = conv_forward.Geometry(strides, padding, None)
-    x_shape, w_shape = (args.batch_size, h, w, ci), (kh, kw, ci, co)
-    g_shape = jax.eval_shape(lambda a, k: conv_forward.xla_forward(a, k, geo),
-                             jax.ShapeDtypeStruct(x_shape, dtype),
-                             jax.ShapeDtypeStruct(w_shape, dtype)).shape
+    geo, x_shape, w_shape, g_shape = gradient_geometry(shape, args.batch_size)
     dw = conv_gradients.gradient_paths(x_shape, w_shape, g_shape, geo, dtype)[1]
     if dw not in ("taps", "rows"):
         return None

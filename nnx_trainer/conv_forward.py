@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = [
-    "FORWARD_PATHS", "NHWC", "ROW_CHUNK_PIXELS", "Geometry", "batch_chunks", "forward",
-    "forward_im2col", "forward_path", "forward_rows", "forward_shifted", "geometry_of",
+    "FORWARD_PATHS", "NHWC", "ROW_CHANNELS", "ROW_CHUNK_PIXELS", "Geometry", "batch_chunks",
+    "forward", "forward_im2col", "forward_path", "forward_rows", "forward_shifted", "geometry_of",
     "images_per_chunk", "kernel_rows", "live_taps", "map_batch_chunks", "out_size",
     "row_products_pay", "tap_slices", "xla_forward",
 ]
@@ -34,6 +34,9 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 # 1024 pixels 93 ms, 2048 71, 4096 68, 8192 71, the whole batch at once 206 (XLA 137).
 # A chunk's row copies (3 x 64 channels x 4096 pixels, 3 MiB) stay in cache.
 ROW_CHUNK_PIXELS = 4096
+# Input channels for which a float32 forward by kernel rows beats XLA's convolution
+# (row_products_pay; the kernel gradient by rows follows it, conv_gradients.gradient_paths).
+ROW_CHANNELS = range(48, 65)
 
 
 class Geometry(NamedTuple):
@@ -350,7 +353,7 @@ def row_products_pay(w_shape: Sequence[int], out_pixels: int, dtype: Any = None)
     ci = w_shape[2]
     if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16:
         return ci >= 64
-    return 48 <= ci <= 64 and out_pixels >= 64
+    return ci in ROW_CHANNELS and out_pixels >= 64
 
 
 def forward(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:

@@ -332,7 +332,7 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
     elif not shifted_products_pay(x_shape, w_shape, g_shape, geo):
         dw = "xla"
     elif geo.strides == (1, 1) and w_shape[0] * w_shape[1] > 1 and (
-            (jnp.dtype(dtype) == jnp.float32 and 48 <= w_shape[2] <= 64)
+            (jnp.dtype(dtype) == jnp.float32 and w_shape[2] in conv_forward.ROW_CHANNELS)
             or conv_forward.forward_path(x_shape, w_shape, geo, dtype) == "rows"):
         # Per kernel row at stride 1 with 64 input channels (where the forward runs by rows,
         # and on larger images): 3x3 64 -> 64 at 32x32, batch 128: 114 ms per tap, 103 per
