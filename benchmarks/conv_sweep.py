@@ -23,9 +23,10 @@ forward routing rule was chosen.
     python benchmarks/conv_sweep.py --list                      # the shapes, no timing
     python benchmarks/conv_sweep.py --step resnet50/imagenet/64 # a whole gradient step
 
-``--step`` compiles one model's gradient step three times in one process (XLA's
-convolution, ours, ours with the forward routing off) and times them in paired rounds,
-with each program's temporary buffers (``memory_analysis``).
+``--step`` compiles one model's gradient step once per variant in one process (XLA's
+convolution, ours, ours with one routing rule or tie undone, ours compiled with XLA:CPU's
+legacy loop emitters) and times them in paired rounds, with each program's temporary
+buffers (``memory_analysis``).
 """
 
 from __future__ import annotations
@@ -376,7 +377,12 @@ def step_comparison(args: argparse.Namespace) -> dict:
         "ours, no dW chunks": {(conv_gradients, "xla_kernel_grad_chunk"): lambda *a: None},
         "ours, dW x^T g": {(conv_gradients, "output_grad_first"): lambda *a: False},
         "ours, dW untied": {(conv_gradients, "computed_after"): lambda value, _: value},
+        "ours, legacy emitters": {},
     }
+    # Each variant's XLA compile options: XLA:CPU's older loop emitters instead of its
+    # fusion emitters, which hold every fusion's LLVM module until the end of the compile
+    # (benchmarks/README.md, "XLA's fusion emitters and the compile's peak").
+    compiler_options = {"ours, legacy emitters": {"xla_cpu_use_fusion_emitters": False}}
     calls = {}
     for variant, replaced in variants.items():
         model = create_model(name, num_classes=10, stem=stem, rngs=nnx.Rngs(0), dtype=dtype,
@@ -395,7 +401,8 @@ def step_comparison(args: argparse.Namespace) -> dict:
             for (module, attribute), replacement in replaced.items():
                 stack.enter_context(mock.patch.object(module, attribute, replacement))
             t = time.perf_counter()
-            compiled = jax.jit(grads).lower(params, rest, x, y).compile()
+            compiled = jax.jit(grads).lower(params, rest, x, y).compile(
+                compiler_options=compiler_options.get(variant))
         temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
         jax.block_until_ready(compiled(params, rest, x, y))
         print(f"  {variant:18s} compile + first step {time.perf_counter() - t:5.1f} s, "

@@ -15,14 +15,22 @@ Variants:
   the eager build compiled; the Trainer does it after a build that compiled at least
   ``nnx_trainer.host_memory.MANY_PROGRAMS``, as ResNet-50's does).
 
+The steps phase also reports the minor page faults and the system CPU time per step:
+XLA:CPU maps each step's temporary buffer afresh, so the kernel faults in and zeroes it
+every step. Environment settings pass to the children, which makes the two process-wide
+choices that move these figures comparable from the command line:
+
     python benchmarks/memory_phases.py                          # ResNet-50 64², batch 32
     python benchmarks/memory_phases.py --model resnet18 --image-size 32 --batch-size 128
+    XLA_FLAGS=--xla_cpu_use_fusion_emitters=false python benchmarks/memory_phases.py
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/memory_phases.py
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import resource
 import sys
 import time
 from pathlib import Path
@@ -110,13 +118,17 @@ def worker(args: argparse.Namespace) -> dict:
     if args._variant != "none":
         release_free_host_memory()
     phase("compile")
-    start = time.perf_counter()
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for i in range(3):
         state, loss = compiled(state, batches[i % len(batches)])
     jax.block_until_ready(loss)
     phase("three steps")
+    after = resource.getrusage(resource.RUSAGE_SELF)
     return {"phases": phases, "state_mib": state_mib, "temp_mib": temp_mib,
-            "step_seconds": (time.perf_counter() - start) / 3}
+            "step_seconds": (time.perf_counter() - start) / 3,
+            # Pages touched afresh per step, and the kernel's CPU time for them.
+            "minor_faults_per_step": (after.ru_minflt - usage.ru_minflt) / 3,
+            "system_ms_per_step": (after.ru_stime - usage.ru_stime) / 3 * 1e3}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
               f"buffers {r['temp_mib']:.0f} MiB, process peak {peak:.0f} MiB")
         for name, phase_peak, rss in r["phases"]:
             print(f"    {name:<28} peak {phase_peak:7.0f}   (end {rss:7.0f})")
+        print(f"    per step: {r['step_seconds'] * 1e3:.0f} ms, "
+              f"{r['minor_faults_per_step']:.0f} minor page faults, "
+              f"{r['system_ms_per_step']:.0f} ms of system CPU")
         peaks[variant] = peak
     for variant in args.variants[1:]:
         print(f"  ratio peak RSS {variant}/{args.variants[0]}: "
