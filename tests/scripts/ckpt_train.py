@@ -105,7 +105,11 @@ def hang_commit_of(step: int, run_dir: str) -> None:
     async def finalize(self):
         final = self.get_final()
         if final.name == str(step) and final.parent.name == "checkpoints":
-            (Path(run_dir) / "commit_hanging").write_text(str(self.get()))
+            # Written aside, then renamed: the main thread kills the process as soon as
+            # the flag exists, which must not be before its text is in it.
+            flag = Path(run_dir) / "commit_hanging"
+            flag.with_suffix(".writing").write_text(str(self.get()))
+            os.replace(flag.with_suffix(".writing"), flag)
             await asyncio.sleep(3600)
         return await original(self)
 
