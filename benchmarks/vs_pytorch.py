@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -432,7 +431,7 @@ def median_of(runs: list[dict]) -> dict:
     for key in ("images_per_second", "images_per_second_with_boundaries", "cpu_ms_per_step",
                 "peak_rss_mib"):
         if key in combined:
-            combined[key] = statistics.median(r[key] for r in runs)
+            combined[key] = harness.median([r[key] for r in runs])
     combined["round_rates"] = [r["images_per_second"] for r in runs]
     return combined
 
