@@ -27,7 +27,8 @@ table; ``--precision bf16`` (or ``--suite --with-bf16``, an extra column) runs o
 ``Trainer(precision="bf16")``. ``--rounds N`` measures each side N times, interleaved, in
 fresh processes, and reports medians; ``--warm-cache`` adds ours once more with its train
 step read from JAX's persistent compilation cache (how a rerun starts by default), whose
-peak RSS leaves out XLA's compile.
+peak RSS leaves out XLA's compile. ``vs_pytorch_paired.py`` measures the same sides in turns
+instead, all three processes alive at once, which cancels the machine's own drift.
 
     python benchmarks/vs_pytorch.py                 # ~10 min on a 2-core CPU
     python benchmarks/vs_pytorch.py --suite --with-bf16
@@ -42,7 +43,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import harness
 
@@ -241,7 +244,9 @@ def torch_resnet50(width: int, num_classes: int = 10):
     return nn.Sequential(*layers)
 
 
-def torch_worker(args: argparse.Namespace) -> dict:
+def torch_stepper(args: argparse.Namespace) -> tuple[Callable[[int], Any], int]:
+    """PyTorch's side, built and warmed up: ``(run, threads)``, ``run(n)`` trains ``n``
+    steps and returns the last loss, a number (so the steps have finished)."""
     import torch
     import torch.nn.functional as F
 
@@ -257,25 +262,35 @@ def torch_worker(args: argparse.Namespace) -> dict:
     b, h = s["batch_size"], s["image_size"]
     batches = [(torch.randn(b, 3, h, h, generator=g).contiguous(memory_format=fmt),
                 torch.randint(0, 10, (b,), generator=g)) for _ in range(4)]
+    done = 0
 
-    def step(i: int) -> torch.Tensor:
-        x, y = batches[i % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
+    def run(steps: int) -> float:
+        nonlocal done
+        loss = None
+        for _ in range(steps):
+            x, y = batches[done % len(batches)]
+            done += 1
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        return float(loss)
 
-    for i in range(2):  # warm-up: allocator, oneDNN primitive caches
-        step(i)
+    run(2)  # warm-up: allocator, oneDNN primitive caches
+    return run, torch.get_num_threads()
+
+
+def torch_worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    run, threads = torch_stepper(args)
+    steps, b = sizes(args)["steps"], sizes(args)["batch_size"]
     start, cpu = time.perf_counter(), time.process_time()
-    for i in range(s["steps"]):
-        loss = step(i)
-    float(loss)
+    run(steps)
     wall = time.perf_counter() - start
-    return {"images_per_second": s["steps"] * b / wall,
-            "cpu_ms_per_step": (time.process_time() - cpu) / s["steps"] * 1e3,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"images_per_second": steps * b / wall,
+            "cpu_ms_per_step": (time.process_time() - cpu) / steps * 1e3,
+            "threads": threads, "torch": torch.__version__}
 
 
 # -------------------------------------------------------------------------------- JAX side

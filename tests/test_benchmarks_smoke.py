@@ -21,6 +21,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # workers of the fixture below finish together.
 SCRIPTS = {
     "vs_pytorch.py": "| model, input, batch | PyTorch images/s",
+    "vs_pytorch_paired.py": "| model, input, batch | ours / PyTorch, median",
     "conv_grad.py": "ratio custom/xla",
     "compile_cache.py": "ratio second/first",
     "memory_phases.py": "ratio peak RSS trim/none",
