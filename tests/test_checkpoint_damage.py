@@ -145,7 +145,8 @@ def test_last_steps_over_a_damaged_step_naming_it_and_keeping_it(run, name):
 @pytest.mark.parametrize("damage", ["flip-4-kib", "truncate"])
 def test_a_large_arrays_damaged_data_file_is_caught(tmp_path, caplog, damage):
     """The issue's silent case: a large array's data file is not checked by TensorStore
-    (a 4096 x 16 kernel is stored apart from the tree), only by the fingerprint."""
+    (a 4096 x 16 kernel is stored apart from the tree): bytes that still decode are caught
+    by the fingerprint."""
     make_trainer(tmp_path, every_3_steps(), max_steps=6, log_every_n_steps=3).fit(
         TinyTask(dim=4096))
     files = [p for p in (tmp_path / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
@@ -164,7 +165,10 @@ def test_a_large_arrays_damaged_data_file_is_caught(tmp_path, caplog, damage):
     assert (tmp_path / "checkpoints" / "_damaged" / "6-1").is_dir()
     assert "checkpoint step 6 is damaged: state/ (array " in caplog.text
     if damage != "truncate":
-        assert "do not match the fingerprint" in caplog.text
+        # Where the flipped bytes fall in a zstd-compressed block, the decoder fails first
+        # (seen in CI); where they fall in stored bytes, only the fingerprint can tell.
+        assert ("do not match the fingerprint" in caplog.text
+                or "ZSTD_decompressStream() failed" in caplog.text), caplog.text[-2000:]
 
 
 def test_a_step_half_deleted_by_a_kill_is_set_aside_once_not_warned_at_every_start(run):
