@@ -284,12 +284,12 @@ def torch_worker(args: argparse.Namespace) -> dict:
     import torch
 
     run, threads = torch_stepper(args)
-    steps, b = sizes(args)["steps"], sizes(args)["batch_size"]
+    s = sizes(args)
     start, cpu = time.perf_counter(), time.process_time()
-    run(steps)
+    run(s["steps"])
     wall = time.perf_counter() - start
-    return {"images_per_second": steps * b / wall,
-            "cpu_ms_per_step": (time.process_time() - cpu) / steps * 1e3,
+    return {"images_per_second": s["steps"] * s["batch_size"] / wall,
+            "cpu_ms_per_step": (time.process_time() - cpu) / s["steps"] * 1e3,
             "threads": threads, "torch": torch.__version__}
 
 
