@@ -151,6 +151,15 @@ class ChildFailed(RuntimeError):
     """A benchmark child process exited non-zero; the message carries its output tail."""
 
 
+def child_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with this checkout first on ``PYTHONPATH``: children
+    (the example too) import this checkout's packages, like their parent."""
+    child_env = dict(env if env is not None else os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT), *filter(None, [child_env.get("PYTHONPATH")])])
+    return child_env
+
+
 def run_child(
     argv: Sequence[str],
     *,
@@ -164,12 +173,9 @@ def run_child(
     started one after another each get their own peak, unlike ``RUSAGE_CHILDREN``.
     """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child_env = dict(env if env is not None else os.environ)
-        # Children (the example too) import this checkout's packages, like their parent.
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT), *filter(None, [child_env.get("PYTHONPATH")])])
         proc = subprocess.Popen(
-            list(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=child_env,
+            list(argv), stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd,
+            env=child_environment(env),
         )
         killer = threading.Timer(timeout, proc.kill) if timeout is not None else None
         if killer is not None:

@@ -308,14 +308,14 @@ def jax_task(args: argparse.Namespace, batches_per_epoch: int):
         args.model, stem=stem, kwargs=kwargs))
 
 
-def jax_hand_worker(args: argparse.Namespace) -> dict:
-    import jax
+def hand_loop(args: argparse.Namespace) -> Any:
+    """The hand JAX side: a ``workloads.HandLoop`` over four device batches, its first
+    step (the compile) run."""
     import jax.numpy as jnp
     import workloads
 
-    s = sizes(args)
     task = jax_task(args, 4)
-    batches = workloads.device_batches(task.images, task.labels, s["batch_size"])
+    batches = workloads.device_batches(task.images, task.labels, sizes(args)["batch_size"])
     if args.layout == "nchw":
         # Stored NCHW, transposed to the model's NHWC inside the step: the same math.
         batches = [{**bt, "image": jnp.transpose(bt["image"], (0, 3, 1, 2))} for bt in batches]
@@ -327,6 +327,14 @@ def jax_hand_worker(args: argparse.Namespace) -> dict:
         task.training_step = training_step
     loop = workloads.HandLoop(task, batches, 1000)
     loop.run(1)
+    return loop
+
+
+def jax_hand_worker(args: argparse.Namespace) -> dict:
+    import jax
+
+    s = sizes(args)
+    loop = hand_loop(args)
     wall = loop.run(s["steps"])
     return {"images_per_second": s["steps"] * s["batch_size"] / wall,
             "cpu_ms_per_step": loop.cpu_seconds_per_step * 1e3,

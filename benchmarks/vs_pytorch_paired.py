@@ -155,12 +155,8 @@ def serve(args: argparse.Namespace) -> None:
     if side == "jax-fit":
         serve_fit(wargs, args._steps)
         return
-    import workloads
-
-    task = vs_pytorch.jax_task(wargs, 4)
-    loop = workloads.HandLoop(task, workloads.device_batches(
-        task.images, task.labels, vs_pytorch.sizes(wargs)["batch_size"]), 1000)
-    loop.run(2)  # the first compiles
+    loop = vs_pytorch.hand_loop(wargs)  # compiled by its first step
+    loop.run(1)  # a second warm-up step, as the other sides take
     say("ready")
     turns(loop.run)
 
@@ -178,8 +174,7 @@ class Side:
                 *(["--image-size", str(args.image_size)] if args.image_size else []),
                 *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
                 *(["--quick"] if args.quick else [])]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(harness.REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        env = harness.child_environment()
         if xla_flags.strip():
             env["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), xla_flags]).strip()
         self.name, self.errors = name or side, tempfile.TemporaryFile("w+")
