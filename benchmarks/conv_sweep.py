@@ -79,9 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead: one model's gradient step (e.g. resnet50/imagenet/64 at "
                         "--batch-size), XLA's convolution vs ours vs ours with XLA's forward "
                         "(the routing off) vs ours without the rows path vs ours without the "
-                        "kernel gradient by chunks vs ours with every kernel-gradient product "
-                        "as x^T g vs ours without the input gradient waiting for the "
-                        "products' kernel gradient, paired rounds in one process")
+                        "regions path vs ours without the kernel gradient by chunks vs ours "
+                        "with every kernel-gradient product as x^T g vs ours without the "
+                        "input gradient waiting for the products' kernel gradient, paired "
+                        "rounds in one process")
     p.add_argument("--dw-orders", action="store_true",
                    help="instead: for each shape whose kernel gradient runs as products "
                         "(per tap or kernel row), those products as x^T g and as g^T x, "
@@ -352,6 +353,19 @@ def dw_orders(shapes: dict[tuple, list[str]], args: argparse.Namespace) -> list[
     return rows
 
 
+def without_regions(route: Callable[..., str]) -> Callable[..., str]:
+    """``route`` (``conv_forward.forward_path``) as it chose before the regions path: im2col
+    where the kernel is larger than the image, else XLA's; bfloat16 shifted products."""
+    def old_route(x_shape, w_shape, geo, dtype=None) -> str:
+        path = route(x_shape, w_shape, geo, dtype)
+        if path != "regions":
+            return path
+        if dtype is not None and str(dtype) == "bfloat16":
+            return "shifted"
+        return "im2col" if w_shape[0] > x_shape[1] or w_shape[1] > x_shape[2] else "xla"
+    return old_route
+
+
 def step_comparison(args: argparse.Namespace) -> dict:
     """A whole gradient step (train-mode batch norm) per convolution variant."""
     import jax
@@ -374,6 +388,8 @@ def step_comparison(args: argparse.Namespace) -> dict:
         "xla": {}, "ours": {},
         "ours, XLA forward": {(conv_forward, "forward_path"): lambda *a: "xla"},
         "ours, no rows": {(conv_forward, "row_products_pay"): lambda *a: False},
+        "ours, no regions": {(conv_forward, "forward_path"):
+                             without_regions(conv_forward.forward_path)},
         "ours, no dW chunks": {(conv_gradients, "xla_kernel_grad_chunk"): lambda *a: None},
         "ours, dW x^T g": {(conv_gradients, "output_grad_first"): lambda *a: False},
         "ours, dW untied": {(conv_gradients, "computed_after"): lambda value, _: value},

@@ -3,8 +3,9 @@
 A supported call is described by its :class:`Geometry` (strides, explicit padding,
 precision). Its forward pass is computed by one of :data:`FORWARD_PATHS`: XLA's
 convolution, one matrix product over channels and the live kernel taps (im2col), one
-product per live tap (shifted), or one product per kernel row over chunks of images
-(rows); :func:`forward_path` chooses by shape and dtype, from measurements. Internal to
+product per live tap (shifted), one product per kernel row over chunks of images
+(rows), or one product per region of the output over the taps that read real pixels
+there (regions); :func:`forward_path` chooses by shape and dtype, from measurements. Internal to
 :mod:`nnx_trainer.conv`; the names are public for its gradient module, its tests and its
 benchmarks.
 """
@@ -16,13 +17,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = [
     "FORWARD_PATHS", "NHWC", "ROW_CHANNELS", "ROW_CHUNK_PIXELS", "Geometry", "batch_chunks",
-    "forward", "forward_im2col", "forward_path", "forward_rows", "forward_shifted", "geometry_of",
-    "images_per_chunk", "kernel_rows", "live_taps", "map_batch_chunks", "out_size",
-    "row_products_pay", "tap_slices", "xla_forward",
+    "forward", "forward_im2col", "forward_path", "forward_regions", "forward_rows",
+    "forward_shifted", "geometry_of", "images_per_chunk", "kernel_rows", "live_runs",
+    "live_taps", "map_batch_chunks", "out_size", "regions_pay", "row_products_pay",
+    "tap_slices", "xla_forward",
 ]
 
 # What nnx.Conv passes for a 4-D input: lhs (0, 3, 1, 2) = NHWC, rhs (3, 2, 0, 1) = HWIO.
@@ -286,9 +289,65 @@ def forward_shifted(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
     return out.astype(x.dtype)
 
 
+Run = tuple[int, int, tuple[int, ...]]
+
+
+def live_runs(k: int, stride: int, n_out: int, lo: int, size: int) -> list[Run]:
+    """Along one side, the output positions ``[o0, o1)`` grouped in maximal runs whose
+    windows read real (unpadded) pixels through the same kernel taps: ``(o0, o1, taps)``."""
+    runs: list[Run] = []
+    for o in range(n_out):
+        taps = tuple(i for i in range(k) if 0 <= i + stride * o - lo < size)
+        if runs and runs[-1][2] == taps:
+            runs[-1] = (runs[-1][0], o + 1, taps)
+        else:
+            runs.append((o, o + 1, taps))
+    return runs
+
+
+def forward_regions(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
+    """The convolution as one matrix product per region of the output, each over only the
+    taps its windows read real pixels through: im2col without the padding's zeros.
+
+    With 3x3 over 4x4 and padding 1, a third of im2col's products multiply zeros; over
+    2x2 more than half (each output reads 4 of the 9 taps im2col keeps). Regions are the
+    runs of :func:`live_runs` crossed (3 x 3 of them for a 3x3 kernel with padding 1).
+    Each region's windows are read with one gather from ``x`` (never padded): as one slice
+    per tap and a concatenation, XLA:CPU copied every slice twice and compiled one kernel
+    per slice (3x3 over 4x4, 512 channels, batch 128: 41 ms and 1.0 s to compile, against
+    39 ms and 0.2 s). Accumulates in float32 for bfloat16 inputs.
+    """
+    kh, kw, ci, co = w.shape
+    (sh, sw), (ph, pw) = geo.strides, geo.padding
+    b, h, wd = x.shape[:3]
+    row_runs = live_runs(kh, sh, out_size(h, kh, sh, ph), ph[0], h)
+    col_runs = live_runs(kw, sw, out_size(wd, kw, sw, pw), pw[0], wd)
+    pixels = x.reshape(b, h * wd, ci)
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+
+    def region(r0: int, r1: int, rows: tuple, c0: int, c1: int, cols: tuple) -> jax.Array:
+        # The pixel each (output row, output column, tap row, tap column) reads, in the
+        # order of the kernel's taps, so the kernel's rows are one slice of ``w``.
+        index = np.array([(i + sh * y - ph[0]) * wd + j + sw * xo - pw[0]
+                          for y in range(r0, r1) for xo in range(c0, c1)
+                          for i in rows for j in cols], np.int32)
+        lhs = jnp.take(pixels, index, axis=1, mode="clip").reshape(
+            b, r1 - r0, c1 - c0, len(rows) * len(cols) * ci)
+        rhs = w[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].reshape(-1, co)
+        return lax.dot_general(lhs, rhs, (((3,), (0,)), ((), ())), precision=geo.precision,
+                               preferred_element_type=acc_dtype)
+
+    bands = []
+    for r0, r1, rows in row_runs:
+        blocks = [region(r0, r1, rows, c0, c1, cols) for c0, c1, cols in col_runs]
+        bands.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=2))
+    out = bands[0] if len(bands) == 1 else jnp.concatenate(bands, axis=1)
+    return out.astype(x.dtype)
+
+
 FORWARD_PATHS: dict[str, Callable[[jax.Array, jax.Array, Geometry], jax.Array]] = {
     "xla": xla_forward, "im2col": forward_im2col, "shifted": forward_shifted,
-    "rows": forward_rows,
+    "rows": forward_rows, "regions": forward_regions,
 }
 
 
@@ -300,10 +359,16 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
     (``benchmarks/conv_sweep.py --forward-paths``, on a machine shared with other work, so
     only large or repeated ratios count; table in ``benchmarks/README.md``, 7b):
 
-    * kernel larger than the image (3x3 over 2x2 or 1x1, 3x3/2 over 2x2): XLA:CPU's
+    * kernel larger than the image (3x3 over 2x2, 3x3/2 over 2x2): XLA:CPU's
       convolution is pathological, im2col + one product is 70-430x faster with 256-512
       channels (3x3 over 2x2, 512 -> 512, batch 32: 2492 -> 33 ms; 3x3/2 over 2x2:
-      588 -> 1.4 ms), 3-9x with 64-128 channels;
+      588 -> 1.4 ms), 3-9x with 64-128 channels; one product per region of the output
+      (:func:`forward_regions`, no products with the padding) halves im2col's time again
+      (263.7 / 5.0 / 1.8 ms XLA / im2col / regions, 3x3 over 2x2, 512 channels, batch 32;
+      bfloat16 1.5 against 2.1 by shifted products);
+    * outputs of at most 7x7 with 256 channels or more, over at least 2048 rows a batch
+      (ResNet-18 CIFAR's last stage at batch 128): by regions (:func:`regions_pay`),
+      0.76-0.78x XLA's time, 0.47-0.58x the shifted products' in bfloat16;
     * one live tap (every 1x1 kernel, any stride): one product over channels, at stride 1
       0.2-1.0x XLA's time (median 0.5 over ResNet-50's 224x224 1x1s, 0.43-0.91 at 64x64
       but one 1.17), up to 3-4x faster where XLA's output is 1x1; at stride 2 (a strided
@@ -324,17 +389,38 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
     """
     kh, kw, ci = w_shape[:3]
     low_precision = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
-    if kh > x_shape[1] or kw > x_shape[2]:
-        return "shifted" if low_precision else "im2col"
     if len(live_taps(x_shape, w_shape, geo)) == 1:
         return "im2col"
+    if kh > x_shape[1] or kw > x_shape[2]:
+        return "regions"
     ho = out_size(x_shape[1], kh, geo.strides[0], geo.padding[0])
     wo = out_size(x_shape[2], kw, geo.strides[1], geo.padding[1])
+    if regions_pay(x_shape[0], ci, ho * wo, dtype):
+        return "regions"
     if low_precision and ci >= 16 and ho * wo <= 64:
         return "shifted"
     if x_shape[1] * x_shape[2] <= 64 * 64 and row_products_pay(w_shape, ho * wo, dtype):
         return "rows"
     return "xla"
+
+
+def regions_pay(batch: int, in_channels: int, out_pixels: int, dtype: Any = None) -> bool:
+    """Whether :func:`forward_regions` beats the other paths for a kernel of more than one
+    live tap, no larger than the image, with ``out_pixels`` output pixels per image.
+
+    Measured forward alone (``benchmarks/conv_sweep.py --forward-paths``, benchmarks/README.md
+    7b, "Products without the padding"), ResNet-18 CIFAR at batch 128: 3x3 over 4x4, 512
+    channels, 51.7 -> 40.6 ms (XLA's -> regions), 3x3/2 8x8 -> 4x4, 256 -> 512, 30.7 -> 23.5;
+    bfloat16 43.1 -> 24.9 and 27.9 -> 13.0 against the shifted products. Over fewer rows a
+    batch (batch x output pixels) per-shape times tied (3x3 over 4x4, 256 channels, batch
+    32: 3.07 vs 2.96 ms; bfloat16 lost, 2.6 vs 1.9), and the whole ResNet-50 step at 64x64,
+    batch 32, with those shapes by regions took 1.04x the time (paired turns); from 8x8
+    outputs the copies cost more than the padding's products save (8x8, 256 channels,
+    batch 128: 70 vs 52 ms). Hence: at least 256 input channels, at most 7x7 outputs, and
+    at least 2048 rows. ``dtype`` is accepted for symmetry with :func:`row_products_pay`.
+    """
+    del dtype  # the same rule measured for float32 and bfloat16
+    return in_channels >= 256 and out_pixels <= 49 and batch * out_pixels >= 2048
 
 
 def row_products_pay(w_shape: Sequence[int], out_pixels: int, dtype: Any = None) -> bool:

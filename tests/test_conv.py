@@ -340,7 +340,8 @@ BATCH_SHARDED_CHUNKS = textwrap.dedent("""
     from nnx_trainer.conv import conv_general_dilated
     # 3x3 over 8x8, chunks of 8 images (one per device) over 32: with 64 channels (the rows
     # path) four loop steps in the forward, the input gradient and the kernel gradient;
-    # with 128, four kernel gradients of XLA's summed.
+    # with 128, four kernel gradients of XLA's summed. 3x3 over 2x2: the forward and input
+    # gradient by regions (a gather per region, along the pixels).
     conv_forward.ROW_CHUNK_PIXELS = 1
     conv_gradients.shifted_products_pay = lambda *a: True
     conv_gradients.CHUNK_BYTES, conv_gradients.MIN_CHUNK_ROWS = 1, 1
@@ -351,8 +352,8 @@ BATCH_SHARDED_CHUNKS = textwrap.dedent("""
         loss = lambda x, w: jnp.sum(fn(x, w, (1, 1), "SAME",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    for channels in (64, 128):
-        x = jax.device_put(rng.standard_normal((32, 8, 8, channels), np.float32),
+    for channels, size in ((64, 8), (128, 8), (16, 2)):
+        x = jax.device_put(rng.standard_normal((32, size, size, channels), np.float32),
                            NamedSharding(mesh, P("data")))
         w = jax.device_put(rng.standard_normal((3, 3, channels, channels), np.float32) / 24,
                            NamedSharding(mesh, P()))
@@ -361,9 +362,10 @@ BATCH_SHARDED_CHUNKS = textwrap.dedent("""
         (v, (dx, dw)), (v0, (dx0, dw0)) = ours(x, w), grads(lax.conv_general_dilated)(x, w)
         err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                   for a, b in ((v, v0), (dx, dx0), (dw, dw0)))
-        paths = conv_gradients.gradient_paths(x.shape, w.shape, x.shape, conv_forward.Geometry(
-            (1, 1), ((1, 1), (1, 1)), None), x.dtype)
-        print("RESULT", paths[1], jax.device_count(), hlo.count("all-gather"),
+        geo = conv_forward.Geometry((1, 1), ((1, 1), (1, 1)), None)
+        paths = conv_gradients.gradient_paths(x.shape, w.shape, x.shape, geo, x.dtype)
+        path = paths[1] if size == 8 else conv_forward.forward_path(x.shape, w.shape, geo)
+        print("RESULT", path, jax.device_count(), hlo.count("all-gather"),
               dx.sharding.spec, err)
 """)
 
@@ -378,7 +380,8 @@ def test_chunk_loops_keep_a_batch_sharded_over_devices():
     results = [line.split(" ", 5)[1:] for line in proc.stdout.splitlines()
                if line.startswith("RESULT")]
     assert [r[:4] for r in results] == [["rows", "8", "0", "P('data',)"],
-                                        ["chunks", "8", "0", "P('data',)"]]
+                                        ["chunks", "8", "0", "P('data',)"],
+                                        ["regions", "8", "0", "P('data',)"]]
     assert all(float(r[4]) < 1e-5 for r in results)
 
 
@@ -412,6 +415,9 @@ ROUTED_SHAPES = {
     "7x7/2 stem over 3x3": (2, 3, 3, 3, 8, 7, 2, S7),
     "3x3 over 12x12, 64 channels (rows)": (2, 12, 12, 64, 64, 3, 1, S3),
     "3x3/2 over 15x16, 64 channels (rows)": (2, 15, 16, 64, 128, 3, 2, S3),
+    "3x3 over 5x7, 256 channels (regions)": (2, 5, 7, 256, 8, 3, 1, S3),
+    "3x3/2 over 9x8, asymmetric padding, 256 channels (regions)":
+        (2, 9, 8, 256, 8, 3, 2, ((0, 1), (1, 0))),
 }
 
 
@@ -487,6 +493,15 @@ def test_taps_that_only_read_padding_are_dropped():
     assert len(live((1, 8, 8, 4), (3, 3, 4, 4), conv_forward.Geometry((1, 1), S3, None))) == 9
 
 
+def test_regions_group_outputs_by_the_taps_that_read_real_pixels():
+    runs = conv_forward.live_runs
+    # 3x3, padding 1 over 4: the first output reads taps 1-2, the last 0-1, the rest all.
+    assert runs(3, 1, 4, 1, 4) == [(0, 1, (1, 2)), (1, 3, (0, 1, 2)), (3, 4, (0, 1))]
+    assert runs(3, 1, 2, 1, 2) == [(0, 1, (1, 2)), (1, 2, (0, 1))]  # over 2: none whole
+    assert runs(3, 2, 2, 1, 4) == [(0, 1, (1, 2)), (1, 2, (0, 1, 2))]  # stride 2
+    assert runs(1, 1, 3, 0, 3) == [(0, 3, (0,))]
+
+
 def test_the_forward_router_picks_the_measured_paths():
     # ResNet-50 (ImageNet stem) shapes at 64x64 and 224x224, batch 32: see
     # benchmarks/README.md, "Forward routing".
@@ -494,12 +509,26 @@ def test_the_forward_router_picks_the_measured_paths():
         geo = conv_forward.Geometry((s, s), pad, None)
         return conv_forward.forward_path((32, h, h, ci), (k, k, ci, co), geo)
 
-    assert path(2, 512, 512, 3, 1, S3) == "im2col"  # kernel larger than the image
-    assert path(1, 512, 512, 3, 1, S3) == "im2col"
-    assert path(2, 256, 512, 3, 2, S3) == "im2col"
+    # Kernel larger than the image: one product per region, over the taps it reads.
+    assert path(2, 512, 512, 3, 1, S3) == "regions"
+    assert path(2, 64, 64, 3, 1, S3) == "regions"
+    assert path(2, 256, 512, 3, 2, S3) == "regions"
+    assert path(1, 512, 512, 3, 1, S3) == "im2col"  # one live tap: one product
     assert path(8, 128, 128, 3, 2, S3) == "xla"  # strided, 4x4 outputs: a tie
-    assert path(4, 512, 512, 3, 2, S3) == "xla"
+    assert path(4, 512, 512, 3, 2, S3) == "xla"  # small outputs over few rows: ties
+    assert path(4, 256, 256, 3, 1, S3) == "xla"
     assert path(3, 512, 512, 3, 1, S3) == "xla"  # kernel as large as the image: a tie
+
+    def at_128(h, ci, co, k, s, pad):
+        geo = conv_forward.Geometry((s, s), pad, None)
+        return conv_forward.forward_path((128, h, h, ci), (k, k, ci, co), geo)
+
+    # At most 7x7 outputs with 256 channels or more over >= 2048 rows: regions.
+    assert at_128(4, 512, 512, 3, 1, S3) == "regions"  # ResNet-18 CIFAR, last stage
+    assert at_128(8, 256, 512, 3, 2, S3) == "regions"
+    assert at_128(14, 256, 512, 3, 2, S3) == "regions"  # 7x7 outputs
+    assert at_128(8, 256, 256, 3, 1, S3) == "xla"  # 8x8 outputs: its copies cost more
+    assert at_128(4, 128, 128, 3, 1, S3) == "xla"
     # 64 channels: one product per kernel row, from 8x8 to 64x64 outputs, stride 1 or 2.
     assert path(16, 64, 64, 3, 1, S3) == "rows"
     assert path(56, 64, 64, 3, 1, S3) == "rows"
@@ -523,7 +552,11 @@ def test_the_forward_router_picks_the_measured_paths():
 
     # bfloat16: one product per tap for 3x3 to outputs of at most 8x8 (XLA's bfloat16
     # convolution is slow on small images), XLA's from 16x16 outputs and for the stems.
-    assert bf16(2, 512, 512, 3, 1, S3) == "shifted"
+    assert bf16(2, 512, 512, 3, 1, S3) == "regions"  # kernel larger than the image
+    assert bf16(4, 512, 512, 3, 1, S3) == "shifted"  # 512 output pixels a batch
+    assert conv_forward.forward_path((128, 4, 4, 512), (3, 3, 512, 512),
+                                     conv_forward.Geometry((1, 1), S3, None),
+                                     jnp.bfloat16) == "regions"  # 2048 of them
     assert bf16(8, 128, 128, 3, 1, S3) == "shifted"
     assert bf16(16, 128, 128, 3, 2, S3) == "shifted"
     # From 16x16 outputs, with 64 channels and more: one product per kernel row.
@@ -678,7 +711,7 @@ def _tiny_resnet_grads(conv_impl: str, dtype) -> tuple:
     # bottlenecks' 1x1, 3x3 at strides 1 and 2, and 1x1 projections at strides 1 and 2;
     # 16x16 images leave 4x4, 2x2 and 1x1 for the stages, as ResNet-50 at 64x64 leaves
     # 16x16 .. 2x2: 3x3/2 from 4x4 to 2x2 and from 2x2 to 1x1, 3x3 over 2x2 and over 1x1
-    # (kernel larger than the image: the forward router's im2col path).
+    # (kernel larger than the image: the forward router's regions path).
     model = ResNet((1, 2, 2), BottleneckBlock, num_classes=3, stem="imagenet", width=4,
                    conv_impl=conv_impl, dtype=dtype, param_dtype=dtype,
                    rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
