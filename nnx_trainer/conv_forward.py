@@ -5,9 +5,9 @@ precision). Its forward pass is computed by one of :data:`FORWARD_PATHS`: XLA's
 convolution, one matrix product over channels and the live kernel taps (im2col), one
 product per live tap (shifted), one product per kernel row over chunks of images
 (rows), or one product per region of the output over the taps that read real pixels
-there (regions); :func:`forward_path` chooses by shape and dtype, from measurements. Internal to
-:mod:`nnx_trainer.conv`; the names are public for its gradient module, its tests and its
-benchmarks.
+there (regions); :func:`forward_path` chooses by shape and dtype, from measurements.
+Internal to :mod:`nnx_trainer.conv`; the names are public for its gradient module, its
+tests and its benchmarks.
 """
 
 from __future__ import annotations
@@ -326,6 +326,8 @@ def forward_regions(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
     def region(r0: int, r1: int, rows: tuple, c0: int, c1: int, cols: tuple) -> jax.Array:
+        if not rows or not cols:  # padding wider than the kernel: windows of zeros only
+            return jnp.zeros((b, r1 - r0, c1 - c0, co), acc_dtype)
         # The pixel each (output row, output column, tap row, tap column) reads, in the
         # order of the kernel's taps, so the kernel's rows are one slice of ``w``.
         index = np.array([(i + sh * y - ph[0]) * wd + j + sw * xo - pw[0]
@@ -363,12 +365,12 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
       convolution is pathological, im2col + one product is 70-430x faster with 256-512
       channels (3x3 over 2x2, 512 -> 512, batch 32: 2492 -> 33 ms; 3x3/2 over 2x2:
       588 -> 1.4 ms), 3-9x with 64-128 channels; one product per region of the output
-      (:func:`forward_regions`, no products with the padding) halves im2col's time again
-      (263.7 / 5.0 / 1.8 ms XLA / im2col / regions, 3x3 over 2x2, 512 channels, batch 32;
-      bfloat16 1.5 against 2.1 by shifted products);
+      (:func:`forward_regions`, no products with the padding) more than halves im2col's
+      time again (262.2 / 5.6 / 2.3 ms XLA / im2col / regions, 3x3 over 2x2, 512
+      channels, batch 32; bfloat16 1.6 against 2.4 by shifted products);
     * outputs of at most 7x7 with 256 channels or more, over at least 2048 rows a batch
       (ResNet-18 CIFAR's last stage at batch 128): by regions (:func:`regions_pay`),
-      0.76-0.78x XLA's time, 0.47-0.58x the shifted products' in bfloat16;
+      0.76-0.80x XLA's time, 0.45-0.54x the shifted products' in bfloat16;
     * one live tap (every 1x1 kernel, any stride): one product over channels, at stride 1
       0.2-1.0x XLA's time (median 0.5 over ResNet-50's 224x224 1x1s, 0.43-0.91 at 64x64
       but one 1.17), up to 3-4x faster where XLA's output is 1x1; at stride 2 (a strided
@@ -383,8 +385,8 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
     * bfloat16 differs: XLA:CPU's bfloat16 convolution is slow on small images, and one
       product per tap beats it (and im2col) consistently there: 3x3 with outputs of at
       most 8x8 pixels (stride 1 or 2, >= 16 input channels) take 0.27-0.82x XLA's time
-      over ResNet-18/50 at 32x32 and 64x64, both stems; kernel larger than the image
-      0.5x im2col's. From 16x16 outputs, with 64 channels and more, by kernel rows
+      over ResNet-18/50 at 32x32 and 64x64, both stems, where regions do not take them
+      (above). From 16x16 outputs, with 64 channels and more, by kernel rows
       (0.40-0.66x XLA's); with fewer channels XLA's.
     """
     kh, kw, ci = w_shape[:3]
@@ -395,7 +397,7 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
         return "regions"
     ho = out_size(x_shape[1], kh, geo.strides[0], geo.padding[0])
     wo = out_size(x_shape[2], kw, geo.strides[1], geo.padding[1])
-    if regions_pay(x_shape[0], ci, ho * wo, dtype):
+    if regions_pay(x_shape[0], ci, ho * wo):
         return "regions"
     if low_precision and ci >= 16 and ho * wo <= 64:
         return "shifted"
@@ -404,22 +406,21 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
     return "xla"
 
 
-def regions_pay(batch: int, in_channels: int, out_pixels: int, dtype: Any = None) -> bool:
+def regions_pay(batch: int, in_channels: int, out_pixels: int) -> bool:
     """Whether :func:`forward_regions` beats the other paths for a kernel of more than one
     live tap, no larger than the image, with ``out_pixels`` output pixels per image.
 
-    Measured forward alone (``benchmarks/conv_sweep.py --forward-paths``, benchmarks/README.md
-    7b, "Products without the padding"), ResNet-18 CIFAR at batch 128: 3x3 over 4x4, 512
-    channels, 51.7 -> 40.6 ms (XLA's -> regions), 3x3/2 8x8 -> 4x4, 256 -> 512, 30.7 -> 23.5;
-    bfloat16 43.1 -> 24.9 and 27.9 -> 13.0 against the shifted products. Over fewer rows a
-    batch (batch x output pixels) per-shape times tied (3x3 over 4x4, 256 channels, batch
-    32: 3.07 vs 2.96 ms; bfloat16 lost, 2.6 vs 1.9), and the whole ResNet-50 step at 64x64,
-    batch 32, with those shapes by regions took 1.04x the time (paired turns); from 8x8
-    outputs the copies cost more than the padding's products save (8x8, 256 channels,
-    batch 128: 70 vs 52 ms). Hence: at least 256 input channels, at most 7x7 outputs, and
-    at least 2048 rows. ``dtype`` is accepted for symmetry with :func:`row_products_pay`.
+    Measured (benchmarks/README.md 7b, "Products without the padding"), forward alone
+    (``benchmarks/conv_sweep.py --forward-paths``), ResNet-18 CIFAR at batch 128: 3x3 over
+    4x4, 512 channels, 55.4 -> 44.2 ms (XLA's -> regions), 3x3/2 8x8 -> 4x4, 256 -> 512,
+    30.4 -> 23.0; bfloat16 44.9 -> 24.1 and 31.0 -> 14.1 against the shifted products.
+    Smaller batches gained less per shape (0.7-0.97x at 7x7 and 4x4 outputs), and whole
+    steps with those shapes by regions did not gain in paired fits (ResNet-50 at 64x64,
+    batch 32: 1.04x the time; at 224x224, batch 16: 1.03x); from 8x8 outputs the gathers
+    cost more than the padding's products save (8x8, 256 channels, batch 128: 63 vs 59 ms).
+    Hence at least 256 input channels, at most 7x7 outputs and 2048 rows (batch x output
+    pixels), in float32 and bfloat16 alike.
     """
-    del dtype  # the same rule measured for float32 and bfloat16
     return in_channels >= 256 and out_pixels <= 49 and batch * out_pixels >= 2048
 
 

@@ -416,6 +416,8 @@ ROUTED_SHAPES = {
     "3x3 over 12x12, 64 channels (rows)": (2, 12, 12, 64, 64, 3, 1, S3),
     "3x3/2 over 15x16, 64 channels (rows)": (2, 15, 16, 64, 128, 3, 2, S3),
     "3x3 over 5x7, 256 channels (regions)": (2, 5, 7, 256, 8, 3, 1, S3),
+    "3x3 over 2x2, padding 3 (outputs that read only padding)":
+        (2, 2, 2, 8, 6, 3, 1, ((3, 3), (3, 3))),
     "3x3/2 over 9x8, asymmetric padding, 256 channels (regions)":
         (2, 9, 8, 256, 8, 3, 2, ((0, 1), (1, 0))),
 }
