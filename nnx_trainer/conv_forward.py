@@ -414,7 +414,7 @@ def regions_pay(batch: int, in_channels: int, out_pixels: int) -> bool:
     (``benchmarks/conv_sweep.py --forward-paths``), ResNet-18 CIFAR at batch 128: 3x3 over
     4x4, 512 channels, 55.4 -> 44.2 ms (XLA's -> regions), 3x3/2 8x8 -> 4x4, 256 -> 512,
     30.4 -> 23.0; bfloat16 44.9 -> 24.1 and 31.0 -> 14.1 against the shifted products.
-    Smaller batches gained less per shape (0.7-0.97x at 7x7 and 4x4 outputs), and whole
+    Smaller batches gained less per shape (0.54-0.96x XLA's time, 7x7 to 2x2 outputs); whole
     steps with those shapes by regions did not gain in paired fits (ResNet-50 at 64x64,
     batch 32: 1.04x the time; at 224x224, batch 16: 1.03x); from 8x8 outputs the gathers
     cost more than the padding's products save (8x8, 256 channels, batch 128: 63 vs 59 ms).
