@@ -23,9 +23,9 @@ from jax import lax
 __all__ = [
     "FORWARD_PATHS", "NHWC", "ROW_CHANNELS", "ROW_CHUNK_PIXELS", "Geometry", "batch_chunks",
     "forward", "forward_im2col", "forward_path", "forward_regions", "forward_rows",
-    "forward_shifted", "geometry_of", "images_per_chunk", "kernel_rows", "live_runs",
-    "live_taps", "map_batch_chunks", "out_size", "regions_pay", "row_products_pay",
-    "tap_slices", "xla_forward",
+    "forward_shifted", "geometry_of", "images_per_chunk", "kernel_exceeds_image",
+    "kernel_rows", "live_runs", "live_taps", "map_batch_chunks", "out_size", "regions_pay",
+    "row_products_pay", "tap_slices", "xla_forward",
 ]
 
 # What nnx.Conv passes for a 4-D input: lhs (0, 3, 1, 2) = NHWC, rhs (3, 2, 0, 1) = HWIO.
@@ -119,6 +119,12 @@ def xla_forward(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
 def out_size(size: int, k: int, stride: int, pads: tuple[int, int]) -> int:
     """Output pixels along one side."""
     return (size + pads[0] + pads[1] - k) // stride + 1
+
+
+def kernel_exceeds_image(x_shape: Sequence[int], w_shape: Sequence[int]) -> bool:
+    """Whether the kernel is taller or wider than the (unpadded) image: XLA:CPU's
+    convolution is pathological there, and no tap reads real pixels at every output."""
+    return w_shape[0] > x_shape[1] or w_shape[1] > x_shape[2]
 
 
 def live_taps(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry) -> list:
@@ -393,7 +399,7 @@ def forward_path(x_shape: Sequence[int], w_shape: Sequence[int], geo: Geometry,
     low_precision = dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
     if len(live_taps(x_shape, w_shape, geo)) == 1:
         return "im2col"
-    if kh > x_shape[1] or kw > x_shape[2]:
+    if kernel_exceeds_image(x_shape, w_shape):
         return "regions"
     ho = out_size(x_shape[1], kh, geo.strides[0], geo.padding[0])
     wo = out_size(x_shape[2], kw, geo.strides[1], geo.padding[1])

@@ -326,8 +326,7 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
             # Its transpose (each region's slices padded back and summed) was slower than
             # XLA's: 3x3/2 8x8 -> 4x4, 256 -> 512, batch 128: 34.9 vs 31.3 ms; 14x14 -> 7x7,
             # batch 16: 17.3 vs 13.6. The kernel larger than the image keeps im2col's.
-            larger = w_shape[0] > x_shape[1] or w_shape[1] > x_shape[2]
-            path = "im2col" if larger else "xla"
+            path = "im2col" if conv_forward.kernel_exceeds_image(x_shape, w_shape) else "xla"
         if path == "xla" and dilated_transpose_is_slow(w_shape, g_shape, geo):
             path = "im2col"
         dx = f"T({path})"

@@ -495,6 +495,12 @@ def test_taps_that_only_read_padding_are_dropped():
     assert len(live((1, 8, 8, 4), (3, 3, 4, 4), conv_forward.Geometry((1, 1), S3, None))) == 9
 
 
+def test_a_kernel_exceeds_the_image_when_taller_or_wider():
+    exceeds = conv_forward.kernel_exceeds_image
+    assert exceeds((1, 2, 2, 8), (3, 3, 8, 8)) and exceeds((1, 4, 2, 8), (3, 3, 8, 8))
+    assert not exceeds((1, 3, 3, 8), (3, 3, 8, 8)) and not exceeds((1, 1, 1, 8), (1, 1, 8, 8))
+
+
 def test_regions_group_outputs_by_the_taps_that_read_real_pixels():
     runs = conv_forward.live_runs
     # 3x3, padding 1 over 4: the first output reads taps 1-2, the last 0-1, the rest all.
