@@ -356,13 +356,15 @@ def dw_orders(shapes: dict[tuple, list[str]], args: argparse.Namespace) -> list[
 def without_regions(route: Callable[..., str]) -> Callable[..., str]:
     """``route`` (``conv_forward.forward_path``) as it chose before the regions path: im2col
     where the kernel is larger than the image, else XLA's; bfloat16 shifted products."""
+    import jax.numpy as jnp
+
     from nnx_trainer.conv_forward import kernel_exceeds_image
 
     def old_route(x_shape, w_shape, geo, dtype=None) -> str:
         path = route(x_shape, w_shape, geo, dtype)
         if path != "regions":
             return path
-        if dtype is not None and str(dtype) == "bfloat16":
+        if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16:
             return "shifted"
         return "im2col" if kernel_exceeds_image(x_shape, w_shape) else "xla"
     return old_route
