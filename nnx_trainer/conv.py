@@ -51,8 +51,9 @@ multi-process run must call ``jax.distributed.initialize()`` before that happens
 building a model (or a Task that builds one) must leave the backend alone.
 
 The forward formulations and their router live in :mod:`nnx_trainer.conv_forward`, the
-gradient formulations in :mod:`nnx_trainer.conv_gradients`; this module ties them into
-one ``custom_vjp`` and chooses between it and XLA's convolution.
+gradient formulations in :mod:`nnx_trainer.conv_gradients`, the loop over chunks of a
+batch both use in :mod:`nnx_trainer.conv_chunks`; this module ties them into one
+``custom_vjp`` and chooses between it and XLA's convolution.
 """
 
 from __future__ import annotations

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nnx_trainer.conv_chunks import images_per_chunk, map_batch_chunks
+
 __all__ = [
-    "FORWARD_PATHS", "NHWC", "ROW_CHANNELS", "ROW_CHUNK_PIXELS", "Geometry", "batch_chunks",
-    "forward", "forward_im2col", "forward_path", "forward_regions", "forward_rows",
-    "forward_shifted", "geometry_of", "images_per_chunk", "kernel_exceeds_image",
-    "kernel_rows", "live_runs", "live_taps", "map_batch_chunks", "out_size", "regions_pay",
-    "row_products_pay", "tap_slices", "xla_forward",
+    "FORWARD_PATHS", "NHWC", "ROW_CHANNELS", "ROW_CHUNK_PIXELS", "Geometry", "forward",
+    "forward_im2col", "forward_path", "forward_regions", "forward_rows", "forward_shifted",
+    "geometry_of", "kernel_exceeds_image", "kernel_rows", "live_runs", "live_taps",
+    "out_size", "regions_pay", "row_products_pay", "tap_slices", "xla_forward",
 ]
 
 # What nnx.Conv passes for a 4-D input: lhs (0, 3, 1, 2) = NHWC, rhs (3, 2, 0, 1) = HWIO.
@@ -238,49 +239,6 @@ def forward_rows(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:
 
     per = images_per_chunk(b, ROW_CHUNK_PIXELS // (ho * wo))
     return map_batch_chunks(chunk, x, per)
-
-
-def images_per_chunk(batch: int, wanted: int) -> int:
-    """Images per chunk for a loop over a batch: about ``wanted``, a divisor of ``batch``,
-    and a multiple of the device count where the batch is one.
-
-    Chunk ``i`` of :func:`map_batch_chunks` holds images ``i, i + steps, ...``; with a
-    multiple of the device count each chunk takes the same share of every device's part
-    of a batch sharded over devices, so the loop runs on each device's own images (a
-    loop over contiguous chunks made GSPMD gather the batch every step: 3.5-10x slower
-    on 8 CPU devices).
-    """
-    devices = jax.device_count()
-    unit = devices if batch % devices == 0 else 1
-    per = -(-max(1, min(batch, wanted)) // unit) * unit
-    while batch % per:
-        per += unit
-    return per
-
-
-def batch_chunks(x: jax.Array, per: int) -> jax.Array:
-    """``x`` grouped as ``(per, steps, ...)``: chunk ``i`` (``[:, i]``) holds images ``i, i +
-    steps, ...``, the layout :func:`images_per_chunk` sizes chunks for."""
-    return x.reshape(per, x.shape[0] // per, *x.shape[1:])
-
-
-def map_batch_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
-                     per: int) -> jax.Array:
-    """``fn`` over chunks of ``per`` images of ``x`` (``per`` divides the batch, from
-    :func:`images_per_chunk`), results in the images' order; a loop, not unrolled, so
-    compile time stays flat in the batch size."""
-    steps = x.shape[0] // per
-    if steps == 1:
-        return fn(x)
-    grouped = batch_chunks(x, per)
-    first = jax.eval_shape(fn, jax.ShapeDtypeStruct((per, *x.shape[1:]), x.dtype))
-
-    def step(i: jax.Array, out: jax.Array) -> jax.Array:
-        y = fn(lax.dynamic_index_in_dim(grouped, i, axis=1, keepdims=False))
-        return lax.dynamic_update_index_in_dim(out, y, i, axis=1)
-
-    out = lax.fori_loop(0, steps, step, jnp.zeros((per, steps, *first.shape[1:]), first.dtype))
-    return out.reshape(x.shape[0], *first.shape[1:])
 
 
 def forward_shifted(x: jax.Array, w: jax.Array, geo: Geometry) -> jax.Array:

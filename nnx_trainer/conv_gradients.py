@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nnx_trainer import conv_forward
+from nnx_trainer import conv_chunks, conv_forward
 from nnx_trainer.conv_forward import NHWC, Geometry, xla_forward
 
 __all__ = [
@@ -89,7 +89,7 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
 
     rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // ((ci + co) * jnp.dtype(x.dtype).itemsize))
     # One tap, no shifted copies to keep in cache: one product over the batch is fastest.
-    per = b if kh == kw == 1 else conv_forward.images_per_chunk(b, rows // (ho * wo))
+    per = b if kh == kw == 1 else conv_chunks.images_per_chunk(b, rows // (ho * wo))
     depth = kw * ci if by_rows else ci  # the K of each product
     g_first = output_grad_first(depth, co, per * ho * wo)
 
@@ -115,9 +115,9 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
     if steps == 1:
         acc = chunk_grad(x, g)
     else:
-        # Chunk i holds images i, i + steps, ... (conv_forward.batch_chunks); a loop, not
+        # Chunk i holds images i, i + steps, ... (conv_chunks.batch_chunks); a loop, not
         # an unrolled sum, keeps compile time flat in the batch size.
-        xs, gs = conv_forward.batch_chunks(x, per), conv_forward.batch_chunks(g, per)
+        xs, gs = conv_chunks.batch_chunks(x, per), conv_chunks.batch_chunks(g, per)
         acc = lax.fori_loop(0, steps, lambda i, a: a + chunk_grad(
             lax.dynamic_index_in_dim(xs, i, axis=1, keepdims=False),
             lax.dynamic_index_in_dim(gs, i, axis=1, keepdims=False),
@@ -164,7 +164,7 @@ def xla_kernel_grad_chunk(x_shape: Sequence[int], w_shape: Sequence[int],
     if min(ci, co) < (64 if max(geo.strides) > 1 else 128):
         return None
     wanted = max(2, -(-XLA_CHUNK_ROWS // (ho * wo)), -(-b // MAX_XLA_CHUNKS))
-    per = conv_forward.images_per_chunk(b, wanted)
+    per = conv_chunks.images_per_chunk(b, wanted)
     chunk_bytes = per * math.prod(x_shape[1:]) * jnp.dtype(dtype).itemsize
     return per if b // per >= 2 and chunk_bytes < XLA_CHUNK_MAX_BYTES else None
 
@@ -187,9 +187,9 @@ def stem_rows_pay(w_shape: Sequence[int], g_shape: Sequence[int], dtype: object)
 def kernel_grad_by_chunks(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometry,
                           per: int) -> jax.Array:
     """``dL/dW`` as XLA's transpose per chunk of ``per`` images (from
-    :func:`xla_kernel_grad_chunk`), summed; chunks as :func:`conv_forward.batch_chunks`
+    :func:`xla_kernel_grad_chunk`), summed; chunks as :func:`conv_chunks.batch_chunks`
     groups them, so a batch sharded over devices stays so."""
-    xs, gs = conv_forward.batch_chunks(x, per), conv_forward.batch_chunks(g, per)
+    xs, gs = conv_chunks.batch_chunks(x, per), conv_chunks.batch_chunks(g, per)
     parts = [jax.linear_transpose(
         lambda ww, i=i: xla_forward(xs[:, i], ww, geo), jax.ShapeDtypeStruct(w_shape, x.dtype)
     )(gs[:, i])[0] for i in range(xs.shape[1])]  # unrolled: see MAX_XLA_CHUNKS

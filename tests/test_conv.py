@@ -22,7 +22,7 @@ from jax import lax
 from processes import clean_env
 
 from nnx_trainer import conv as conv_mod
-from nnx_trainer import conv_forward, conv_gradients
+from nnx_trainer import conv_chunks, conv_forward, conv_gradients
 from nnx_trainer.conv import (
     auto_conv_general_dilated,
     conv_general_dilated,
@@ -322,7 +322,7 @@ def test_row_products_loop_over_chunks(stride, padding, custom_paths, monkeypatc
 
 
 def test_chunks_divide_the_batch_and_split_evenly_over_devices(monkeypatch):
-    per = conv_forward.images_per_chunk
+    per = conv_chunks.images_per_chunk
     assert per(128, 4) == 4
     assert per(6, 4) == 6 and per(5, 2) == 5  # a divisor of the batch: no remainder step
     assert per(128, 0) == 1 and per(3, 10) == 3
