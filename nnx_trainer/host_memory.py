@@ -19,6 +19,15 @@ top (the figures, per phase: benchmarks/README.md, "Peak memory by phase").
 ``malloc_trim(0)`` returns every free page of every arena; it costs milliseconds and
 changes no numbers. Elsewhere than glibc it does nothing.
 
+**The compile's own peak.** XLA:CPU's fusion emitters keep every fused loop's LLVM
+module until the last is emitted: compiling a ResNet-50 training step (~1,500 fusions)
+takes ~550 MiB on top of what is live, the peak of a whole CPU fit at 64x64 inputs. Its
+older per-fusion emitters take ~160 MiB, at a step speed we could not tell apart (the
+figures: benchmarks/README.md, "XLA's fusion emitters and the compile's peak").
+:func:`step_compiler_options` asks for them in the Trainer's own steps only (per program,
+through ``jax.jit(compiler_options=...)``), where the installed XLA knows the option and
+the user's ``XLA_FLAGS`` has not chosen.
+
 **One-off programs.** Each program XLA:CPU compiles stays resident while JAX's in-memory
 caches hold it (over 1 MiB for even a one-operation program), and an eager model build
 compiles one per initialiser and shape (ResNet-50 with its optimizer: 88, never run
@@ -40,11 +49,15 @@ import sys
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-__all__ = ["CPU_SCHEDULE_FLAG", "MANY_PROGRAMS", "prefer_memory_frugal_cpu_schedule",
-           "release_free_host_memory", "releasing_eager_build_memory"]
+__all__ = ["CPU_SCHEDULE_FLAG", "FUSION_EMITTERS_OPTION", "MANY_PROGRAMS",
+           "prefer_memory_frugal_cpu_schedule", "release_free_host_memory",
+           "releasing_eager_build_memory", "step_compiler_options"]
 
 #: The ``XLA_FLAGS`` entry that selects XLA:CPU's depth-first memory scheduler.
 CPU_SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+#: XLA's debug option that selects its fusion emitters (true by default in jaxlib 0.10.2).
+FUSION_EMITTERS_OPTION = "xla_cpu_use_fusion_emitters"
 
 #: Programs compiled during an eager build from which :func:`releasing_eager_build_memory`
 #: drops JAX's in-memory caches (the example's model and optimizer compile 46, ResNet-50's 88).
@@ -66,6 +79,34 @@ def prefer_memory_frugal_cpu_schedule(environ: MutableMapping[str, str] = os.env
     if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
         return False
     environ["XLA_FLAGS"] = f"{flags} {CPU_SCHEDULE_FLAG}".strip()
+    return True
+
+
+def step_compiler_options(platforms: set[str]) -> dict[str, Any]:
+    """``compiler_options`` for the Trainer's jitted steps on devices of ``platforms``.
+
+    On CPU alone: XLA's per-fusion emitters (:data:`FUSION_EMITTERS_OPTION` false), which
+    cut the compile's peak host memory by ~390 MiB at ResNet-50. Empty elsewhere, where
+    ``XLA_FLAGS`` names the option (the user's choice, either way), and where the
+    installed XLA does not know it (a later jaxlib may drop it; an unknown option fails
+    the compile).
+    """
+    if platforms != {"cpu"} or FUSION_EMITTERS_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return {FUSION_EMITTERS_OPTION: False} if _option_known(FUSION_EMITTERS_OPTION) else {}
+
+
+@functools.cache
+def _option_known(option: str) -> bool:
+    """Whether the CPU backend compiles a one-operation program with ``option`` set false."""
+    import jax
+
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    probe = jax.jit(lambda x: x + 1, compiler_options={option: False})
+    try:
+        probe.lower(jax.ShapeDtypeStruct((), "float32", sharding=cpu)).compile()
+    except jax.errors.JaxRuntimeError:  # "INVALID_ARGUMENT: No such compile option"
+        return False
     return True
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_trainer import data as data_lib
+from nnx_trainer.host_memory import step_compiler_options
 from nnx_trainer.model_state import ModelState
 from nnx_trainer.state import TrainState
 from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
@@ -29,7 +30,18 @@ class CompiledSteps:
     def __init__(self, task: Task, model: ModelState, strategy: Strategy) -> None:
         self.task = task
         self.model = model
+        self.strategy = strategy
         self.constrain = not isinstance(strategy, SingleDeviceStrategy)
+
+    @functools.cached_property
+    def compiler_options(self) -> dict[str, Any]:
+        """XLA options of every step: on CPU, the compile's peak memory kept down
+        (:func:`~nnx_trainer.host_memory.step_compiler_options`)."""
+        platforms = {device.platform for device in self.strategy.batch_sharding().device_set}
+        return step_compiler_options(platforms)
+
+    def _jit(self, fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+        return jax.jit(fn, compiler_options=self.compiler_options or None, **kwargs)
 
     @functools.cached_property
     def train(self) -> Callable[..., Any]:
@@ -74,7 +86,7 @@ class CompiledSteps:
                     "must keep its structure from step to step")
             return (new_leaves, *out[1:])
 
-        return jax.jit(flat_train_step, donate_argnums=(0, 1, 2))
+        return self._jit(flat_train_step, donate_argnums=(0, 1, 2))
 
     def lower_train(self, batch: Any) -> jax.stages.Lowered:
         """:attr:`train` lowered for ``batch`` on the current state, not compiled."""
@@ -93,7 +105,7 @@ class CompiledSteps:
             metrics.reset()
             return values, nnx.state(metrics)
 
-        return jax.jit(compute_and_reset, donate_argnums=0)
+        return self._jit(compute_and_reset, donate_argnums=0)
 
     def _eval_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
         eval_graphdef, metrics_graphdef = self.model.eval_graphdef, \
@@ -106,7 +118,7 @@ class CompiledSteps:
             metrics.update(**outputs, mask=batch[data_lib.MASK_KEY])
             return nnx.state(metrics)
 
-        return jax.jit(eval_step, donate_argnums=1)
+        return self._jit(eval_step, donate_argnums=1)
 
     @functools.cached_property
     def validate(self) -> Callable[..., Any]:
@@ -127,7 +139,7 @@ class CompiledSteps:
         def compute(metrics_state):
             return nnx.merge(metrics_graphdef, metrics_state).compute()
 
-        return jax.jit(compute)
+        return self._jit(compute)
 
     @functools.cached_property
     def predict(self) -> Callable[..., Any]:
@@ -137,7 +149,7 @@ class CompiledSteps:
         def predict_step(state, batch):
             return task.predict_step(nnx.merge(eval_graphdef, state.model), batch)
 
-        return jax.jit(predict_step)
+        return self._jit(predict_step)
 
     def evaluation(self, stage: str) -> Callable[..., Any]:
         """The eval step of ``stage``: ``"validate"`` or ``"test"``."""

@@ -17,9 +17,11 @@ from processes import clean_env
 from nnx_trainer import host_memory
 from nnx_trainer.host_memory import (
     CPU_SCHEDULE_FLAG,
+    FUSION_EMITTERS_OPTION,
     prefer_memory_frugal_cpu_schedule,
     release_free_host_memory,
     releasing_eager_build_memory,
+    step_compiler_options,
 )
 
 PROBE = textwrap.dedent("""
@@ -166,3 +168,35 @@ def test_the_trainer_drops_the_caches_only_after_a_big_build(
     _compiles_of_call(jitted_before, x)
     make_trainer(tmp_path, max_steps=1).fit(TinyTask())
     assert _compiles_of_call(jitted_before, x) == int(compiles_again)
+
+
+def test_the_steps_compile_without_the_fusion_emitters_on_cpu_alone(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", CPU_SCHEDULE_FLAG)
+    assert step_compiler_options({"cpu"}) == {FUSION_EMITTERS_OPTION: False}
+    assert step_compiler_options({"gpu"}) == {}
+    assert step_compiler_options({"cpu", "tpu"}) == {}
+    for choice in ("true", "false"):  # the user's XLA_FLAGS decide, either way
+        monkeypatch.setenv("XLA_FLAGS", f"--{FUSION_EMITTERS_OPTION}={choice}")
+        assert step_compiler_options({"cpu"}) == {}
+
+
+def test_an_option_the_installed_xla_does_not_know_is_left_out(monkeypatch):
+    # A real compile with the option: jaxlib 0.10.2 knows it, and refuses a made-up one
+    # (a later jaxlib that drops it must not fail every fit).
+    host_memory._option_known.cache_clear()
+    assert host_memory._option_known(FUSION_EMITTERS_OPTION)
+    monkeypatch.setattr(host_memory, "FUSION_EMITTERS_OPTION", "xla_cpu_no_such_option")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert step_compiler_options({"cpu"}) == {}
+
+
+def test_the_trainer_compiles_its_steps_with_those_options(tmp_path, monkeypatch):
+    # An option XLA refuses, taken as known: the fit's first step fails on it, so the
+    # Trainer's train step was compiled with step_compiler_options' answer.
+    from tiny_task import TinyTask, make_trainer
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(host_memory, "FUSION_EMITTERS_OPTION", "xla_cpu_no_such_option")
+    monkeypatch.setattr(host_memory, "_option_known", lambda option: True)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_no_such_option"):
+        make_trainer(tmp_path, max_steps=1).fit(TinyTask())
