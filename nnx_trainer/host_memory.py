@@ -22,11 +22,11 @@ changes no numbers. Elsewhere than glibc it does nothing.
 **The compile's own peak.** XLA:CPU's fusion emitters keep every fused loop's LLVM
 module until the last is emitted: compiling a ResNet-50 training step (~1,500 fusions)
 takes ~550 MiB on top of what is live, the peak of a whole CPU fit at 64x64 inputs. Its
-older per-fusion emitters take ~160 MiB, at a step speed we could not tell apart (the
-figures: benchmarks/README.md, "XLA's fusion emitters and the compile's peak").
-:func:`step_compiler_options` asks for them in the Trainer's own steps only (per program,
-through ``jax.jit(compiler_options=...)``), where the installed XLA knows the option and
-the user's ``XLA_FLAGS`` has not chosen.
+older per-fusion emitters take ~160 MiB, at a float32 step speed we could not tell apart
+(their bfloat16 code is slower; the figures: benchmarks/README.md, "XLA's fusion emitters
+and the compile's peak"). :func:`step_compiler_options` asks for them in the Trainer's own
+float32 steps only (per program, through ``jax.jit(compiler_options=...)``), where the
+installed XLA knows the option and the user's ``XLA_FLAGS`` has not chosen.
 
 **One-off programs.** Each program XLA:CPU compiles stays resident while JAX's in-memory
 caches hold it (over 1 MiB for even a one-operation program), and an eager model build
@@ -82,16 +82,19 @@ def prefer_memory_frugal_cpu_schedule(environ: MutableMapping[str, str] = os.env
     return True
 
 
-def step_compiler_options(platforms: set[str]) -> dict[str, Any]:
-    """``compiler_options`` for the Trainer's jitted steps on devices of ``platforms``.
+def step_compiler_options(platforms: set[str], compute_dtype: Any = "float32") -> dict[str, Any]:
+    """``compiler_options`` for the Trainer's jitted steps on devices of ``platforms``,
+    computing in ``compute_dtype`` (the Trainer's precision).
 
-    On CPU alone: XLA's per-fusion emitters (:data:`FUSION_EMITTERS_OPTION` false), which
-    cut the compile's peak host memory by ~390 MiB at ResNet-50. Empty elsewhere, where
-    ``XLA_FLAGS`` names the option (the user's choice, either way), and where the
+    On CPU in float32: XLA's per-fusion emitters (:data:`FUSION_EMITTERS_OPTION` false),
+    which cut the compile's peak host memory by ~390 MiB at ResNet-50. Not in bfloat16,
+    where their code measured ~1.45x the step's CPU time at ResNet-18. Empty elsewhere,
+    where ``XLA_FLAGS`` names the option (the user's choice, either way), and where the
     installed XLA does not know it (a later jaxlib may drop it; an unknown option fails
     the compile).
     """
-    if platforms != {"cpu"} or FUSION_EMITTERS_OPTION in os.environ.get("XLA_FLAGS", ""):
+    if (platforms != {"cpu"} or str(compute_dtype) != "float32"
+            or FUSION_EMITTERS_OPTION in os.environ.get("XLA_FLAGS", "")):
         return {}
     return {FUSION_EMITTERS_OPTION: False} if _option_known(FUSION_EMITTERS_OPTION) else {}
 

@@ -170,9 +170,11 @@ def test_the_trainer_drops_the_caches_only_after_a_big_build(
     assert _compiles_of_call(jitted_before, x) == int(compiles_again)
 
 
-def test_the_steps_compile_without_the_fusion_emitters_on_cpu_alone(monkeypatch):
+def test_the_steps_compile_without_the_fusion_emitters_on_cpu_in_float32_alone(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", CPU_SCHEDULE_FLAG)
     assert step_compiler_options({"cpu"}) == {FUSION_EMITTERS_OPTION: False}
+    assert step_compiler_options({"cpu"}, jnp.dtype("float32")) == {FUSION_EMITTERS_OPTION: False}
+    assert step_compiler_options({"cpu"}, jnp.dtype("bfloat16")) == {}  # slower code there
     assert step_compiler_options({"gpu"}) == {}
     assert step_compiler_options({"cpu", "tpu"}) == {}
     for choice in ("true", "false"):  # the user's XLA_FLAGS decide, either way
@@ -200,3 +202,14 @@ def test_the_trainer_compiles_its_steps_with_those_options(tmp_path, monkeypatch
     monkeypatch.setattr(host_memory, "_option_known", lambda option: True)
     with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_no_such_option"):
         make_trainer(tmp_path, max_steps=1).fit(TinyTask())
+
+
+def test_a_bfloat16_trainer_keeps_the_fusion_emitters(tmp_path, monkeypatch):
+    # The same refused option: a bf16 fit never asks for it, so it trains.
+    from tiny_task import TinyTask, make_trainer
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(host_memory, "FUSION_EMITTERS_OPTION", "xla_cpu_no_such_option")
+    monkeypatch.setattr(host_memory, "_option_known", lambda option: True)
+    trainer = make_trainer(tmp_path, max_steps=1, precision="bf16").fit(TinyTask())
+    assert trainer.global_step == 1
