@@ -22,11 +22,12 @@ changes no numbers. Elsewhere than glibc it does nothing.
 **The compile's own peak.** XLA:CPU's fusion emitters keep every fused loop's LLVM
 module until the last is emitted: compiling a ResNet-50 training step (~1,500 fusions)
 takes ~550 MiB on top of what is live, the peak of a whole CPU fit at 64x64 inputs. Its
-older per-fusion emitters take ~160 MiB, at a float32 step speed we could not tell apart
-(their bfloat16 code is slower; the figures: benchmarks/README.md, "XLA's fusion emitters
-and the compile's peak"). :func:`step_compiler_options` asks for them in the Trainer's own
-float32 steps only (per program, through ``jax.jit(compiler_options=...)``), where the
-installed XLA knows the option and the user's ``XLA_FLAGS`` has not chosen.
+older per-fusion emitters take ~160 MiB, at a float32 step speed inside our measurements'
+spread at ResNet-50 (their bfloat16 code is slower; the figures: benchmarks/README.md,
+"XLA's fusion emitters and the compile's peak"). :func:`step_compiler_options` asks for
+them in the Trainer's own float32 steps of large states only (per program, through
+``jax.jit(compiler_options=...)``), where the installed XLA knows the option and the
+user's ``XLA_FLAGS`` has not chosen.
 
 **One-off programs.** Each program XLA:CPU compiles stays resident while JAX's in-memory
 caches hold it (over 1 MiB for even a one-operation program), and an eager model build
@@ -49,7 +50,7 @@ import sys
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-__all__ = ["CPU_SCHEDULE_FLAG", "FUSION_EMITTERS_OPTION", "MANY_PROGRAMS",
+__all__ = ["CPU_SCHEDULE_FLAG", "FUSION_EMITTERS_OPTION", "MANY_PROGRAMS", "MANY_STATE_ARRAYS",
            "prefer_memory_frugal_cpu_schedule", "release_free_host_memory",
            "releasing_eager_build_memory", "step_compiler_options"]
 
@@ -58,6 +59,10 @@ CPU_SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 #: XLA's debug option that selects its fusion emitters (true by default in jaxlib 0.10.2).
 FUSION_EMITTERS_OPTION = "xla_cpu_use_fusion_emitters"
+
+#: Training-state arrays from which :func:`step_compiler_options` picks the per-fusion
+#: emitters (ResNet-50 with SGD's momentum: 430; ResNet-18: ~190).
+MANY_STATE_ARRAYS = 300
 
 #: Programs compiled during an eager build from which :func:`releasing_eager_build_memory`
 #: drops JAX's in-memory caches (the example's model and optimizer compile 46, ResNet-50's 88).
@@ -82,18 +87,24 @@ def prefer_memory_frugal_cpu_schedule(environ: MutableMapping[str, str] = os.env
     return True
 
 
-def step_compiler_options(platforms: set[str], compute_dtype: Any = "float32") -> dict[str, Any]:
+def step_compiler_options(platforms: set[str], compute_dtype: Any = "float32",
+                          state_arrays: int = MANY_STATE_ARRAYS) -> dict[str, Any]:
     """``compiler_options`` for the Trainer's jitted steps on devices of ``platforms``,
-    computing in ``compute_dtype`` (the Trainer's precision).
+    computing in ``compute_dtype`` (the Trainer's precision), for a training state of
+    ``state_arrays`` arrays.
 
-    On CPU in float32: XLA's per-fusion emitters (:data:`FUSION_EMITTERS_OPTION` false),
-    which cut the compile's peak host memory by ~390 MiB at ResNet-50. Not in bfloat16,
-    where their code measured ~1.45x the step's CPU time at ResNet-18. Empty elsewhere,
-    where ``XLA_FLAGS`` names the option (the user's choice, either way), and where the
-    installed XLA does not know it (a later jaxlib may drop it; an unknown option fails
-    the compile).
+    XLA's per-fusion emitters (:data:`FUSION_EMITTERS_OPTION` false) on a CPU, in float32,
+    for a state of at least :data:`MANY_STATE_ARRAYS` arrays: the fusion emitters' share
+    of a compile grows with the step's fusions, about three per state array (ResNet-50's
+    430 arrays: ~1,500 fusions, ~410 MiB), and the older emitters cut it to ~25%. Below
+    that the share is small and their code's speed counts more (at ResNet-18, ~190
+    arrays, their steps measured 0.92-1.04x the fusion emitters' speed); in bfloat16
+    their code measured ~1.45x the CPU time. Empty elsewhere, where ``XLA_FLAGS`` names
+    the option (the user's choice, either way), and where the installed XLA does not know
+    it (a later jaxlib may drop it; an unknown option fails the compile).
     """
     if (platforms != {"cpu"} or str(compute_dtype) != "float32"
+            or state_arrays < MANY_STATE_ARRAYS
             or FUSION_EMITTERS_OPTION in os.environ.get("XLA_FLAGS", "")):
         return {}
     return {FUSION_EMITTERS_OPTION: False} if _option_known(FUSION_EMITTERS_OPTION) else {}

@@ -35,10 +35,11 @@ class CompiledSteps:
 
     @functools.cached_property
     def compiler_options(self) -> dict[str, Any]:
-        """XLA options of every step: on CPU in float32, the compile's peak memory kept
-        down (:func:`~nnx_trainer.host_memory.step_compiler_options`)."""
+        """XLA options of every step: on CPU in float32 with a large state, the compile's
+        peak memory kept down (:func:`~nnx_trainer.host_memory.step_compiler_options`)."""
         platforms = {device.platform for device in self.strategy.batch_sharding().device_set}
-        return step_compiler_options(platforms, self.task.compute_dtype)
+        return step_compiler_options(platforms, self.task.compute_dtype,
+                                     len(jax.tree.leaves(self.model.state)))
 
     def _jit(self, fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
         return jax.jit(fn, compiler_options=self.compiler_options or None, **kwargs)

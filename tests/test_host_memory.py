@@ -18,6 +18,7 @@ from nnx_trainer import host_memory
 from nnx_trainer.host_memory import (
     CPU_SCHEDULE_FLAG,
     FUSION_EMITTERS_OPTION,
+    MANY_STATE_ARRAYS,
     prefer_memory_frugal_cpu_schedule,
     release_free_host_memory,
     releasing_eager_build_memory,
@@ -170,10 +171,12 @@ def test_the_trainer_drops_the_caches_only_after_a_big_build(
     assert _compiles_of_call(jitted_before, x) == int(compiles_again)
 
 
-def test_the_steps_compile_without_the_fusion_emitters_on_cpu_in_float32_alone(monkeypatch):
+def test_large_float32_states_compile_without_the_fusion_emitters_on_cpu_alone(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", CPU_SCHEDULE_FLAG)
-    assert step_compiler_options({"cpu"}) == {FUSION_EMITTERS_OPTION: False}
-    assert step_compiler_options({"cpu"}, jnp.dtype("float32")) == {FUSION_EMITTERS_OPTION: False}
+    off = {FUSION_EMITTERS_OPTION: False}
+    assert step_compiler_options({"cpu"}) == off
+    assert step_compiler_options({"cpu"}, jnp.dtype("float32"), MANY_STATE_ARRAYS) == off
+    assert step_compiler_options({"cpu"}, jnp.dtype("float32"), MANY_STATE_ARRAYS - 1) == {}
     assert step_compiler_options({"cpu"}, jnp.dtype("bfloat16")) == {}  # slower code there
     assert step_compiler_options({"gpu"}) == {}
     assert step_compiler_options({"cpu", "tpu"}) == {}
@@ -200,16 +203,20 @@ def test_the_trainer_compiles_its_steps_with_those_options(tmp_path, monkeypatch
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.setattr(host_memory, "FUSION_EMITTERS_OPTION", "xla_cpu_no_such_option")
     monkeypatch.setattr(host_memory, "_option_known", lambda option: True)
+    monkeypatch.setattr(host_memory, "MANY_STATE_ARRAYS", 1)  # TinyTask's state is small
     with pytest.raises(jax.errors.JaxRuntimeError, match="xla_cpu_no_such_option"):
         make_trainer(tmp_path, max_steps=1).fit(TinyTask())
 
 
-def test_a_bfloat16_trainer_keeps_the_fusion_emitters(tmp_path, monkeypatch):
-    # The same refused option: a bf16 fit never asks for it, so it trains.
+@pytest.mark.parametrize("precision, many_arrays", [("bf16", 1), ("fp32", 10_000)])
+def test_bfloat16_and_small_states_keep_the_fusion_emitters(
+        tmp_path, monkeypatch, precision, many_arrays):
+    # The same refused option: these fits never ask for it, so they train.
     from tiny_task import TinyTask, make_trainer
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.setattr(host_memory, "FUSION_EMITTERS_OPTION", "xla_cpu_no_such_option")
     monkeypatch.setattr(host_memory, "_option_known", lambda option: True)
-    trainer = make_trainer(tmp_path, max_steps=1, precision="bf16").fit(TinyTask())
+    monkeypatch.setattr(host_memory, "MANY_STATE_ARRAYS", many_arrays)
+    trainer = make_trainer(tmp_path, max_steps=1, precision=precision).fit(TinyTask())
     assert trainer.global_step == 1
