@@ -21,10 +21,10 @@ changes no numbers. Elsewhere than glibc it does nothing.
 
 **The compile's own peak.** XLA:CPU's fusion emitters keep every fused loop's LLVM
 module until the last is emitted: compiling a ResNet-50 training step (~1,500 fusions)
-takes ~550 MiB on top of what is live, the peak of a whole CPU fit at 64x64 inputs. Its
-older per-fusion emitters take ~160 MiB, at a float32 step speed inside our measurements'
-spread at ResNet-50 (their bfloat16 code is slower; the figures: benchmarks/README.md,
-"XLA's fusion emitters and the compile's peak"). :func:`step_compiler_options` asks for
+takes ~550 MiB on top of what is live, the peak of its whole CPU fit at 64x64 inputs. Its
+older per-fusion emitters take ~160 MiB, for up to ~5% of a float32 ResNet-50 step's speed
+(their bfloat16 code is much slower; the figures: benchmarks/README.md, "XLA's fusion
+emitters and the compile's peak"). :func:`step_compiler_options` asks for
 them in the Trainer's own float32 steps of large states only (per program, through
 ``jax.jit(compiler_options=...)``), where the installed XLA knows the option and the
 user's ``XLA_FLAGS`` has not chosen.
@@ -61,7 +61,7 @@ CPU_SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 FUSION_EMITTERS_OPTION = "xla_cpu_use_fusion_emitters"
 
 #: Training-state arrays from which :func:`step_compiler_options` picks the per-fusion
-#: emitters (ResNet-50 with SGD's momentum: 430; ResNet-18: ~190).
+#: emitters (ResNet-50 with SGD's momentum: 430; ResNet-18: 166).
 MANY_STATE_ARRAYS = 300
 
 #: Programs compiled during an eager build from which :func:`releasing_eager_build_memory`
@@ -97,13 +97,15 @@ def step_compiler_options(platforms: set[str], compute_dtype: Any = "float32",
     for a state of at least :data:`MANY_STATE_ARRAYS` arrays: the fusion emitters' share
     of a compile grows with the step's fusions, about three per state array (ResNet-50's
     430 arrays: ~1,500 fusions, ~410 MiB), and the older emitters cut it to ~25%. Below
-    that the share is small and their code's speed counts more (at ResNet-18, ~190
+    that the share is small and their code's speed counts more (at ResNet-18, 166
     arrays, their steps measured 0.92-1.04x the fusion emitters' speed); in bfloat16
     their code measured ~1.45x the CPU time. Empty elsewhere, where ``XLA_FLAGS`` names
     the option (the user's choice, either way), and where the installed XLA does not know
     it (a later jaxlib may drop it; an unknown option fails the compile).
     """
-    if (platforms != {"cpu"} or str(compute_dtype) != "float32"
+    import jax.numpy as jnp  # not at module level: see _compile_counter_registered
+
+    if (platforms != {"cpu"} or jnp.dtype(compute_dtype) != jnp.float32
             or state_arrays < MANY_STATE_ARRAYS
             or FUSION_EMITTERS_OPTION in os.environ.get("XLA_FLAGS", "")):
         return {}

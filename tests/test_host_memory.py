@@ -177,6 +177,7 @@ def test_large_float32_states_compile_without_the_fusion_emitters_on_cpu_alone(m
     assert step_compiler_options({"cpu"}) == off
     assert step_compiler_options({"cpu"}, jnp.dtype("float32"), MANY_STATE_ARRAYS) == off
     assert step_compiler_options({"cpu"}, jnp.dtype("float32"), MANY_STATE_ARRAYS - 1) == {}
+    assert step_compiler_options({"cpu"}, jnp.float32) == off  # a type works as well
     assert step_compiler_options({"cpu"}, jnp.dtype("bfloat16")) == {}  # slower code there
     assert step_compiler_options({"gpu"}) == {}
     assert step_compiler_options({"cpu", "tpu"}) == {}
