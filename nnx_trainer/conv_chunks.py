@@ -1,6 +1,7 @@
 """Loops over chunks of a batch, for the convolution formulations that would otherwise
-hold a whole batch's copies at once (:mod:`nnx_trainer.conv_forward`'s rows path and
-:mod:`nnx_trainer.conv_gradients`' kernel gradients).
+hold a whole batch's copies at once: :func:`map_batch_chunks` for
+:mod:`nnx_trainer.conv_forward`'s rows path, :func:`sum_batch_chunks` for
+:mod:`nnx_trainer.conv_gradients`' kernel gradients.
 
 A chunk takes every ``steps``-th image rather than a contiguous slice, so that on a batch
 sharded over devices each chunk is a slice of every device's own images.
@@ -8,13 +9,13 @@ sharded over devices each chunk is a slice of every device's own images.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["batch_chunks", "images_per_chunk", "map_batch_chunks"]
+__all__ = ["batch_chunks", "images_per_chunk", "map_batch_chunks", "sum_batch_chunks"]
 
 
 def images_per_chunk(batch: int, wanted: int) -> int:
@@ -58,3 +59,20 @@ def map_batch_chunks(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
 
     out = lax.fori_loop(0, steps, step, jnp.zeros((per, steps, *first.shape[1:]), first.dtype))
     return out.reshape(x.shape[0], *first.shape[1:])
+
+
+def sum_batch_chunks(fn: Callable[..., jax.Array], xs: Sequence[jax.Array],
+                     per: int) -> jax.Array:
+    """The sum of ``fn`` over chunks of ``per`` images of each of ``xs`` (arrays of one
+    batch, chunked alike; ``per`` from :func:`images_per_chunk`); a loop, not an unrolled
+    sum, so compile time stays flat in the batch size."""
+    steps = xs[0].shape[0] // per
+    if steps == 1:
+        return fn(*xs)
+    grouped = [batch_chunks(x, per) for x in xs]
+    total = jax.eval_shape(fn, *(jax.ShapeDtypeStruct((per, *x.shape[1:]), x.dtype) for x in xs))
+
+    def step(i: jax.Array, acc: jax.Array) -> jax.Array:
+        return acc + fn(*(lax.dynamic_index_in_dim(c, i, axis=1, keepdims=False) for c in grouped))
+
+    return lax.fori_loop(0, steps, step, jnp.zeros(total.shape, total.dtype))

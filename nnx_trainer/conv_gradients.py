@@ -111,18 +111,8 @@ def kernel_grad(x: jax.Array, g: jax.Array, w_shape: Sequence[int], geo: Geometr
         slices = conv_forward.tap_slices(xc, w_shape, geo, taps)
         return jnp.stack([product(xs, g2) for xs in slices])  # kh * kw products
 
-    steps = b // per
-    if steps == 1:
-        acc = chunk_grad(x, g)
-    else:
-        # Chunk i holds images i, i + steps, ... (conv_chunks.batch_chunks); a loop, not
-        # an unrolled sum, keeps compile time flat in the batch size.
-        xs, gs = conv_chunks.batch_chunks(x, per), conv_chunks.batch_chunks(g, per)
-        acc = lax.fori_loop(0, steps, lambda i, a: a + chunk_grad(
-            lax.dynamic_index_in_dim(xs, i, axis=1, keepdims=False),
-            lax.dynamic_index_in_dim(gs, i, axis=1, keepdims=False),
-        ), jnp.zeros((kh if by_rows else kh * kw, *((co, depth) if g_first else (depth, co))),
-                     acc_dtype))
+    # Chunk i holds images i, i + steps, ... (conv_chunks.batch_chunks).
+    acc = conv_chunks.sum_batch_chunks(chunk_grad, (x, g), per)
     if g_first:
         acc = jnp.swapaxes(acc, 1, 2)  # once, after the sum: (kh or taps, K, Cout)
     return acc.reshape(kh, kw, ci, co)

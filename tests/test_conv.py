@@ -332,6 +332,16 @@ def test_chunks_divide_the_batch_and_split_evenly_over_devices(monkeypatch):
     assert per(12, 4) == 4  # 12 images do not split over 8 devices
 
 
+def test_chunk_loops_map_and_sum_over_every_image_once():
+    x = jnp.arange(6 * 2, dtype=jnp.float32).reshape(6, 2)
+    y = jnp.arange(6, dtype=jnp.float32)[:, None] * 10
+    for per in (1, 2, 3, 6):
+        mapped = conv_chunks.map_batch_chunks(lambda c: c * 2, x, per)
+        np.testing.assert_array_equal(mapped, x * 2)  # in the images' order
+        summed = conv_chunks.sum_batch_chunks(lambda a, b: (a * b).sum(0), (x, y), per)
+        np.testing.assert_allclose(summed, (x * y).sum(0))
+
+
 BATCH_SHARDED_CHUNKS = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax import lax
