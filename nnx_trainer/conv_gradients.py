@@ -10,9 +10,10 @@ formulation measured fastest for its shape.
 * the input gradient as stride-phase convolutions (:func:`input_grad_by_phases`) where
   :func:`phases_pay`; at stride 1 as a forward convolution of the output gradient with the
   flipped kernel, routed like any forward; otherwise as the transpose of the forward's own
-  formulation (:func:`conv_bwd`). Where the kernel gradient is products, the input
-  gradient is handed on only once it is computed (:func:`computed_after`), or XLA:CPU
-  would leave those products to the end of the backward pass.
+  formulation, XLA's where that is regions or shifted products (:func:`gradient_paths`).
+  Where the kernel gradient is products, the input gradient is handed on only once it is
+  computed (:func:`computed_after`), or XLA:CPU would leave those products to the end of
+  the backward pass.
 
 Internal to :mod:`nnx_trainer.conv`; the names are public for its tests and benchmarks.
 The forward router is looked up through its module (``conv_forward.forward_path``), so a
@@ -317,6 +318,12 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
             # XLA's: 3x3/2 8x8 -> 4x4, 256 -> 512, batch 128: 34.9 vs 31.3 ms; 14x14 -> 7x7,
             # batch 16: 17.3 vs 13.6. The kernel larger than the image keeps im2col's.
             path = "im2col" if conv_forward.kernel_exceeds_image(x_shape, w_shape) else "xla"
+        elif path == "shifted" and not dilated_transpose_is_slow(w_shape, g_shape, geo):
+            # bfloat16 (the only dtype the forward sends there): the transpose of the shifted
+            # products took 1.3-2.3x XLA's autodiff, XLA's own transpose 0.9-1.1x (3x3/2
+            # to 4x4 and 7x7 outputs, 64-512 channels, batch 32; README 7b). To 2x2 outputs
+            # it stays: 0.04-0.26x XLA's, tied with im2col's.
+            path = "xla"
         if path == "xla" and dilated_transpose_is_slow(w_shape, g_shape, geo):
             path = "im2col"
         dx = f"T({path})"
