@@ -320,9 +320,9 @@ def gradient_paths(x_shape: Sequence[int], w_shape: Sequence[int], g_shape: Sequ
             path = "im2col" if conv_forward.kernel_exceeds_image(x_shape, w_shape) else "xla"
         elif path == "shifted" and not dilated_transpose_is_slow(w_shape, g_shape, geo):
             # bfloat16 (the only dtype the forward sends there): the transpose of the shifted
-            # products took 1.3-2.3x XLA's autodiff, XLA's own transpose 0.9-1.1x (3x3/2
-            # to 4x4 and 7x7 outputs, 64-512 channels, batch 32; README 7b). To 2x2 outputs
-            # it stays: 0.04-0.26x XLA's, tied with im2col's.
+            # products took 1.25-2.3x XLA's autodiff, XLA's own transpose 0.76-1.17x, median
+            # 0.95 (3x3/2 over 7x7 to 14x14 inputs, 64-512 channels, batch 32; README 7b).
+            # To 2x2 outputs it stays: 0.04-0.26x XLA's, tied with im2col's.
             path = "xla"
         if path == "xla" and dilated_transpose_is_slow(w_shape, g_shape, geo):
             path = "im2col"
