@@ -23,7 +23,7 @@ def model_summary(model_state: nnx.State) -> dict[str, Any]:
     for path, variable in nnx.to_flat_state(model_state):
         value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
         size = int(np.prod(np.shape(value), dtype=np.int64))
-        nbytes = size * np.dtype(getattr(value, "dtype", np.float32)).itemsize
+        nbytes = size * itemsize_of(value)
         is_param = isinstance(variable, nnx.Param) or (
             isinstance(variable, nnx.Variable) and issubclass(variable.type, nnx.Param)
         )
@@ -36,6 +36,15 @@ def model_summary(model_state: nnx.State) -> dict[str, Any]:
         totals["parameters"] += size
         totals["parameter_bytes"] += nbytes
     return {**totals, "layers": layers}
+
+
+def itemsize_of(value: Any) -> int:
+    """Bytes per element of an array (4 for a Python number)."""
+    # Not np.dtype(value.dtype): a typed PRNG key (the key of an nnx.RngStream, which
+    # nnx.Dropout(rngs=...) holds) has JAX's extended dtype, which NumPy cannot
+    # interpret; JAX's dtypes and NumPy's both carry their itemsize.
+    dtype = getattr(value, "dtype", None)
+    return int(dtype.itemsize) if dtype is not None else np.dtype(np.float32).itemsize
 
 
 def flops_of(lowered: jax.stages.Lowered) -> float | None:

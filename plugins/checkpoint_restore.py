@@ -149,6 +149,11 @@ def damaged_elsewhere(damage: DamagedCheckpoint | None, step: int) -> DamagedChe
 
 def _shape_dtype(x: Any) -> tuple[tuple[int, ...], str]:
     dtype = getattr(x, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        # Orbax stores a typed PRNG key (an nnx.RngStream's, e.g. nnx.Dropout(rngs=...))
+        # as its key data, uint32 words, and its metadata says so: compare those.
+        x = jax.eval_shape(jax.random.key_data, x)
+        dtype = x.dtype
     return tuple(getattr(x, "shape", ())), str(dtype) if dtype is not None else "?"
 
 

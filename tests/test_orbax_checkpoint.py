@@ -57,7 +57,9 @@ def read_meta(step_dir) -> dict[str, Any]:
 
 
 def arrays(trainer) -> list[np.ndarray]:
-    return [np.asarray(x) for x in jax.tree.leaves(trainer.checkpoint_state().arrays())]
+    """The checkpointed state's arrays (typed PRNG keys as their key data)."""
+    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                       else x) for x in jax.tree.leaves(trainer.checkpoint_state().arrays())]
 
 
 # ---------------------------------------------------------------- options
@@ -179,6 +181,47 @@ def test_crash_mid_epoch_resumes_losses_train_metrics_and_validation_exactly(tmp
     # The train-metrics accumulator came back too: the logged window means match, and
     # the val_check_interval validation at step 10 sees the same weights.
     assert resumed.logged(floats=True) == [(s, m) for s, m in full.logged(floats=True) if s > 6]
+    for a, b in zip(arrays(trainer), arrays(full_trainer), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+class DropoutModel(nnx.Module):
+    """Linear -> Dropout holding its own RNG stream (a typed PRNG key in the state) -> Linear."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs) -> None:
+        self.fc1 = nnx.Linear(dim, 16, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.drop(nnx.relu(self.fc1(x))))
+
+
+class DropoutTask(TinyTask):
+    def configure_model(self, rngs):
+        return DropoutModel(self.dim, rngs=rngs)
+
+
+def test_a_model_holding_an_rng_stream_summarises_and_resumes_its_draws_exactly(tmp_path):
+    # nnx.Dropout(rngs=...) keeps a typed PRNG key (dtype key<fry>) in the model's state:
+    # the model summary sized it with NumPy and failed, and a resume compared Orbax's
+    # stored key data (uint32 words) with the key and refused "a different model".
+    opts = {"max_steps": 10}
+    full = record()
+    full_trainer = make_trainer(tmp_path / "full", full, **opts)
+    full_trainer.fit(DropoutTask())
+    summary = full_trainer.hyperparameters()["model"]
+    assert summary["parameters"] == 8 * 16 + 16 + 16 * 3 + 3
+    assert summary["other_state_bytes"] == 8 + 4  # the stream's key (2 words) and count
+
+    with pytest.raises(RuntimeError, match="simulated crash after step 7"):
+        make_trainer(tmp_path / "run", CrashAfter(7), OrbaxCheckpoint(every_n_steps=3),
+                     **opts).fit(DropoutTask())
+    resumed = record()
+    trainer = make_trainer(tmp_path / "run", resumed, OrbaxCheckpoint(every_n_steps=3), **opts)
+    trainer.fit(DropoutTask(), ckpt_path="last")
+    assert resumed.losses() == {s: full.losses()[s] for s in range(6, 10)}
+    assert len(set(full.losses().values())) == 10  # the draws differ from step to step
     for a, b in zip(arrays(trainer), arrays(full_trainer), strict=True):
         np.testing.assert_array_equal(a, b)
 
