@@ -243,13 +243,20 @@ def _options(argv: Sequence[str]) -> Iterator[tuple[str, str | None]]:
         yield key, value
 
 
-def _load_yaml(source: str) -> Any:
+def _load_yaml(source: str) -> Mapping[str, Any] | None:
+    """A ``--config`` value's options: a file's, or inline YAML (as jsonargparse takes)."""
     path = Path(source)
     try:
-        text = path.read_text() if path.is_file() else source  # jsonargparse takes inline YAML
-        return yaml.safe_load(text)
+        config = yaml.safe_load(path.read_text() if path.is_file() else source)
     except (OSError, yaml.YAMLError) as exc:
         raise CLIError(f"--config {source!r}: {exc}") from exc
+    if config is None or isinstance(config, Mapping):
+        return config
+    if not path.is_file():  # a mistyped file name reads as a YAML string
+        raise CLIError(f"--config {source!r}: no such file (from {Path.cwd()}); give the path "
+                       "of a YAML file, e.g. a run directory's config.yaml")
+    raise CLIError(f"--config {source!r}: holds a {type(config).__name__}, not a mapping of "
+                   "options such as 'trainer: {max_epochs: 3}'")
 
 
 def check_keys(argv: Sequence[str], valid: set[str], plugins: Mapping[str, type]) -> None:

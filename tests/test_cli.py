@@ -94,6 +94,17 @@ def test_bad_input_exits_2_naming_the_key(args, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_a_missing_or_non_mapping_config_file_exits_2_naming_it(tmp_path, capsys):
+    missing = tmp_path / "runs" / "nope" / "config.yaml"
+    assert main(["fit", "--config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config '{missing}': no such file" in err and "Traceback" not in err
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    assert main(["fit", "--config", str(tmp_path / "list.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "holds a list, not a mapping of options" in err and "Traceback" not in err
+
+
 def test_unknown_key_in_a_config_file_is_named_with_the_file(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("task: {class_path: tiny_task:TinyTask, lrr: 0.1}\n")
     assert main(["fit", "--config", str(tmp_path / "bad.yaml")]) == 2
