@@ -1,8 +1,9 @@
 """Batches of a Task's examples: the per-epoch order, the transforms and one batched read.
 
 A global batch is ``global_batch_size`` consecutive positions of an order of example
-indices; each process reads its share (every ``process_count``-th position) with one
-``_getitems`` call, stacks it and applies the batch transforms with per-example keys.
+indices; each process reads its share (:meth:`PipelineConfig.process_rows`: the
+contiguous rows its devices hold of the global batch array) with one ``_getitems``
+call, stacks it and applies the batch transforms with per-example keys.
 :class:`Batches` serves such batches from a fixed order (evaluation), and
 :class:`TrainBatches` from one permutation per epoch. The Grain pipelines built on them
 are in :mod:`nnx_trainer.data`.
@@ -41,6 +42,18 @@ class PipelineConfig:
     def local_batch_size(self) -> int:
         """Examples this process contributes to each global batch."""
         return self.global_batch_size // self.process_count
+
+    def process_rows(self) -> np.ndarray:
+        """The rows of each global batch this process reads: a contiguous block.
+
+        ``jax.make_array_from_process_local_data`` places process ``p``'s rows at the
+        ``p``-th block of the global batch array (the strategies order the devices by
+        process), so with contiguous blocks that array is the batch in its order, as
+        one process would have it: row-position effects (an ``nnx.Dropout``'s masks,
+        ``predict``'s rows) are the same on any number of processes.
+        """
+        n = self.local_batch_size
+        return np.arange(self.process_index * n, (self.process_index + 1) * n)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -107,8 +120,7 @@ def read_batch(
 ) -> Any:
     """Batch ``index`` of ``order``: this process's share, one batched read, batch transforms."""
     g = config.global_batch_size
-    positions = np.arange(index * g + config.process_index, (index + 1) * g,
-                          config.process_count)
+    positions = index * g + config.process_rows()
     batch = stack(parent._getitems(order[positions].tolist()))
     if num_real is not None:  # positions at or past it are padding
         if not isinstance(batch, dict):
@@ -124,7 +136,7 @@ def read_batch(
 class Batches(grain.MapDataset):
     """Batch ``i``: the examples at global positions ``[i*G, (i+1)*G)`` of ``order``.
 
-    This process takes every ``process_count``-th of them (from ``process_index``),
+    This process takes its block of them (:meth:`PipelineConfig.process_rows`),
     reads them with one ``_getitems`` call (Grain's batched-read path: a source that
     implements ``_getitems`` serves a whole batch with one fancy index), stacks them,
     adds ``mask`` when ``num_real`` is given (positions from it on are padding) and

@@ -96,7 +96,7 @@ def stream_pipeline(
     """Training batches from a stream (an ``IterDataset``: no length, no random access).
 
     Every process reads the same stream, batches ``global_batch_size`` examples and
-    keeps its rows (every ``process_count``-th, as for indexed data), so the processes
+    keeps its rows (its block, as for indexed data), so the processes
     agree on each global batch without any coordination; a stream that is already
     split per process can read ``task.trainer.strategy.process_index`` itself. Per-
     example transforms are seeded by Grain's element counter; batch transforms get
@@ -106,7 +106,7 @@ def stream_pipeline(
     per_example, batched = split_transforms(transforms)
     ds = apply_transforms(examples, per_example, seed=epoch_seed(seed, 0) + 1)
     g, key_seed = config.global_batch_size, epoch_seed(seed, 0) + 2
-    rows = np.arange(config.process_index, g, config.process_count)
+    rows = config.process_rows()
 
     def share(index: int, batch: Any) -> Any:
         if config.process_count > 1:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +110,25 @@ def predict(ctx: RunContext) -> Any:
             chunks.append(predict_step(ctx.model.state, batch))
             masks.append(batch[data_lib.MASK_KEY])
             prefetcher.refill()
-    mask = np.concatenate([np.asarray(jax.device_get(m)) for m in masks])
-    outputs = jax.tree.map(
-        lambda *xs: np.concatenate([np.asarray(jax.device_get(x)) for x in xs])[mask],
-        *chunks,
-    )
+    gather = functools.partial(host_rows, processes=ctx.strategy.process_count)
+    mask = gather(masks)
+    outputs = jax.tree.map(lambda *xs: gather(xs)[mask], *chunks)
     ctx.hook.on_predict_end(trainer=ctx.view, outputs=outputs)
     return outputs
+
+
+def host_rows(batches: Sequence[jax.Array], processes: int) -> np.ndarray:
+    """Global batch arrays as one host array, their rows in order, in every process.
+
+    With several processes each holds only its rows of a batch (``device_get`` refuses
+    the others'): the rows are gathered from all of them first.
+    """
+    if processes > 1:
+        from jax.experimental import multihost_utils
+
+        return np.concatenate([np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                               for x in batches])
+    return np.concatenate([np.asarray(jax.device_get(x)) for x in batches])
 
 
 def named_eval_sets(examples: Any, where: str) -> dict[str | None, grain.MapDataset]:

@@ -147,12 +147,27 @@ class Strategy:
 
     def place_state(self, state: Any) -> Any:
         """Move a state pytree onto its shardings."""
-        return jax.device_put(state, self.state_shardings(state))
+        shardings = self.state_shardings(state)
+        if not any(map(is_prng_key, jax.tree.leaves(state))):
+            return jax.device_put(state, shardings)
+        # device_put refuses to place a typed PRNG key (an nnx.RngStream's, e.g.
+        # nnx.Dropout(rngs=...)) on the devices of several processes; its key data, uint32
+        # words sharded alike along the key's own axes, it places, and the key is rewrapped.
+        placed = jax.device_put(jax.tree.map(
+            lambda x: jax.random.key_data(x) if is_prng_key(x) else x, state), shardings)
+        return jax.tree.map(
+            lambda x, p: jax.random.wrap_key_data(p, impl=jax.random.key_impl(x))
+            if is_prng_key(x) else p, state, placed)
 
     @property
     def num_devices(self) -> int:
         """Devices the batch is spread over."""
         return 1
+
+
+def is_prng_key(x: Any) -> bool:
+    """Whether ``x`` is a typed PRNG key array (JAX's extended key dtype)."""
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 class SingleDeviceStrategy(Strategy):

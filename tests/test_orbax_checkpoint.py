@@ -21,7 +21,7 @@ import pytest
 from fake_clock import FakeClock
 from flax import nnx
 from hook_recorder import HookRecorder
-from tiny_task import CrashAfter, TinyTask, make_trainer
+from tiny_task import CrashAfter, DropoutTask, TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer import data as data_lib
@@ -183,23 +183,6 @@ def test_crash_mid_epoch_resumes_losses_train_metrics_and_validation_exactly(tmp
     assert resumed.logged(floats=True) == [(s, m) for s, m in full.logged(floats=True) if s > 6]
     for a, b in zip(arrays(trainer), arrays(full_trainer), strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-class DropoutModel(nnx.Module):
-    """Linear -> Dropout holding its own RNG stream (a typed PRNG key in the state) -> Linear."""
-
-    def __init__(self, dim: int, *, rngs: nnx.Rngs) -> None:
-        self.fc1 = nnx.Linear(dim, 16, rngs=rngs)
-        self.drop = nnx.Dropout(0.5, rngs=rngs)
-        self.fc2 = nnx.Linear(16, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc2(self.drop(nnx.relu(self.fc1(x))))
-
-
-class DropoutTask(TinyTask):
-    def configure_model(self, rngs):
-        return DropoutModel(self.dim, rngs=rngs)
 
 
 def test_a_model_holding_an_rng_stream_summarises_and_resumes_its_draws_exactly(tmp_path):

@@ -139,6 +139,26 @@ def test_a_stream_over_two_processes_trains_like_one_and_resumes_on_one(tmp_path
     np.testing.assert_allclose(_losses(resumed), _losses(one)[6:], rtol=1e-5, atol=1e-6)
 
 
+def test_two_processes_draw_the_dropout_masks_of_one_predict_its_rows_and_resume_on_one(
+        tmp_path):
+    """A model holding an RNG stream (``nnx.Dropout(rngs=...)``): its typed PRNG key is
+    placed on both processes' devices (``device_put`` refuses a key for devices of
+    several processes) and checkpointed; each process reads a contiguous block of every
+    global batch, so the batch array, and the masks drawn over its rows, are one
+    process's; ``predict`` gathers every process's rows, in the examples' order."""
+    one = _run_processes(tmp_path, 1, "drop1", "--dropout", "--max-steps", "4", "--predict")[0]
+    run_dir = str(tmp_path / "run")
+    two = _run_processes(tmp_path, 2, "drop2", "--dropout", "--max-steps", "4", "--predict",
+                         "--run-dir", run_dir)
+    assert len(one["predictions"]) == 20  # TinyTask's validation examples
+    for r in two:
+        np.testing.assert_allclose(_losses(r), _losses(one), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r["predictions"], one["predictions"], rtol=1e-5, atol=1e-5)
+    resumed = _run_processes(tmp_path, 1, "drop3", "--dropout", "--max-steps", "6",
+                             "--run-dir", run_dir, "--resume", "last")[0]
+    assert sorted(resumed["losses"], key=int) == ["4", "5"]
+
+
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
 def test_checkpoint_moves_between_two_processes_and_one(report, tmp_path, first, second):
     run_dir = str(tmp_path / "run")

@@ -111,6 +111,25 @@ class TinyTask(nnx_trainer.Task):
         return {"lr": self.lr, "n_train": self.n_train}
 
 
+class DropoutModel(nnx.Module):
+    """Linear -> Dropout holding its own RNG stream (a typed PRNG key in the state) -> Linear."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs) -> None:
+        self.fc1 = nnx.Linear(dim, 16, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.fc2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.drop(nnx.relu(self.fc1(x))))
+
+
+class DropoutTask(TinyTask):
+    """TinyTask whose model draws dropout masks from an RNG stream it holds."""
+
+    def configure_model(self, rngs):
+        return DropoutModel(self.dim, rngs=rngs)
+
+
 class AnnotatedMLP(nnx.Module):
     """An MLP whose kernels carry Flax sharding annotations (logical dimension names)."""
 

@@ -8,7 +8,8 @@ wall clock reading ``global_step * S`` (see tests/fake_clock.py), so two process
 disagree about the time; the checkpoint plugin then uses the default cadence (every
 epoch, throttled by ``--ckpt-min-seconds``) and the report lists the steps it saved.
 
-``--stream`` trains tiny_task.StreamingTinyTask (a grain.IterDataset) instead.
+``--stream`` trains tiny_task.StreamingTinyTask (a grain.IterDataset) instead, ``--dropout``
+tiny_task.DropoutTask (a model holding an RNG stream).
 
 ``--marker PATH --marker-step K``: after step K this process writes PATH (a parent
 waits for it, then signals this process) and every step from there on sleeps
@@ -40,6 +41,9 @@ parser.add_argument("--marker", default=None)
 parser.add_argument("--marker-step", type=int, default=4)
 parser.add_argument("--step-sleep", type=float, default=0.05)
 parser.add_argument("--stream", action="store_true", help="train on a grain.IterDataset")
+parser.add_argument("--dropout", action="store_true",
+                    help="train tiny_task.DropoutTask (an RNG stream in the model's state)")
+parser.add_argument("--predict", action="store_true", help="report trainer.predict's rows")
 args = parser.parse_args()
 if args.count > 1:
     os.environ.update(
@@ -47,7 +51,7 @@ if args.count > 1:
         JAX_PROCESS_ID=str(args.index),
     )
 
-from tiny_task import StreamingTinyTask, TinyTask  # noqa: E402
+from tiny_task import DropoutTask, StreamingTinyTask, TinyTask  # noqa: E402
 
 import nnx_trainer  # noqa: E402
 
@@ -98,7 +102,7 @@ trainer = nnx_trainer.Trainer(
     strategy="data_parallel" if args.count > 1 else "single_device",
     run_dir=args.run_dir or "/tmp/unused",
 )
-task_class = StreamingTinyTask if args.stream else TinyTask
+task_class = StreamingTinyTask if args.stream else DropoutTask if args.dropout else TinyTask
 trainer.fit(task_class(n_train=64, dim=64), ckpt_path=args.resume)
 import jax  # noqa: E402
 
@@ -109,4 +113,5 @@ Path(args.out).write_text(json.dumps({
     "global_step": trainer.global_step, "preempted": trainer.preempted,
     "stop_reason": trainer.stop_reason,
     "val_accuracy": float(trainer.validate(trainer.task)["val/accuracy"]),
+    "predictions": trainer.predict(trainer.task).tolist() if args.predict else None,
 }))
