@@ -162,6 +162,9 @@ def export_main(argv: Sequence[str]) -> int:
                         help="a fixed batch size (default: symbolic, any batch)")
     parser.add_argument("--input_key", default="image",
                         help="the key of the examples that is the model's input")
+    parser.add_argument("--input_dtype", default=None,
+                        help="the input's dtype, e.g. int32 (default: the examples' if "
+                        "float; else float32, or theirs where the model refuses floats)")
     parser.add_argument("--platforms", default=None,
                         help="StableHLO: comma-separated platforms, e.g. cpu,cuda")
     args = parser.parse_args(argv)
@@ -175,7 +178,7 @@ def export_main(argv: Sequence[str]) -> int:
         trainer, task = build_objects(command_parser.parse_args(config_args), task_cls)
         path = export.export_run(
             trainer, task, args.out, ckpt_path=args.ckpt_path, format=args.format,
-            batch_size=args.batch_size, input_key=args.input_key,
+            batch_size=args.batch_size, input_key=args.input_key, input_dtype=args.input_dtype,
             platforms=args.platforms.split(",") if args.platforms else None)
     except (CLIError, FileNotFoundError, ValueError, ImportError) as exc:
         return _fail(prog, str(exc))

@@ -68,6 +68,19 @@ def inference_model(model: nnx.Module) -> nnx.Module:
     return copy
 
 
+def inference_fn(model: nnx.Module) -> Any:
+    """``x -> outputs``: :func:`inference_model`'s forward pass, with a model's own
+    train/training flag set to its inference value."""
+    graphdef, state = nnx.split(inference_model(model))
+    flag = training_flag(model)
+    kwargs = {} if flag is None else {flag[0]: flag[2]}
+
+    def infer(x: jax.Array) -> Any:
+        return nnx.merge(graphdef, state)(x, **kwargs)
+
+    return infer
+
+
 def _input_spec(example: Any, batch_size: int | None) -> jax.ShapeDtypeStruct:
     shape, dtype = tuple(example.shape), np.dtype(example.dtype)
     if batch_size is None:
@@ -94,14 +107,7 @@ def export_model(
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
     spec = _input_spec(example, batch_size)
-    graphdef, state = nnx.split(inference_model(model))
-
-    flag = training_flag(model)  # a model's own train/training flag: set to inference
-    kwargs = {} if flag is None else {flag[0]: flag[2]}
-
-    def infer(x: jax.Array) -> Any:
-        return nnx.merge(graphdef, state)(x, **kwargs)
-
+    infer = inference_fn(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -256,7 +262,8 @@ def example_input(task: Any, input_key: str = "image", dtype: Any = None) -> jax
 
     ``dtype`` defaults to the example's when it is a float, else float32: a task that
     keeps uint8 images on the host converts them in its step, so its model takes floats;
-    pass ``dtype`` for a model that takes integers (token ids).
+    pass ``dtype`` for a model that takes integers (token ids), or ``"example"`` for the
+    example's own (:func:`model_input` tries it when the model refuses floats).
     """
     from nnx_trainer import data as data_lib
 
@@ -276,7 +283,36 @@ def example_input(task: Any, input_key: str = "image", dtype: Any = None) -> jax
     value = np.asarray(batch[input_key])
     if dtype is None:
         dtype = value.dtype if np.issubdtype(value.dtype, np.floating) else np.float32
+    elif dtype == "example":
+        dtype = value.dtype
     return jax.ShapeDtypeStruct(value.shape[1:], np.dtype(dtype))
+
+
+def model_input(model: nnx.Module, task: Any, input_key: str = "image",
+                dtype: Any = None) -> jax.ShapeDtypeStruct:
+    """:func:`example_input` for ``model``: with no ``dtype``, float32 for integer
+    examples (uint8 images converted in the step), unless the model cannot take floats
+    and takes the examples' own dtype (token ids for an ``nnx.Embed``)."""
+    own = example_input(task, input_key, "example")
+    if dtype is not None:
+        try:
+            return jax.ShapeDtypeStruct(own.shape, np.dtype(dtype))
+        except TypeError as exc:
+            raise ValueError(f"input dtype {dtype!r} is not a NumPy dtype; name one such as "
+                             "int32 or float32") from exc
+    if np.issubdtype(own.dtype, np.floating):
+        return own
+    floats = jax.ShapeDtypeStruct(own.shape, np.dtype(np.float32))
+    infer = inference_fn(model)
+
+    def traces(candidate: jax.ShapeDtypeStruct) -> bool:
+        try:
+            jax.eval_shape(infer, jax.ShapeDtypeStruct((1, *candidate.shape), candidate.dtype))
+        except Exception:  # noqa: BLE001 - whatever the model raises for that dtype
+            return False
+        return True
+
+    return own if not traces(floats) and traces(own) else floats
 
 
 def trained_model(trainer: Any, task: Any, ckpt_path: str) -> nnx.Module:
@@ -293,8 +329,8 @@ def export_run(
     input_dtype: Any = None, platforms: Sequence[str] | None = None,
 ) -> Path:
     """Export ``task``'s trained model: from checkpoint ``ckpt_path``, or (``None``) the
-    trainer's fitted state. The input shape is :func:`example_input`'s."""
+    trainer's fitted state. The input shape and dtype are :func:`model_input`'s."""
     model = trainer.model if ckpt_path is None else trained_model(trainer, task, ckpt_path)
-    example = example_input(task, input_key, input_dtype)
+    example = model_input(model, task, input_key, input_dtype)
     return export_model(model, example, out, format=format, batch_size=batch_size,
                         platforms=platforms)

@@ -7,8 +7,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from tiny_task import TinyModel, TinyTask, make_examples, make_trainer
@@ -206,3 +208,61 @@ def test_a_training_flag_that_overrides_eval_mode_is_named_and_export_sets_it(tm
     finally:
         FlagTask.model_class = FlagModel
     assert "__call__ takes" not in caplog.text
+
+
+class TokenModel(nnx.Module):
+    """Token ids -> embedding -> mean -> logits: it takes integers, not floats."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.embed = nnx.Embed(50, 8, rngs=rngs)
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.out(self.embed(tokens).mean(1))
+
+
+class TokenTask(TinyTask):
+    def configure_model(self, rngs):
+        return TokenModel(rngs)
+
+    def val_data(self):
+        rng = np.random.default_rng(1)
+        return grain.MapDataset.source([{"tokens": rng.integers(0, 50, 6).astype(np.int32),
+                                         "label": np.int32(i % 3)} for i in range(12)])
+
+    train_data = val_data
+
+    def training_step(self, model, batch):
+        logits = model(batch["tokens"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
+
+    def validation_step(self, model, batch):
+        logits = model(batch["tokens"])
+        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]),
+                "logits": logits, "labels": batch["label"]}
+
+    def predict_step(self, model, batch):
+        return model(batch["tokens"])
+
+
+def test_a_model_of_token_ids_exports_with_integer_input_and_a_bad_dtype_is_named(
+        tmp_path, capsys):
+    # Integer examples default to float32 (uint8 images converted in the step); a model
+    # that cannot take floats (nnx.Embed) gets the examples' own dtype instead.
+    run = tmp_path / "run"
+    assert main(["fit", "--task", f"{__name__}:TokenTask", "--trainer.batch_size", "4",
+                 "--trainer.max_epochs", "1", "--trainer.run_dir", str(run),
+                 "--plugins.checkpoint.min_seconds_between_saves", "0"]) == 0
+    out = tmp_path / "tokens.stablehlo"
+    assert main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
+                 "--input_key", "tokens", str(out)]) == 0
+    exported = jax.export.deserialize(bytearray(out.read_bytes()))
+    assert exported.in_avals[0].dtype == np.int32
+    trainer = make_trainer(run, OrbaxCheckpoint(), batch_size=4)
+    expected = trainer.predict(TokenTask(), ckpt_path="last")
+    x = np.stack([e["tokens"] for e in TokenTask().val_data()])
+    np.testing.assert_allclose(np.asarray(exported.call(x)), expected, rtol=0, atol=1e-6)
+    capsys.readouterr()
+    assert main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
+                 "--input_key", "tokens", "--input_dtype", "int3", str(out)]) == 2
+    assert "input dtype 'int3' is not a NumPy dtype" in capsys.readouterr().err
