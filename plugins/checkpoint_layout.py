@@ -77,6 +77,25 @@ def metric_of(metrics: Any, monitor: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def check_monitor(monitor: str, metrics: Mapping[str, Any],
+                  callback_metrics: Mapping[str, Any]) -> None:
+    """Refuse a ``monitor`` that names none of the metrics logged with a validation's.
+
+    After the first validation every evaluation metric has a name; a monitor that is
+    none of them (a typo, Lightning's ``"val_loss"``) would rank nothing, so it is
+    refused as ``EarlyStopping`` refuses it, in every process alike. A ``train/``
+    monitor is not judged here: train metrics are logged on their own cadence.
+    """
+    if monitor.startswith("train/") or not any(k.startswith("val/") for k in metrics):
+        return
+    names = sorted({*metrics, *callback_metrics})
+    if monitor not in names:
+        raise ValueError(
+            f"checkpoint monitor {monitor!r}: no metric of that name after validation; "
+            f"available: {', '.join(names)}. Set monitor to one of these (validation "
+            "metrics are prefixed 'val/'; --plugins.checkpoint.monitor on the command line)")
+
+
 def resolve(ckpt_path: str, own_dir: Path, monitor: str | None) -> tuple[Path, int | None]:
     """``(checkpoints directory, step or None for "latest/best there")`` of ``ckpt_path``.
 

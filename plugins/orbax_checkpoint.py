@@ -122,7 +122,7 @@ class OrbaxCheckpoint:
         self._manager: ocp.CheckpointManager | None = None
         self._key: tuple | None = None  # (directory, steps_per_epoch) of the open manager
         self._logged: tuple[int, Any] | None = None  # (step, monitored value) last logged
-        self._warned_monitor = False
+        self._monitor_checked = False  # against the first validation's metric names
         self._resumed_from: int | None = None  # step this fit restored from our directory
         self._amend_step: int | None = None  # that step, saved before its validation
         self.saved_steps: list[int] = []  # steps this instance wrote, in order
@@ -271,12 +271,9 @@ class OrbaxCheckpoint:
             return
         if self.monitor in metrics:
             self._logged = (int(step), metrics[self.monitor])
-        elif (not self._warned_monitor and trainer.is_main_process
-              and self.monitor.startswith("val/") and any(k.startswith("val/") for k in metrics)):
-            self._warned_monitor = True
-            log.warning("checkpoint monitor %r is not among the validation metrics (%s); "
-                        "checkpoints get no metric, so none can be kept or chosen as best",
-                        self.monitor, ", ".join(sorted(metrics)))
+        elif not self._monitor_checked:
+            layout.check_monitor(self.monitor, metrics, trainer.callback_metrics)
+        self._monitor_checked |= any(k.startswith("val/") for k in metrics)
 
     @hookimpl(trylast=True)
     def on_save_checkpoint(self, trainer: RunView, reason: str) -> None:

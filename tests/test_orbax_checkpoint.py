@@ -82,6 +82,18 @@ def test_bad_options_say_what_to_change(kwargs, message):
         OrbaxCheckpoint(**kwargs)
 
 
+@pytest.mark.parametrize("monitor", ["val/acc", "val_loss"])
+def test_a_monitor_that_names_no_metric_stops_at_the_first_validation(tmp_path, monitor):
+    trainer = make_trainer(tmp_path / "run", OrbaxCheckpoint(monitor=monitor, every_n_steps=2),
+                           max_steps=8, val_check_interval=4)
+    with pytest.raises(ValueError, match=(
+            rf"checkpoint monitor '{monitor}': no metric of that name after validation; "
+            r"available: .*val/accuracy, val/loss")):
+        trainer.fit(TinyTask())
+    assert trainer.global_step == 4
+    assert committed(tmp_path / "run" / "checkpoints") == [2]  # kept; step 4 not written
+
+
 def test_default_instance_is_the_entry_point_and_monitor_implies_keep_best_one():
     from nnx_trainer.plugin_manager import create_plugin_manager
 
