@@ -19,7 +19,7 @@ from nnx_trainer.host_memory import step_compiler_options
 from nnx_trainer.model_state import ModelState
 from nnx_trainer.state import TrainState
 from nnx_trainer.strategy import SingleDeviceStrategy, Strategy
-from nnx_trainer.task import Task
+from nnx_trainer.task import Task, loss_and_aux
 
 
 class CompiledSteps:
@@ -63,7 +63,8 @@ class CompiledSteps:
             }
             metrics = nnx.merge(metrics_graphdef, metrics_state)
             loss, aux = checked_update(task, task.training_update(model, optimizers, batch))
-            metrics.update(loss=loss, **aux)
+            update_metrics(metrics, {"loss": loss, **aux}, f"{type(task).__name__}."
+                           "configure_train_metrics() with training_step's loss and aux")
             new_state = TrainState(
                 model=nnx.state(model),
                 optimizer=pack({name: nnx.state(o) for name, o in optimizers.items()}),
@@ -116,7 +117,8 @@ class CompiledSteps:
             model = nnx.merge(eval_graphdef, state.model)
             metrics = nnx.merge(metrics_graphdef, metrics_state)
             outputs = step(model, batch)
-            metrics.update(**outputs, mask=batch[data_lib.MASK_KEY])
+            update_metrics(metrics, outputs, f"{type(self.task).__name__}.configure_metrics() "
+                           f"with {step.__name__}'s outputs", mask=batch[data_lib.MASK_KEY])
             return nnx.state(metrics)
 
         return self._jit(eval_step, donate_argnums=1)
@@ -159,15 +161,20 @@ class CompiledSteps:
 
 def checked_update(task: Task, result: Any) -> tuple[jax.Array, Mapping[str, Any]]:
     """``training_update``'s ``(loss, aux)``, or a TypeError naming what came back instead."""
-    where = f"{type(task).__name__}.training_update"
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping)):
-        raise TypeError(f"{where} must return (scalar loss, dict of metric inputs), got "
-                        f"{type(result).__name__}")
-    loss, aux = result
-    if jnp.shape(loss) != ():
-        raise TypeError(f"{where} returned a loss of shape {jnp.shape(loss)}; it must be a "
-                        "scalar (average over the batch)")
-    return loss, aux
+    return loss_and_aux(result, f"{type(task).__name__}.training_update")
+
+
+def update_metrics(metrics: nnx.MultiMetric, inputs: Mapping[str, Any], where: str,
+                   **extra: Any) -> None:
+    """``metrics.update(**inputs, **extra)``; a metric that finds no input of its name
+    (nnx's bare "Expected keyword argument") is named with what the step gave."""
+    try:
+        metrics.update(**inputs, **extra)
+    except TypeError as exc:
+        raise TypeError(
+            f"{where}: {exc}; the step gave {', '.join(sorted(inputs)) or 'nothing'}. Return "
+            "what each metric reads (nnx.metrics.Average('mse') reads 'mse', Accuracy "
+            "'logits' and 'labels'), or change the metric") from exc
 
 
 def record_nonfinite(record: tuple, loss: jax.Array) -> tuple:

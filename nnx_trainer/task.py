@@ -153,7 +153,8 @@ class Task:
         wrt = nnx.Any(*(optimizer.wrt for optimizer in optimizers.values()))
 
         def loss_fn(model: nnx.Module) -> tuple[jax.Array, dict[str, Any]]:
-            return self.training_step(model, batch)
+            return loss_and_aux(self.training_step(model, batch),
+                                f"{type(self).__name__}.training_step")
 
         (loss, aux), grads = nnx.value_and_grad(
             loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True
@@ -192,3 +193,16 @@ class Task:
         if self.trainer is None:
             return jnp.dtype(jnp.float32)
         return self.trainer.compute_dtype
+
+
+def loss_and_aux(result: Any, where: str) -> tuple[jax.Array, Mapping[str, Any]]:
+    """A step's ``(scalar loss, aux)``, or a TypeError naming what ``where`` returned instead
+    (checked while tracing, before differentiation, whose own error names no step)."""
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping)):
+        raise TypeError(f"{where} must return (scalar loss, dict of metric inputs), got "
+                        f"{type(result).__name__}")
+    loss, aux = result
+    if jnp.shape(loss) != ():
+        raise TypeError(f"{where} returned a loss of shape {jnp.shape(loss)}; it must be a "
+                        "scalar (average over the batch, e.g. .mean())")
+    return loss, aux

@@ -563,6 +563,32 @@ def test_a_bad_validation_set_name_or_type_fails_naming_it(tmp_path):
         make_trainer(tmp_path / "2", max_epochs=1).fit(BadType())
 
 
+def test_a_loss_that_is_not_a_scalar_and_a_metric_without_its_input_are_named(tmp_path):
+    class PerExampleLoss(TinyTask):
+        def training_step(self, model, batch):
+            loss, aux = super().training_step(model, batch)
+            return loss * np.ones(4, np.float32), aux
+
+    class NoTuple(TinyTask):
+        def training_step(self, model, batch):
+            return super().training_step(model, batch)[0]
+
+    class MetricWithoutInput(TinyTask):
+        def configure_metrics(self):
+            return nnx.MultiMetric(loss=nnx.metrics.Average("loss"),
+                                   error=nnx.metrics.Average("error"))
+
+    with pytest.raises(TypeError, match=r"PerExampleLoss.training_step returned a loss of shape "
+                                        r"\(4,\); it must be a scalar"):
+        make_trainer(tmp_path / "1", max_epochs=1).fit(PerExampleLoss())
+    with pytest.raises(TypeError, match=r"NoTuple.training_step must return \(scalar loss, dict"):
+        make_trainer(tmp_path / "2", max_epochs=1).fit(NoTuple())
+    with pytest.raises(TypeError, match=(
+            r"MetricWithoutInput.configure_metrics\(\) with validation_step's outputs: "
+            r"Expected keyword argument 'error'; the step gave labels, logits, loss")):
+        make_trainer(tmp_path / "3", max_epochs=1).fit(MetricWithoutInput())
+
+
 def test_a_streamed_training_set_needs_max_steps_and_says_when_it_runs_out(tmp_path):
     from tiny_task import StreamingTinyTask
 
