@@ -20,6 +20,7 @@ from flax import nnx
 from nnx_trainer.eval_mode import warn_if_flag_overrides_mode
 from nnx_trainer.host_memory import releasing_eager_build_memory
 from nnx_trainer.optimizers import build_optimizers, optimizer_specs
+from nnx_trainer.option_checks import warn_if_precision_unused
 from nnx_trainer.state import TrainState, first_nonfinite_leaf, leaf_path, structure_mismatch
 from nnx_trainer.strategy import Strategy
 from nnx_trainer.task import DEFAULT_OPTIMIZER, Task
@@ -195,8 +196,9 @@ class ModelState:
             model.eval()
             self.eval_graphdef = nnx.split(model)[0]
             model.train()
-            if warn:  # a __call__ flag that would override eval() (eval_mode.py)
+            if warn:  # a __call__ flag that would override eval(); a precision unused
                 warn_if_flag_overrides_mode(model)
+                warn_if_precision_unused(model, task.compute_dtype, type(task).__name__)
             train_metrics = task.configure_train_metrics()
             self.train_metrics_graphdef, train_metrics_state = nnx.split(train_metrics)
             self.eval_metrics_graphdef = nnx.split(task.configure_metrics())[0]

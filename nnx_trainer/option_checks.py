@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import jax.numpy as jnp
+from flax import nnx
+
+log = logging.getLogger("nnx_trainer")
 
 # ``precision`` names to the compute dtype (parameters stay float32).
 PRECISIONS = {"fp32": jnp.float32, "32": jnp.float32, "bf16": jnp.bfloat16}
@@ -69,3 +75,23 @@ def resolve_limit(limit: int | float | None, total: int) -> int:
     if isinstance(limit, float):
         return max(1, int(limit * total))
     return min(total, limit)
+
+
+def warn_if_precision_unused(model: nnx.Module, compute_dtype: Any, task_name: str) -> bool:
+    """Warn (returns True) when ``precision`` asks for a dtype no layer of ``model``
+    computes in: the Trainer casts nothing itself (parameters stay float32, as in
+    Lightning's mixed precision); the Task builds its layers with
+    ``dtype=self.compute_dtype``, and a model that ignores it trains in float32."""
+    wanted = jnp.dtype(compute_dtype)
+    if wanted == jnp.float32:
+        return False
+    for _, module in nnx.iter_graph(model):
+        dtype = getattr(module, "dtype", None) if isinstance(module, nnx.Module) else None
+        if dtype is not None and jnp.dtype(dtype) == wanted:
+            return False
+    log.warning(
+        "precision asks for %s, but no layer of %s's model computes in it (none was built "
+        "with dtype=%s): unless the model casts by itself, this fit runs in float32. Build "
+        "the layers with dtype=self.compute_dtype in configure_model (the Task guide's MLP)",
+        wanted.name, task_name, wanted.name)
+    return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 import optax
@@ -587,6 +589,21 @@ def test_a_loss_that_is_not_a_scalar_and_a_metric_without_its_input_are_named(tm
             r"MetricWithoutInput.configure_metrics\(\) with validation_step's outputs: "
             r"Expected keyword argument 'error'; the step gave labels, logits, loss")):
         make_trainer(tmp_path / "3", max_epochs=1).fit(MetricWithoutInput())
+
+
+def test_bf16_with_a_model_that_ignores_compute_dtype_warns_with_the_fix(tmp_path, caplog):
+    class Float32Only(TinyTask):
+        def configure_model(self, rngs):
+            return TinyModel(self.dim, 3, rngs=rngs)  # no dtype=self.compute_dtype
+
+    caplog.set_level(logging.WARNING, logger="nnx_trainer")
+    make_trainer(tmp_path / "1", max_steps=1, precision="bf16").fit(TinyTask())
+    assert "precision asks for" not in caplog.text  # TinyTask builds with compute_dtype
+    make_trainer(tmp_path / "2", max_steps=1).fit(Float32Only())
+    assert "precision asks for" not in caplog.text  # float32 asked, float32 built
+    make_trainer(tmp_path / "3", max_steps=1, precision="bf16").fit(Float32Only())
+    assert ("precision asks for bfloat16, but no layer of Float32Only's model computes in it"
+            in caplog.text and "dtype=self.compute_dtype in configure_model" in caplog.text)
 
 
 def test_a_streamed_training_set_needs_max_steps_and_says_when_it_runs_out(tmp_path):
