@@ -21,8 +21,8 @@ import numpy as np
 from nnx_trainer.transforms import BatchTransform, example_keys
 
 __all__ = ["MASK_KEY", "Batches", "PipelineConfig", "TrainBatches", "apply_transforms",
-           "epoch_order", "epoch_seed", "read_batch", "split_transforms", "stack",
-           "train_steps_per_epoch"]
+           "check_host_batch", "epoch_order", "epoch_seed", "read_batch", "split_transforms",
+           "stack", "train_steps_per_epoch"]
 
 MASK_KEY = "mask"
 
@@ -100,13 +100,46 @@ def apply_transforms(ds: grain.MapDataset | grain.IterDataset, transforms: Seque
 
 
 def stack(elements: Sequence[Any]) -> Any:
-    """Stack a list of examples (dicts, tuples or arrays) into one batch."""
+    """Stack a list of examples (dicts whose values are arrays, or dicts and tuples of
+    them) into one batch; examples that are not dicts, differ in keys or in shape
+    fail naming it (NumPy's own error names neither key nor shapes)."""
+    if not isinstance(elements[0], Mapping):
+        raise ValueError(
+            f"examples must be dicts of arrays (e.g. {{'x': ..., 'label': ...}}), got "
+            f"{type(elements[0]).__name__}; return dicts from the data or a transform")
+    return _stack(elements, "")
+
+
+def _stack(elements: Sequence[Any], path: str) -> Any:
     first = elements[0]
     if isinstance(first, Mapping):
-        return {k: stack([e[k] for e in elements]) for k in first}
+        for other in elements:
+            if other.keys() != first.keys():
+                raise ValueError(
+                    f"the examples of a batch have different keys{' under ' + path if path else ''}"
+                    f": {sorted(first)} and {sorted(other)}; every example needs the same keys")
+        return {k: _stack([e[k] for e in elements], f"{path}[{k!r}]") for k in first}
     if isinstance(first, (tuple, list)):
-        return type(first)(stack([e[i] for e in elements]) for i in range(len(first)))
-    return np.stack(elements)
+        return type(first)(_stack([e[i] for e in elements], f"{path}[{i}]")
+                           for i in range(len(first)))
+    try:
+        return np.stack(elements)
+    except ValueError:
+        shapes = ", ".join(str(s) for s in sorted({np.shape(e) for e in elements}))
+        raise ValueError(f"the examples of a batch differ in shape under {path}: {shapes}; "
+                         "every example needs the same shapes (pad or crop them in a "
+                         "transform)") from None
+
+
+def check_host_batch(batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``batch`` (after the batch transforms), refused if a value cannot enter a compiled
+    step: strings or Python objects (JAX's error names a jit argument, not the key)."""
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
+            raise ValueError(
+                f"the examples hold {value.dtype} values under {key!r}, which a compiled "
+                "step cannot take; drop that key or turn it into numbers in a transform")
+    return batch
 
 
 def read_batch(
@@ -130,7 +163,7 @@ def read_batch(
         keys = example_keys(key_seed, positions)
         for transform in transforms:
             batch = transform.map_batch(batch, keys)
-    return batch
+    return check_host_batch(batch)
 
 
 class Batches(grain.MapDataset):

@@ -24,6 +24,7 @@ from nnx_trainer.batching import (
     PipelineConfig,
     TrainBatches,
     apply_transforms,
+    check_host_batch,
     epoch_order,
     epoch_seed,
     split_transforms,
@@ -115,7 +116,7 @@ def stream_pipeline(
             keys = example_keys(key_seed, index * g + rows)
             for transform in batched:
                 batch = transform.map_batch(batch, keys)
-        return batch
+        return check_host_batch(batch)
 
     ds = ds.batch(g, drop_remainder=True, batch_fn=stack).map_with_index(share)
     # One background thread reads ahead while the device computes; its state is the

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from tiny_task import TinyTask, make_examples, make_trainer
 
+import nnx_trainer.transforms
 from resnet_task.data import DataError
 from resnet_task.task import ResNetTask
 
@@ -115,3 +116,62 @@ def test_empty_test_and_predict_data_are_named(tmp_path):
         make_trainer(tmp_path / "run", **SHORT_FIT).test(EmptyTest(), untrained=True)
     with pytest.raises(ValueError, match=r"EmptyPredict\.predict_data\(\) returned no examples"):
         make_trainer(tmp_path / "run", **SHORT_FIT).predict(EmptyPredict(), untrained=True)
+
+
+class _Examples(TinyTask):
+    """TinyTask over examples edited by ``edit(list of example dicts)``."""
+
+    def __init__(self, edit, transforms=()) -> None:
+        super().__init__(n_val=0)
+        self.edit, self.transforms = edit, tuple(transforms)
+
+    def train_data(self):
+        examples = make_examples(self.n_train, dim=self.dim)
+        return grain.MapDataset.source(self.edit([dict(examples[i]) for i in range(self.n_train)]))
+
+    def train_transforms(self):
+        return self.transforms
+
+
+def _ragged(rows):
+    rows[5]["image"] = rows[5]["image"][:7]
+    return rows
+
+
+def _missing_label(rows):
+    del rows[3]["label"]
+    return rows
+
+
+def _with_names(rows):
+    return [{**row, "name": f"example {i}"} for i, row in enumerate(rows)]
+
+
+class _NamesToLengths(nnx_trainer.transforms.BatchTransform):
+    """A batch transform that reads strings (a tokenizer would): the batch it returns
+    has numbers only, so the strings never reach the step."""
+
+    def map_batch(self, batch, keys):
+        lengths = np.array([len(s) for s in batch.pop("name")], np.int32)
+        return {**batch, "length": lengths}
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_ragged, r"the examples of a batch differ in shape under \['image'\]: \(7,\), \(8,\); "
+              r"every example needs the same shapes"),
+    (lambda rows: [(r["image"], r["label"]) for r in rows],
+     r"examples must be dicts of arrays .* got tuple"),
+    (_missing_label, r"the examples of a batch have different keys: \[.*\] and \[.*\]; "
+                     r"every example needs the same keys"),
+    (_with_names, r"the examples hold <U10 values under 'name', which a compiled step "
+                  r"cannot take; drop that key"),
+])
+def test_examples_a_batch_cannot_hold_are_named(tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, max_steps=4).fit(_Examples(edit))  # one epoch: every row
+
+
+def test_strings_that_a_batch_transform_consumes_are_fine(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(_Examples(_with_names, transforms=[_NamesToLengths()]))
+    assert trainer.global_step == 2
