@@ -113,12 +113,21 @@ def stack(elements: Sequence[Any]) -> Any:
 def _stack(elements: Sequence[Any], path: str) -> Any:
     first = elements[0]
     if isinstance(first, Mapping):
-        for other in elements:
-            if other.keys() != first.keys():
-                raise ValueError(
-                    f"the examples of a batch have different keys{' under ' + path if path else ''}"
-                    f": {sorted(first)} and {sorted(other)}; every example needs the same keys")
-        return {k: _stack([e[k] for e in elements], f"{path}[{k!r}]") for k in first}
+        # Counting keys, then indexing (a KeyError), finds any difference in keys for
+        # less than comparing every example's keys with the first's (~30 us a batch of
+        # 128 examples, scratch stack_cost.py), which is done only to name it.
+        try:
+            if any(len(e) != len(first) for e in elements):
+                raise KeyError
+            return {k: _stack([e[k] for e in elements], f"{path}[{k!r}]") for k in first}
+        except KeyError:
+            other = next((e for e in elements if e.keys() != first.keys()), None)
+            if other is None:
+                raise
+            where = f" under {path}" if path else ""
+            raise ValueError(f"the examples of a batch have different keys{where}: "
+                             f"{sorted(first)} and {sorted(other)}; every example needs the "
+                             "same keys") from None
     if isinstance(first, (tuple, list)):
         return type(first)(_stack([e[i] for e in elements], f"{path}[{i}]")
                            for i in range(len(first)))
