@@ -114,8 +114,8 @@ def _stack(elements: Sequence[Any], path: str) -> Any:
     first = elements[0]
     if isinstance(first, Mapping):
         # Counting keys, then indexing (a KeyError), finds any difference in keys for
-        # less than comparing every example's keys with the first's (~30 us a batch of
-        # 128 examples, scratch stack_cost.py), which is done only to name it.
+        # less host time per batch than comparing every example's keys with the first's,
+        # which is done only to name the difference.
         try:
             if any(len(e) != len(first) for e in elements):
                 raise KeyError
