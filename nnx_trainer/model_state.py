@@ -185,6 +185,10 @@ class ModelState:
 
             optimizers = build_optimizers(task, model, specs, wrap)
             self.live = (model, optimizers)
+            # The train step's graph after model.train(), as Flax's examples train: a layer
+            # built in evaluation mode (nnx.Dropout(deterministic=True)) or with its mode
+            # unset (nnx.MultiHeadAttention's dropout: deterministic=None) trains as such.
+            model.train()
             # Split apart (an optimizer holds no reference to the model's variables), so
             # the state has named parts: TrainState(model=..., optimizer=...). One optimizer's
             # state is its nnx.State; several are {name: nnx.State}.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -622,3 +623,53 @@ def test_a_streamed_training_set_needs_max_steps_and_says_when_it_runs_out(tmp_p
     assert trainer.global_step == 6 and "val/accuracy" in trainer.callback_metrics
     assert trainer.checkpoint_state().meta.data_state["parent"]["parent"] == {
         "shard": 4, "offset": 0}  # 6 batches of 16 = 96 examples = 4 shards of 24
+
+
+# ---- the train step runs the model after model.train(), as Flax's examples train -----
+
+
+class ModeProbe(nnx.Module):
+    """Layers a Flax user builds in evaluation mode, or with the mode left unset."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs) -> None:
+        self.drop = nnx.Dropout(0.5, deterministic=True, rngs=rngs)  # built for evaluation
+        # dropout_rate > 0 and deterministic=None: a call with no mode set raises.
+        self.attn = nnx.MultiHeadAttention(num_heads=1, in_features=dim, dropout_rate=0.5,
+                                           decode=False, rngs=rngs)
+        self.fc = nnx.Linear(dim, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(self.attn(x[:, None, :])[:, 0]), jnp.mean(self.drop(jnp.ones_like(x)) == 0)
+
+
+class ModeProbeTask(TinyTask):
+    def configure_model(self, rngs):
+        return ModeProbe(self.dim, rngs=rngs)
+
+    def training_step(self, model, batch):
+        logits, dropped = model(batch["image"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        return loss, {"dropped": dropped}
+
+    def validation_step(self, model, batch):
+        logits, dropped = model(batch["image"])
+        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]),
+                "dropped": jnp.broadcast_to(dropped, batch["label"].shape)}
+
+    def configure_train_metrics(self):
+        return nnx.MultiMetric(loss=nnx.metrics.Average("loss"),
+                               dropped=nnx.metrics.Average("dropped"))
+
+    def configure_metrics(self):
+        return nnx.MultiMetric(loss=nnx.metrics.Average("loss"),
+                               dropped=nnx.metrics.Average("dropped"))
+
+
+def test_layers_built_in_evaluation_mode_train_in_training_mode(tmp_path):
+    # Was: nnx.MultiHeadAttention's dropout raised "No `deterministic` argument was
+    # provided" in the first step, and a Dropout built with deterministic=True never dropped.
+    trainer = make_trainer(tmp_path, max_epochs=1, log_every_n_steps=1)
+    trainer.fit(ModeProbeTask())
+    assert 0.3 < float(trainer.callback_metrics["train/dropped"]) < 0.7
+    assert trainer.callback_metrics["val/dropped"] == 0.0  # evaluation: model.eval()
+    assert trainer.validate(ModeProbeTask())["val/dropped"] == 0.0
