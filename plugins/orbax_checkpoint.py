@@ -6,14 +6,12 @@ position, plugin states) and, with a monitor, ``metrics/``; ``<step>.orbax-check
 is a save in flight or cut short (never restored).
 
 **When** is Orbax's ``save_decision_policy``, asked by the loop at its one save point per
-step (after that step's validation) through ``should_save_checkpoint``:
-``every_n_steps=N`` is ``FixedIntervalPolicy(N)`` and ``every_n_epochs=N``
-``FixedIntervalPolicy(N * steps_per_epoch)``, both exact (either saves a step). Neither
-given (the default): every epoch *and* ``ContinuousCheckpointingPolicy(minimum_interval_secs=
-min_seconds_between_saves)`` (60 s), whose time-based answer process 0 takes and broadcasts,
-so every process saves the same steps. That throttle is for the default cadence only (each
-Orbax save costs ~0.2 s of CPU whatever the model, a lot next to short epochs on a small
-machine). The end of fit (``save_on_end``) and preemption always save.
+step (after that step's validation) through ``should_save_checkpoint``: exact
+``every_n_steps``/``every_n_epochs``, or by default every epoch throttled to one save per
+``min_seconds_between_saves`` (60 s; each Orbax save costs ~0.2 s of CPU whatever the
+model, a lot next to short epochs on a small machine), never skipping a validation that
+ranks among the ``keep_best`` best (``checkpoint_cadence.py``). The end of fit
+(``save_on_end``) and preemption always save.
 
 **What is kept** is Orbax's ``preservation_policy``: ``LatestN(keep_last)`` plus, with a
 ``monitor``, ``BestN(keep_best)`` by the value logged at the checkpoint's own step (none, or
@@ -36,9 +34,8 @@ fingerprints, damaged steps named and stepped over (``checkpoint_integrity/_rest
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +45,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from nnx_trainer import hookimpl
 from nnx_trainer.nonfinite import refused_save_error
 from nnx_trainer.state import CheckpointContent, CheckpointMeta
+from nnx_trainer_plugins import checkpoint_cadence as cadence
 from nnx_trainer_plugins import checkpoint_integrity as integrity
 from nnx_trainer_plugins import checkpoint_layout as layout
 from nnx_trainer_plugins import checkpoint_restore as restore
@@ -60,23 +58,6 @@ log = layout.log
 FORMAT_VERSION = 3  # 3: with a fingerprint (checkpoint_integrity.FINGERPRINTED)
 
 
-@dataclasses.dataclass
-class AllSavePolicy(policies.SaveDecisionPolicy):
-    """Save when every policy says so (Orbax has ``AnySavePolicy`` but no "all").
-
-    The default cadence is "an epoch end *and* a minute since the last save". Policies
-    are asked in order and the first False stops: the deterministic
-    ``FixedIntervalPolicy`` goes first, so every process reaches the
-    ``ContinuousCheckpointingPolicy`` (process 0 decides, the others block on its
-    broadcast) at the same steps, together.
-    """
-
-    policies: Sequence[policies.SaveDecisionPolicy]
-
-    def should_save(self, step, previous_steps, *, context) -> bool:
-        return all(p.should_save(step, previous_steps, context=context) for p in self.policies)
-
-
 class OrbaxCheckpoint:
     """Saves and restores the full training state with an Orbax ``CheckpointManager``.
 
@@ -85,7 +66,8 @@ class OrbaxCheckpoint:
         (``0``: no epoch saves). Neither given: every epoch, throttled (below).
     :param min_seconds_between_saves: the throttle of the *default* cadence only: an
         epoch save comes at least this long after the previous save (``0``: every
-        epoch). Explicit cadences, the end of fit and preemption are never throttled.
+        epoch). Explicit cadences, the end of fit, preemption and (with a ``monitor``) a
+        validation ranking among the ``keep_best`` best are never throttled.
     :param save_on_end: save when fit ends (preemption always saves).
     :param monitor: metric that ranks checkpoints, e.g. ``"val/loss"``; needed for
         ``keep_best`` and ``ckpt_path="best"``.
@@ -123,6 +105,7 @@ class OrbaxCheckpoint:
         self._key: tuple | None = None  # (directory, steps_per_epoch) of the open manager
         self._logged: tuple[int, Any] | None = None  # (step, monitored value) last logged
         self._monitor_checked = False  # against the first validation's metric names
+        self._ranked: list[float] = []  # monitored values of the steps saved, for the best
         self._resumed_from: int | None = None  # step this fit restored from our directory
         self._amend_step: int | None = None  # that step, saved before its validation
         self.saved_steps: list[int] = []  # steps this instance wrote, in order
@@ -142,18 +125,6 @@ class OrbaxCheckpoint:
         value = layout.metric_of(metrics, self.monitor)  # none or non-finite: ranks last
         return (math.inf if self.mode == "min" else -math.inf) if value is None else value
 
-    def _decision(self, steps_per_epoch: int) -> policies.SaveDecisionPolicy:
-        # No PreemptionCheckpointingPolicy: the loop saves on SIGTERM/SIGINT itself.
-        per_epoch = policies.FixedIntervalPolicy(max(1, steps_per_epoch))
-        if self.every_n_steps is None and self.every_n_epochs is None:  # the default cadence
-            if not self.min_seconds_between_saves:
-                return per_epoch
-            return AllSavePolicy([per_epoch, policies.ContinuousCheckpointingPolicy(
-                minimum_interval_secs=self.min_seconds_between_saves)])
-        steps = [self.every_n_steps, (self.every_n_epochs or 0) * max(1, steps_per_epoch)]
-        chosen = [policies.FixedIntervalPolicy(n) for n in steps if n]
-        return policies.AnySavePolicy(chosen or [policies.SpecificStepsPolicy(())])
-
     def _options(self, steps_per_epoch: int) -> ocp.CheckpointManagerOptions:
         keep: policies.PreservationPolicy = policies.LatestN(self.keep_last)
         if self.monitor:
@@ -161,7 +132,9 @@ class OrbaxCheckpoint:
                 get_metric_fn=self._metric_fn, reverse=self.mode == "min", n=self.keep_best,
                 keep_checkpoints_without_metrics=False)])
         return ocp.CheckpointManagerOptions(
-            save_decision_policy=self._decision(steps_per_epoch), preservation_policy=keep,
+            save_decision_policy=cadence.save_decision(
+                self.every_n_steps, self.every_n_epochs, self.min_seconds_between_saves,
+                steps_per_epoch), preservation_policy=keep,
             best_fn=self._metric_fn if self.monitor else None, best_mode=self.mode,
             enable_async_checkpointing=self.async_save, cleanup_tmp_directories=True,
             enable_background_delete=True, create=True,
@@ -210,6 +183,7 @@ class OrbaxCheckpoint:
             sums)
         value = self._value_at(step)  # {}: no value at this step (or not finite), never best
         metrics = None if not self.monitor else {} if value is None else {self.monitor: value}
+        self._ranked += [] if value is None else [value]
         self._writes.save(manager, step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
             metrics=metrics, force=True)  # force: the loop (or the end of fit) decided
@@ -235,19 +209,20 @@ class OrbaxCheckpoint:
         manager = self._open(trainer)
         integrity.fingerprint(trainer.checkpoint_state().arrays())  # compile it now
         steps, directory = list(manager.all_steps()), Path(manager.directory)
+        newer = [s for s in steps if s > trainer.global_step]
         if steps and resumed is None:  # not continuing these: "last" must be this run's
             layout.move_earlier_run_aside(directory, steps, trainer.is_main_process)
             trainer.strategy.barrier("nnx_trainer_checkpoint_aside")
             manager.reload()
-            return
-        newer = [s for s in steps if s > trainer.global_step]
-        if newer:  # Orbax refuses steps at or below its latest: drop the replaced ones
+        elif newer:  # Orbax refuses steps at or below its latest: drop the replaced ones
             log.warning("resumed from step %d of %s: deleting its later steps %s, which belong "
                         "to the run being replaced", trainer.global_step, directory,
                         layout.fmt_steps(newer))
             for s in newer:
                 manager.delete(s)
             manager.wait_until_finished()
+        self._ranked = [v for s in manager.all_steps() if self.monitor and
+                        (v := layout.metric_of(manager.metrics(s), self.monitor)) is not None]
 
     @hookimpl(trylast=True)
     def should_save_checkpoint(self, trainer: RunView, step: int) -> bool:
@@ -262,7 +237,15 @@ class OrbaxCheckpoint:
             trainer.strategy.barrier("nnx_trainer_checkpoint_metrics")
             manager.reload()  # retention and best_step read the metrics Orbax holds
         self._amend_step = None
-        return manager.should_save(step)
+        return self._ranks_among_best(step, manager) or manager.should_save(step)
+
+    def _ranks_among_best(self, step: int, manager: ocp.CheckpointManager) -> bool:
+        """The default cadence with a monitor: a validation ranking among the best saves,
+        throttle or not (every process holds the same value, so gives the same answer)."""
+        value = self._value_at(step)
+        return (value is not None and self.every_n_steps is None and self.every_n_epochs is None
+                and step > (manager.latest_step() or -1)
+                and cadence.ranks_among_best(value, self._ranked, self.keep_best, self.mode))
 
     @hookimpl
     def log_metrics(self, trainer: RunView, metrics: Mapping[str, Any], step: int) -> None:

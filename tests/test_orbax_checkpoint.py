@@ -25,8 +25,9 @@ from tiny_task import CrashAfter, DropoutTask, TinyTask, make_trainer
 
 import nnx_trainer
 from nnx_trainer import data as data_lib
+from nnx_trainer_plugins import checkpoint_cadence
+from nnx_trainer_plugins.checkpoint_cadence import AllSavePolicy
 from nnx_trainer_plugins.nonfinite_guard import NonFiniteStateError
-from nnx_trainer_plugins.orbax_checkpoint import AllSavePolicy
 from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint as _OrbaxCheckpoint
 
 CKPT_LOG = "nnx_trainer.checkpoint"
@@ -452,7 +453,8 @@ class Clocked:
 
 
 def decisions(plugin, steps_per_epoch: int):
-    return plugin._decision(steps_per_epoch)
+    return checkpoint_cadence.save_decision(plugin.every_n_steps, plugin.every_n_epochs,
+                                            plugin.min_seconds_between_saves, steps_per_epoch)
 
 
 def test_the_policies_are_orbaxs_and_only_the_default_cadence_is_throttled():
@@ -520,3 +522,48 @@ def test_bad_throttle_value_says_what_to_change():
         with pytest.raises(ValueError, match="min_seconds_between_saves must be a number"):
             _OrbaxCheckpoint(min_seconds_between_saves=bad)
 
+
+
+class ValLossSeries:
+    """Replaces each validation's val/loss with the next of ``values`` (before any plugin
+    reads it), so which validations rank among the best is known in advance."""
+
+    name = "val_loss_series"
+
+    def __init__(self, values) -> None:
+        self.values = list(values)
+
+    @nnx_trainer.hookimpl(tryfirst=True)
+    def log_metrics(self, trainer, metrics):
+        if "val/loss" in metrics:
+            metrics["val/loss"] = self.values.pop(0)
+
+
+def test_a_throttled_default_cadence_still_saves_every_validation_that_ranks_among_the_best(
+    tmp_path, monkeypatch
+):
+    # Was: with epochs shorter than the 60 s throttle only the first epoch and the end were
+    # saved, so ckpt_path="best" was whichever of them scored better, not the best validated.
+    FakeClock(0.0).install(monkeypatch.setattr)  # frozen: every epoch within the throttle
+    plugin = _OrbaxCheckpoint(monitor="val/loss", keep_best=2)  # min_seconds 60 (default)
+    losses = [0.9, 0.5, 0.7, 0.6, 0.8, 0.4, 0.55]  # epochs 1-7: steps 4, 8, ..., 28
+    trainer = make_trainer(tmp_path / "run", plugin, ValLossSeries(losses), max_epochs=7)
+    trainer.fit(TinyTask())
+    # Ranks among the best two: 0.9 and 0.5 (fewer than two yet), 0.7 (< 0.9), 0.6 (< 0.7),
+    # 0.4; not 0.8 (> 0.6) nor 0.55 (> 0.5): it is the end of fit, saved for that.
+    assert plugin.saved_steps == [4, 8, 12, 16, 24, 28]
+    assert committed(tmp_path / "run" / "checkpoints") == [8, 24, 28]  # best two + last
+    trainer.test(TinyTask(), ckpt_path="best")
+    assert trainer.global_step == 24
+    # Resumed after a crash in epoch 5, the values kept on disk rank the rest alike.
+    FakeClock(0.0).install(monkeypatch.setattr)
+    crashed = _OrbaxCheckpoint(monitor="val/loss", keep_best=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(tmp_path / "again", crashed, ValLossSeries(losses), CrashAfter(18),
+                     max_epochs=7).fit(TinyTask())
+    assert committed(tmp_path / "again" / "checkpoints") == [8, 16]  # 0.5, 0.6 (also last)
+    resumed = _OrbaxCheckpoint(monitor="val/loss", keep_best=2)
+    make_trainer(tmp_path / "again", resumed, ValLossSeries(losses[4:]),
+                 max_epochs=7).fit(TinyTask(), ckpt_path="last")
+    assert resumed.saved_steps == [24, 28]
+    assert committed(tmp_path / "again" / "checkpoints") == [8, 24, 28]
