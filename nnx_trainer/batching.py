@@ -24,7 +24,9 @@ __all__ = ["MASK_KEY", "Batches", "PipelineConfig", "TrainBatches", "apply_trans
            "check_host_batch", "epoch_order", "epoch_seed", "read_batch", "split_transforms",
            "stack", "train_steps_per_epoch"]
 
-MASK_KEY = "mask"
+# Named after the package, not "mask": examples of text models often hold a "mask" of
+# their own, which the padding mask would replace.
+MASK_KEY = "nnx_trainer_mask"
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,9 @@ def read_batch(
     if num_real is not None:  # positions at or past it are padding
         if not isinstance(batch, dict):
             raise TypeError("evaluation examples must be dicts (a mask key is added)")
+        if MASK_KEY in batch:
+            raise ValueError(f"the examples hold a key {MASK_KEY!r}, which the Trainer adds "
+                             "to evaluation batches (the padding mask); rename that key")
         batch[MASK_KEY] = positions < num_real
     if transforms:
         keys = example_keys(key_seed, positions)

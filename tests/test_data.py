@@ -89,14 +89,14 @@ def test_per_example_transforms_run_before_batch_transforms():
 
 
 def test_eval_pipeline_pads_masks_and_applies_batch_transforms():
-    from nnx_trainer.data import PipelineConfig, eval_pipeline
+    from nnx_trainer.data import MASK_KEY, PipelineConfig, eval_pipeline
 
     examples = grain.MapDataset.source([{"x": np.int32(i)} for i in range(10)])
     iterator, num_batches = eval_pipeline(examples, [_KeyNoise()], PipelineConfig(4))
     batches = list(iterator)
     assert num_batches == len(batches) == 3
     xs = np.concatenate([b["x"] for b in batches])
-    mask = np.concatenate([b["mask"] for b in batches])
+    mask = np.concatenate([b[MASK_KEY] for b in batches])
     assert xs[mask].tolist() == list(range(10)) and not mask[10:].any()
     assert xs[~mask].tolist() == [9, 9]  # padding repeats the last example
     assert all(b["noise"].shape == (4,) for b in batches)
@@ -119,3 +119,16 @@ def test_prefetch_keeps_batches_on_device_ahead_of_the_step():
     assert pulled == [0, 1, 2]
     assert isinstance(next(prefetcher)[0]["x"], jax.Array)
     prefetcher.close()
+
+
+def test_the_padding_mask_leaves_an_examples_own_mask_alone_and_refuses_its_own_key():
+    # Was "mask": a text model's own "mask" was replaced by the padding mask in evaluation.
+    from nnx_trainer.data import MASK_KEY, PipelineConfig, eval_pipeline
+
+    examples = grain.MapDataset.source([{"mask": np.ones(3, bool)} for _ in range(5)])
+    batches = list(eval_pipeline(examples, (), PipelineConfig(4))[0])
+    assert [b["mask"].shape for b in batches] == [(4, 3), (4, 3)]
+    assert np.concatenate([b[MASK_KEY] for b in batches]).tolist() == [True] * 5 + [False] * 3
+    clash = grain.MapDataset.source([{MASK_KEY: np.ones(3, bool)}])
+    with pytest.raises(ValueError, match=f"hold a key '{MASK_KEY}'.*rename that key"):
+        list(eval_pipeline(clash, (), PipelineConfig(4))[0])
