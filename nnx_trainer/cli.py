@@ -161,12 +161,20 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument("--batch_size", type=int, default=None,
                         help="a fixed batch size (default: symbolic, any batch)")
     parser.add_argument("--input_key", default="image",
-                        help="the key of the examples that is the model's input")
+                        help="the key of the examples that is the model's input; several, "
+                        "comma-separated, for a model of several inputs, in the order of its "
+                        "__call__ (tokens,mask)")
     parser.add_argument("--input_dtype", default=None,
                         help="the input's dtype, e.g. int32 (default: the examples' if "
-                        "float; else float32, or theirs where the model refuses floats)")
+                        "float; else float32, or theirs where the model refuses floats); "
+                        "one per --input_key, comma-separated")
     parser.add_argument("--platforms", default=None,
                         help="StableHLO: comma-separated platforms, e.g. cpu,cuda")
+    # float32 by default, as Lightning exports a bf16-mixed model: onnxruntime's CPU
+    # kernels refuse bfloat16 einsums and convolutions, and a server wants full precision.
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the exported model's compute precision (default fp32, "
+                        "whatever the run trained in; the weights are float32 either way)")
     args = parser.parse_args(argv)
     try:
         config_args = [a for path in args.config for a in ("--config", path)]
@@ -175,7 +183,8 @@ def export_main(argv: Sequence[str]) -> int:
             raise CLIError(f"{args.config}: no task.class_path in the config")
         task_cls = load_task_class(spec)
         command_parser = build_parser("predict", task_cls, plugin_classes())
-        trainer, task = build_objects(command_parser.parse_args(config_args), task_cls)
+        trainer, task = build_objects(command_parser.parse_args(
+            [*config_args, "--trainer.precision", args.precision]), task_cls)
         path = export.export_run(
             trainer, task, args.out, ckpt_path=args.ckpt_path, format=args.format,
             batch_size=args.batch_size, input_key=args.input_key, input_dtype=args.input_dtype,

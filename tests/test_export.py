@@ -266,3 +266,77 @@ def test_a_model_of_token_ids_exports_with_integer_input_and_a_bad_dtype_is_name
     assert main(["export", "--config", str(run / "config.yaml"), "--ckpt_path", "last",
                  "--input_key", "tokens", "--input_dtype", "int3", str(out)]) == 2
     assert "input dtype 'int3' is not a NumPy dtype" in capsys.readouterr().err
+
+
+class MaskedModel(nnx.Module):
+    """Two inputs, as text models take them: values and a mask of the ones that count."""
+
+    def __init__(self, rngs: nnx.Rngs, dtype=np.float32) -> None:
+        self.fc = nnx.Linear(8, 3, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, mask):
+        return self.fc(x * mask)
+
+
+class MaskedTask(TinyTask):
+    def configure_model(self, rngs):
+        return MaskedModel(rngs, self.compute_dtype)
+
+    def val_data(self):
+        mask = (np.arange(8) < 6).astype(bool)
+        return make_examples(20, seed=1).map(lambda e: {**e, "mask": mask})
+
+    train_data = val_data
+
+    def training_step(self, model, batch):
+        logits = model(batch["image"], batch["mask"]).astype(np.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), {}
+
+    def validation_step(self, model, batch):
+        logits = model(batch["image"], batch["mask"]).astype(np.float32)
+        return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]),
+                "logits": logits, "labels": batch["label"]}
+
+    def predict_step(self, model, batch):
+        return model(batch["image"], batch["mask"]).astype(np.float32)
+
+
+def test_a_model_of_two_inputs_exports_them_in_order_and_a_bf16_run_exports_float32(
+        tmp_path, capsys):
+    # Was: export passed one input (a TypeError from the model's __call__), and a model
+    # trained with precision bf16 exported bfloat16 products that onnxruntime refuses.
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    assert main(["fit", "--task", f"{__name__}:MaskedTask", "--trainer.batch_size", "4",
+                 "--trainer.max_epochs", "1", "--trainer.run_dir", str(run),
+                 "--trainer.precision", "bf16",
+                 "--plugins.checkpoint.min_seconds_between_saves", "0"]) == 0
+    config = ["export", "--config", str(run / "config.yaml"), "--ckpt_path", "last"]
+    capsys.readouterr()
+    assert main([*config, "--input_key", "image", str(tmp_path / "one.stablehlo")]) == 2
+    assert ("MaskedModel.__call__ takes x, mask (2 inputs), not 1 (image)"
+            in capsys.readouterr().err)
+    assert main([*config, "--input_key", "image,mask", "--input_dtype", "float32",
+                 str(tmp_path / "x.stablehlo")]) == 2
+    assert "1 input dtype(s) for 2 input keys (image, mask)" in capsys.readouterr().err
+
+    shlo, onnx = tmp_path / "m.stablehlo", tmp_path / "m.onnx"
+    assert main([*config, "--input_key", "image,mask", str(shlo)]) == 0
+    assert main([*config, "--input_key", "image,mask", "--format", "onnx", "--batch_size",
+                 "20", str(onnx)]) == 0
+    examples = MaskedTask().val_data()
+    x = np.stack([examples[i]["image"] for i in range(20)])
+    mask = np.stack([examples[i]["mask"] for i in range(20)])
+    exported = jax.export.deserialize(bytearray(shlo.read_bytes()))
+    assert [a.dtype for a in exported.in_avals] == [np.float32, np.bool_]
+    assert "xbf16>" not in exported.mlir_module()  # float32 products, whatever the run's
+    trainer = make_trainer(tmp_path / "fp32", OrbaxCheckpoint(), batch_size=4)
+    expected = trainer.predict(MaskedTask(), ckpt_path=str(run / "checkpoints"))
+    np.testing.assert_allclose(np.asarray(exported.call(x, mask)), expected, atol=1e-5)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image", "mask"]
+    np.testing.assert_allclose(session.run(None, {"image": x, "mask": mask})[0], expected,
+                               atol=1e-5)
