@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -35,6 +36,30 @@ def check_options(
         )
     if worker_count < 0:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+
+
+#: ``mode`` values of the plugins that rank a monitored metric (checkpoints, early stopping).
+MODES = ("auto", "min", "max")
+# Metric names where higher is better, matched as a word of the name's last part
+# ("val/accuracy", "val/top5", "test/digits/f1"); Keras's "auto" mode looks for "acc" only.
+_HIGHER_IS_BETTER = re.compile(
+    r"(?:^|[_\-.])(acc|accuracy|auc|f1|precision|recall|iou|miou|map|dice|psnr|ssim|bleu|rouge\w*"
+    r"|r2|top_?\d+)"
+    r"(?=$|[_\-.\d])", re.IGNORECASE)
+
+
+def metric_mode(monitor: str | None, mode: str, owner: str) -> str:
+    """``"min"`` or ``"max"`` for a plugin's ``mode``: as given, or for ``"auto"`` the
+    monitored metric's direction (``"max"`` for accuracy-like names, else ``"min"``, a loss
+    or an error). ``owner`` names the plugin in the error for a bad ``mode``."""
+    if mode not in MODES:
+        raise ValueError(
+            f"{owner}: mode must be 'auto' (from the metric's name), 'min' (lower is better, "
+            f"e.g. a loss) or 'max' (higher is better, e.g. accuracy), got {mode!r}")
+    if mode != "auto":
+        return mode
+    name = (monitor or "").rsplit("/", 1)[-1]
+    return "max" if _HIGHER_IS_BETTER.search(name) else "min"
 
 
 def check_positive(**values: int) -> None:

@@ -287,7 +287,7 @@ def _positive(value: Any) -> bool:
 
 
 def check_options(*, every_n_steps: Any, every_n_epochs: Any, secs: Any, keep_best: Any,
-                  keep_last: Any, mode: Any, monitor: Any) -> None:
+                  keep_last: Any, monitor: Any) -> None:
     """Reject the checkpoint plugin's nonsense options with the fix."""
     for key, value in (("every_n_steps", every_n_steps), ("keep_best", keep_best)):
         if value is not None and not _positive(value):
@@ -301,8 +301,6 @@ def check_options(*, every_n_steps: Any, every_n_epochs: Any, secs: Any, keep_be
     if not _positive(keep_last):
         raise ValueError(f"keep_last must be a positive integer, got {keep_last!r} "
                          "(the latest checkpoint is what a resume needs)")
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     if monitor is not None and (not isinstance(monitor, str) or not monitor):
         raise ValueError(f"monitor must be a metric name such as 'val/loss', got {monitor!r}")
     if keep_best is not None and monitor is None:

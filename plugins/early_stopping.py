@@ -28,13 +28,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
+from nnx_trainer.option_checks import metric_mode
 
 if TYPE_CHECKING:
     from nnx_trainer import RunView
 
 log = logging.getLogger("nnx_trainer.early_stopping")
-
-MODES = ("min", "max")
 
 
 class EarlyStopping:
@@ -42,7 +41,9 @@ class EarlyStopping:
 
     :param monitor: metric name as logged (``"val/loss"``, ``"val/accuracy"``, or any name
         in ``trainer.callback_metrics``); required.
-    :param mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
+    :param mode: ``"min"`` if lower is better, ``"max"`` if higher is better, ``"auto"``
+        (default) from the metric's name: ``"max"`` for accuracy-like names (``accuracy``,
+        ``acc``, ``top5``, ``f1``, ``auc``, ...), else ``"min"``.
     :param patience: validations without improvement before stopping (0: stop at the
         first validation that does not improve).
     :param min_delta: an improvement must beat the best value by more than this.
@@ -71,7 +72,7 @@ class EarlyStopping:
     def __init__(
         self,
         monitor: str,
-        mode: str = "min",
+        mode: str = "auto",
         patience: int = 3,
         min_delta: float = 0.0,
         check_finite: bool = True,
@@ -81,11 +82,6 @@ class EarlyStopping:
             raise ValueError(
                 f"EarlyStopping needs monitor=, a metric name such as 'val/loss', got "
                 f"{monitor!r}; configure it as Trainer(plugins=[EarlyStopping(monitor=...)])"
-            )
-        if mode not in MODES:
-            raise ValueError(
-                f"mode must be 'min' (lower is better, e.g. a loss) or 'max' (higher is "
-                f"better, e.g. accuracy), got {mode!r}"
             )
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(
@@ -100,7 +96,7 @@ class EarlyStopping:
                 f"got {min_delta!r}"
             )
         self.monitor = monitor
-        self.mode = mode
+        self.mode = metric_mode(monitor, mode, "EarlyStopping")
         self.patience = patience
         self.min_delta = float(min_delta)
         self.check_finite = check_finite

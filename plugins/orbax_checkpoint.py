@@ -44,6 +44,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from nnx_trainer import hookimpl
 from nnx_trainer.nonfinite import refused_save_error
+from nnx_trainer.option_checks import metric_mode
 from nnx_trainer.state import CheckpointContent, CheckpointMeta
 from nnx_trainer_plugins import checkpoint_cadence as cadence
 from nnx_trainer_plugins import checkpoint_integrity as integrity
@@ -71,7 +72,8 @@ class OrbaxCheckpoint:
     :param save_on_end: save when fit ends (preemption always saves).
     :param monitor: metric that ranks checkpoints, e.g. ``"val/loss"``; needed for
         ``keep_best`` and ``ckpt_path="best"``.
-    :param mode: ``"min"`` (lower is better) or ``"max"``.
+    :param mode: ``"min"`` (lower is better), ``"max"``, or ``"auto"`` (default): from the
+        metric's name, ``"max"`` for accuracy-like names (``accuracy``, ``top5``, ``f1``...).
     :param keep_best: keep the best K checkpoints by ``monitor`` (default 1 with a monitor).
     :param keep_last: always keep the latest K checkpoints, whatever their metric.
     :param weights_only: save the model state only; evaluation loads such checkpoints,
@@ -86,17 +88,18 @@ class OrbaxCheckpoint:
     def __init__(
         self, *, every_n_steps: int | None = None, every_n_epochs: int | None = None,
         min_seconds_between_saves: float = 60.0, save_on_end: bool = True,
-        monitor: str | None = None, mode: str = "min", keep_best: int | None = None,
+        monitor: str | None = None, mode: str = "auto", keep_best: int | None = None,
         keep_last: int = 1, weights_only: bool = False, async_save: bool = True,
         directory: str | Path | None = None,
     ) -> None:
         layout.check_options(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
                              secs=min_seconds_between_saves, keep_best=keep_best,
-                             keep_last=keep_last, mode=mode, monitor=monitor)
+                             keep_last=keep_last, monitor=monitor)
         secs = min_seconds_between_saves
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.min_seconds_between_saves = float(secs)
-        self.save_on_end, self.monitor, self.mode = bool(save_on_end), monitor, mode
+        self.save_on_end, self.monitor = bool(save_on_end), monitor
+        self.mode = metric_mode(monitor, mode, "OrbaxCheckpoint")
         self.keep_best = keep_best if keep_best is not None else (1 if monitor else None)
         self.keep_last = keep_last
         self.weights_only, self.async_save = bool(weights_only), bool(async_save)

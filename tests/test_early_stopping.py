@@ -150,7 +150,7 @@ def test_opt_in_registered_only_when_configured(tmp_path, monkeypatch):
     [
         ({"monitor": ""}, "EarlyStopping needs monitor=, a metric name"),
         ({"monitor": None}, "EarlyStopping needs monitor=, a metric name"),
-        ({"mode": "minimize"}, "mode must be 'min'"),
+        ({"mode": "minimize"}, "mode must be 'auto'"),
         ({"patience": -1}, "patience must be an integer >= 0"),
         ({"patience": 2.5}, "patience must be an integer >= 0"),
         ({"min_delta": -0.1}, "min_delta must be a finite number >= 0"),
@@ -214,3 +214,19 @@ def test_stops_a_real_fit_at_the_right_epoch(tmp_path):
     assert trainer.should_stop and trainer.stop_reason == "early_stopping"
     assert es.stopped_epoch == 5 and es.best == 0.5
     assert es.state_dict()["early_stopping"]["wait"] == 3
+
+
+def test_auto_mode_reads_the_direction_from_the_metrics_name():
+    # Was mode="min" by default: monitor="val/accuracy" without mode="max" stopped the fit
+    # while the accuracy rose, and kept the least accurate checkpoints as the best.
+    from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
+
+    higher = ["val/accuracy", "val/acc", "val/top5", "val/digits/accuracy", "val/f1",
+              "val/mean_iou", "test/top_5_accuracy"]
+    lower = ["val/loss", "val/mse", "val/mape", "val/error_rate", "val/digits/loss"]
+    for name in higher + lower:
+        expected = "max" if name in higher else "min"
+        assert EarlyStopping(monitor=name).mode == expected, name
+        assert OrbaxCheckpoint(monitor=name).mode == expected, name
+    assert EarlyStopping(monitor="val/accuracy", mode="min").mode == "min"  # as given
+    assert OrbaxCheckpoint(monitor="val/loss", mode="max").mode == "max"

@@ -72,7 +72,7 @@ def arrays(trainer) -> list[np.ndarray]:
         ({"every_n_steps": 0}, "every_n_steps must be a positive integer or None"),
         ({"every_n_epochs": 1.5}, r"every_n_epochs must be a positive integer, 0 \(no epoch"),
         ({"keep_last": 0}, "keep_last must be a positive integer"),
-        ({"mode": "median"}, "mode must be 'min' or 'max'"),
+        ({"mode": "median"}, "mode must be 'auto' .*, 'min' .* or 'max'"),
         ({"keep_best": 3}, r"keep_best=3 ranks checkpoints by a metric: also pass monitor="),
         ({"monitor": ""}, "monitor must be a metric name such as 'val/loss'"),
         ({"monitor": "val/loss", "keep_best": 0}, "keep_best must be a positive integer"),
