@@ -102,9 +102,10 @@ def apply_transforms(ds: grain.MapDataset | grain.IterDataset, transforms: Seque
 
 
 def stack(elements: Sequence[Any]) -> Any:
-    """Stack a list of examples (dicts whose values are arrays, or dicts and tuples of
-    them) into one batch; examples that are not dicts, differ in keys or in shape
-    fail naming it (NumPy's own error names neither key nor shapes)."""
+    """Stack a list of examples (dicts whose values are arrays, lists or tuples of numbers
+    or of arrays of one shape, or dicts of them) into one batch; examples that are not
+    dicts, differ in keys or in shape fail naming it (NumPy's own error names neither key
+    nor shapes)."""
     if not isinstance(elements[0], Mapping):
         raise ValueError(
             f"examples must be dicts of arrays (e.g. {{'x': ..., 'label': ...}}), got "
@@ -131,8 +132,15 @@ def _stack(elements: Sequence[Any], path: str) -> Any:
                              f"{sorted(first)} and {sorted(other)}; every example needs the "
                              "same keys") from None
     if isinstance(first, (tuple, list)):
-        return type(first)(_stack([e[i] for e in elements], f"{path}[{i}]")
-                           for i in range(len(first)))
+        # A list (of numbers, or of arrays of one shape) is an array, as tf.data makes it;
+        # stacked as a pytree, one leaf per position, a step would get a list of (batch,)
+        # arrays and turn it into a transposed (positions, batch) array without an error.
+        try:
+            elements = [np.asarray(e) for e in elements]
+        except ValueError:
+            raise ValueError(f"the examples hold sequences that are not one array under "
+                             f"{path} (items of different shapes); make each example's value "
+                             "one array of a fixed shape") from None
     try:
         return np.stack(elements)
     except ValueError:

@@ -156,7 +156,14 @@ class _NamesToLengths(nnx_trainer.transforms.BatchTransform):
         return {**batch, "length": lengths}
 
 
+def _two_views(rows):
+    """A list of two arrays per example (two views), one shorter than the other."""
+    return [{**row, "views": [row["image"], row["image"][:5]]} for row in rows]
+
+
 @pytest.mark.parametrize(("edit", "message"), [
+    (_two_views, r"sequences that are not one array under \['views'\] \(items of different "
+                 r"shapes\)"),
     (_ragged, r"the examples of a batch differ in shape under \['image'\]: \(7,\), \(8,\); "
               r"every example needs the same shapes"),
     (lambda rows: [(r["image"], r["label"]) for r in rows],
@@ -175,3 +182,17 @@ def test_strings_that_a_batch_transform_consumes_are_fine(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=2)
     trainer.fit(_Examples(_with_names, transforms=[_NamesToLengths()]))
     assert trainer.global_step == 2
+
+
+def test_a_list_of_numbers_is_an_array_not_one_leaf_per_position(tmp_path):
+    # Was: {"image": [0.1, ...]} became a list of 8 arrays of shape (16,), which the step
+    # turned into a transposed (8, 16) array: the model saw features as examples, no error.
+    def as_lists(rows):
+        return [{**row, "image": row["image"].tolist()} for row in rows]
+
+    arrays = make_trainer(tmp_path / "arrays", max_steps=4, log_every_n_steps=1)
+    arrays.fit(_Examples(lambda rows: rows))
+    lists = make_trainer(tmp_path / "lists", max_steps=4, log_every_n_steps=1)
+    lists.fit(_Examples(as_lists))
+    assert float(lists.callback_metrics["train/loss"]) == pytest.approx(
+        float(arrays.callback_metrics["train/loss"]), rel=1e-6)
