@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from nnx_trainer import hookimpl
-from nnx_trainer.option_checks import metric_mode
+from nnx_trainer.option_checks import check_monitor_validated, metric_mode
 
 if TYPE_CHECKING:
     from nnx_trainer import RunView
@@ -151,6 +151,7 @@ class EarlyStopping:
     @hookimpl
     def on_fit_start(self, trainer: RunView) -> None:
         """Start counting; a fresh fit forgets an earlier one, a resumed fit continues."""
+        check_monitor_validated(self.monitor, trainer.task, "EarlyStopping")
         if not self._restored:
             self._reset()
         self._restored = False

@@ -44,7 +44,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from nnx_trainer import hookimpl
 from nnx_trainer.nonfinite import refused_save_error
-from nnx_trainer.option_checks import metric_mode
+from nnx_trainer.option_checks import check_monitor_validated, metric_mode
 from nnx_trainer.state import CheckpointContent, CheckpointMeta
 from nnx_trainer_plugins import checkpoint_cadence as cadence
 from nnx_trainer_plugins import checkpoint_integrity as integrity
@@ -206,6 +206,7 @@ class OrbaxCheckpoint:
     def on_fit_start(self, trainer: RunView) -> None:
         """Open the directory; keep an earlier run's or a replaced continuation's steps out."""
         resumed, self._resumed_from = self._resumed_from, None
+        check_monitor_validated(self.monitor, trainer.task, "OrbaxCheckpoint")
         if trainer.fast_dev_run:
             self._amend_step = None
             return

@@ -18,7 +18,7 @@ from nnx_trainer_plugins.early_stopping import EarlyStopping
 def fake_trainer(**metrics) -> SimpleNamespace:
     return SimpleNamespace(
         global_step=0, current_epoch=0, should_stop=False, stop_reason=None,
-        callback_metrics=dict(metrics), is_main_process=True,
+        callback_metrics=dict(metrics), is_main_process=True, task=None,
     )
 
 
@@ -230,3 +230,20 @@ def test_auto_mode_reads_the_direction_from_the_metrics_name():
         assert OrbaxCheckpoint(monitor=name).mode == expected, name
     assert EarlyStopping(monitor="val/accuracy", mode="min").mode == "min"  # as given
     assert OrbaxCheckpoint(monitor="val/loss", mode="max").mode == "max"
+
+
+def test_a_validation_monitor_without_validation_data_is_refused_at_fit_start(tmp_path):
+    # Was: the fit ran to the end watching nothing; ckpt_path="best" failed only afterwards.
+    from nnx_trainer_plugins.orbax_checkpoint import OrbaxCheckpoint
+
+    for plugin, owner in ((EarlyStopping(monitor="val/loss"), "EarlyStopping"),
+                          (OrbaxCheckpoint(monitor="val/accuracy"), "OrbaxCheckpoint")):
+        trainer = make_trainer(tmp_path / owner, plugin, max_epochs=1)
+        with pytest.raises(ValueError, match=rf"{owner}\(monitor='val/.*'\) watches a "
+                                             r"validation metric, but TinyTask.val_data\(\) "
+                                             "returns None"):
+            trainer.fit(TinyTask(n_val=0))
+        assert trainer.global_step == 0
+    # A train/ metric needs no validation.
+    make_trainer(tmp_path / "train", EarlyStopping(monitor="train/loss"), max_epochs=1).fit(
+        TinyTask(n_val=0))
