@@ -109,12 +109,26 @@ def predict(ctx: RunContext) -> Any:
         for batch, _ in prefetcher:
             chunks.append(predict_step(ctx.model.state, batch))
             masks.append(batch[data_lib.MASK_KEY])
+            if len(chunks) == 1:  # shapes are the same for every batch
+                _check_rows(chunks[0], masks[0].shape[0], type(task).__name__)
             prefetcher.refill()
     gather = functools.partial(host_rows, processes=ctx.strategy.process_count)
     mask = gather(masks)
     outputs = jax.tree.map(lambda *xs: gather(xs)[mask], *chunks)
     ctx.hook.on_predict_end(trainer=ctx.view, outputs=outputs)
     return outputs
+
+
+def _check_rows(outputs: Any, rows: int, task_name: str) -> None:
+    """Refuse outputs without a row per example (NumPy's concatenation error names none)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(outputs):
+        shape = tuple(np.shape(leaf))
+        if not shape or shape[0] != rows:
+            where = jax.tree_util.keystr(path) or "its output"
+            raise ValueError(
+                f"{task_name}.predict_step must return a row per example (arrays whose first "
+                f"dimension is the batch's {rows}); {where} has shape {shape}: return "
+                "per-example values (logits, not logits.mean())")
 
 
 def host_rows(batches: Sequence[jax.Array], processes: int) -> np.ndarray:

@@ -196,3 +196,15 @@ def test_a_list_of_numbers_is_an_array_not_one_leaf_per_position(tmp_path):
     lists.fit(_Examples(as_lists))
     assert float(lists.callback_metrics["train/loss"]) == pytest.approx(
         float(arrays.callback_metrics["train/loss"]), rel=1e-6)
+
+
+def test_a_predict_step_without_a_row_per_example_is_named(tmp_path):
+    # Was NumPy's "zero-dimensional arrays cannot be concatenated", naming nothing.
+    class MeanPredict(TinyTask):
+        def predict_step(self, model, batch):
+            return {"logits": model(batch["image"]), "mean": model(batch["image"]).mean()}
+
+    trainer = make_trainer(tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match=r"MeanPredict.predict_step must return a row per "
+                                         r"example .* batch's 16\); \['mean'\] has shape \(\)"):
+        trainer.predict(MeanPredict(), untrained=True)
