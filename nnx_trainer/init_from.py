@@ -121,8 +121,8 @@ def read_weights(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[st
     if isinstance(source, Mapping):
         return dict(source), "the given arrays"
     path = Path(source)
-    if path.is_dir():
-        step_dir = _checkpoint_step(path)
+    if path.is_dir():  # absolute: Orbax refuses relative checkpoint paths
+        step_dir = _checkpoint_step(path.absolute())
         return _read_checkpoint_model(step_dir), str(step_dir)
     return read_weight_file(path), str(path)
 

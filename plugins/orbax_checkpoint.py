@@ -308,7 +308,8 @@ class OrbaxCheckpoint:
         if step is not None:  # named: refused if damaged (before _open moves it aside)
             restore.refuse_if_incomplete(directory, step)
         manager = self._open(trainer) if owned else ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+            directory, options=ocp.CheckpointManagerOptions(  # 0: else Orbax warns
+                read_only=True, create=False, save_interval_steps=0))
         try:
             found = restore.read_newest_intact(manager, lambda: layout.pick_step(
                 manager, ckpt_path, step, directory, self.monitor), target, trainer,

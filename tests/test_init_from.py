@@ -131,3 +131,13 @@ def test_resnet_task_fine_tunes_from_a_torchvision_file(tmp_path):
     np.testing.assert_array_equal(after["stages/3/layers/2/conv3/kernel"],
                                   expected["stages/3/layers/2/conv3/kernel"])
     assert not np.array_equal(after["head/kernel"], start.model["head/kernel"])
+
+
+def test_a_relative_run_directory_is_read_from_the_working_directory(source_run, monkeypatch):
+    # Was Orbax's "Checkpoint path should be absolute" for init_from="runs/x".
+    monkeypatch.chdir(source_run.parent)
+    relative, where = read_weights("run")
+    absolute, _ = read_weights(source_run)
+    assert where == str(source_run / "checkpoints" / "8")
+    assert sorted(relative) == sorted(absolute)
+    assert all(np.array_equal(relative[k], absolute[k]) for k in absolute)
