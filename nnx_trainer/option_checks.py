@@ -62,14 +62,15 @@ def metric_mode(monitor: str | None, mode: str, owner: str) -> str:
     return "max" if _HIGHER_IS_BETTER.search(name) else "min"
 
 
-def check_monitor_validated(monitor: str | None, task: Any, owner: str) -> None:
-    """Refuse a ``val/`` monitor when the Task validates nothing (``val_data()`` is None):
-    it would rank or watch nothing for the whole fit (Lightning refuses a monitored
-    metric that is never logged). Called by the plugins at fit start."""
-    if monitor and monitor.startswith("val/") and task is not None and task.val_data() is None:
+def check_monitor_validated(monitor: str | None, trainer: Any, owner: str) -> None:
+    """Refuse a ``val/`` monitor when the Task validates nothing (``val_data()`` is None,
+    ``trainer.has_val_data`` false): it would rank or watch nothing for the whole fit
+    (Lightning refuses a monitored metric that is never logged). Called by the plugins at
+    fit start with the run (a ``RunView``)."""
+    if monitor and monitor.startswith("val/") and not trainer.has_val_data:
         raise ValueError(
             f"{owner}(monitor={monitor!r}) watches a validation metric, but "
-            f"{type(task).__name__}.val_data() returns None, so nothing is validated; "
+            f"{type(trainer.task).__name__}.val_data() returns None, so nothing is validated; "
             "return validation examples from val_data(), or monitor a train/ metric")
 
 

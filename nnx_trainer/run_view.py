@@ -51,6 +51,11 @@ class RunView(Protocol):
         import each other.)"""
 
     @property
+    def has_val_data(self) -> bool:
+        """Whether the Task's ``val_data()``, read once at the start of the current call,
+        returned examples (a plugin need not call it again)."""
+
+    @property
     def strategy(self) -> Strategy:
         """Where arrays live: devices, processes, ``barrier()``, ``is_main_process``."""
 

@@ -196,6 +196,11 @@ class Trainer:
         return self._plan.total_steps if self._plan is not None else 0
 
     @property
+    def has_val_data(self) -> bool:
+        """Whether ``task.val_data()`` of the current call returned examples."""
+        return self._val_examples is not None
+
+    @property
     def is_main_process(self) -> bool:
         """True in the process that logs and writes run files."""
         return self.strategy.is_main_process

@@ -151,7 +151,7 @@ class EarlyStopping:
     @hookimpl
     def on_fit_start(self, trainer: RunView) -> None:
         """Start counting; a fresh fit forgets an earlier one, a resumed fit continues."""
-        check_monitor_validated(self.monitor, trainer.task, "EarlyStopping")
+        check_monitor_validated(self.monitor, trainer, "EarlyStopping")
         if not self._restored:
             self._reset()
         self._restored = False

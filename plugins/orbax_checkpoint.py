@@ -206,7 +206,7 @@ class OrbaxCheckpoint:
     def on_fit_start(self, trainer: RunView) -> None:
         """Open the directory; keep an earlier run's or a replaced continuation's steps out."""
         resumed, self._resumed_from = self._resumed_from, None
-        check_monitor_validated(self.monitor, trainer.task, "OrbaxCheckpoint")
+        check_monitor_validated(self.monitor, trainer, "OrbaxCheckpoint")
         if trainer.fast_dev_run:
             self._amend_step = None
             return

@@ -18,7 +18,7 @@ from nnx_trainer_plugins.early_stopping import EarlyStopping
 def fake_trainer(**metrics) -> SimpleNamespace:
     return SimpleNamespace(
         global_step=0, current_epoch=0, should_stop=False, stop_reason=None,
-        callback_metrics=dict(metrics), is_main_process=True, task=None,
+        callback_metrics=dict(metrics), is_main_process=True, has_val_data=True,
     )
 
 
